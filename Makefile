@@ -1,0 +1,41 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv and installs on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch is installed first and pinned: on the project's machines this takes a local CPU wheel;
+# an unpinned torch would pull a multi-GB CUDA build. Override with `make TORCH_SPEC=torch ...`.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python >= 3.11 or run make PYTHON=python3.12"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Full fine-tuning vs LoRA on the shipped tiny CLIP, then a side-by-side comparison.
+demo: $(STAMP)
+	$(BIN)/attndrift run configs/runs/tiny_full_ft.yaml --out runs/demo/full_ft
+	$(BIN)/attndrift run configs/runs/tiny_lora.yaml --out runs/demo/lora
+	$(BIN)/attndrift compare runs/demo/full_ft runs/demo/lora
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from attndrift.cli import main
+
+main()

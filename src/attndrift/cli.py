@@ -1,0 +1,165 @@
+"""Command line: parses arguments, calls library functions, writes outputs. Nothing else."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune CLIP, watch its attention drift, measure what it forgets.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _study_app() -> typer.Typer:
+    from attndrift.study.cli import app as study
+
+    return study
+
+
+app.add_typer(_study_app(), name="study")
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="run config YAML (configs/runs/...)")],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="key=value overrides, dotted keys, e.g. train.lr=1e-4 method=lora")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="run directory")] = Path("runs/run"),
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """Fine-tune once and write OUT/record.json plus final/best checkpoints."""
+    from attndrift.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as e:
+        _fail(str(e), 2)
+    from attndrift import train
+
+    try:
+        record = train.run(cfg, out_dir, progress=not quiet and sys.stderr.isatty())
+    except (KeyError, FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(f"{e} (record: {out_dir / 'record.json'})", 1)
+    for warning in record.get("warnings", []):
+        err.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
+    final, zs = record["final"], record["zeroshot"]
+    if record["status"] != "completed":
+        _fail(f"run {record['status']}: {record.get('error')} "
+              f"(record: {out_dir / 'record.json'})", 1)
+    shots = ", ".join(f"{t} {100 * z['before']:.1f}% → {100 * z['after']:.1f}%"
+                      for t, z in zs.items())
+    out.print(f"[green]completed[/] {record['run_id']} in {record['timing']['total_s']:.1f}s: "
+              f"val {100 * final['best_val_acc']:.1f}%, test {100 * final['test_acc']:.1f}%, "
+              f"Δentropy {final['delta_pct']['entropy']:+.2f}%, zero-shot {shots} -> {out_dir}",
+              highlight=False)
+
+
+@app.command()
+def validate(
+    configs: Annotated[list[Path], typer.Argument(help="run config YAML files")],
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="key=value override")] = None,
+) -> None:
+    """Check run configs without running them (unknown keys, types, ranges)."""
+    from attndrift.config import ConfigError, load_config
+
+    for path in configs:
+        try:
+            load_config(path, overrides or [])
+        except ConfigError as e:
+            _fail(str(e), 2)
+        out.print(f"ok {path}")
+
+
+@app.command("config-reference")
+def config_reference() -> None:
+    """Print every run-config key with its default and meaning (Markdown table)."""
+    from attndrift.config import reference_markdown
+
+    print(reference_markdown(), end="")
+
+
+@app.command()
+def compare(run_dirs: Annotated[list[Path], typer.Argument(help="run directories")]) -> None:
+    """Print accuracy, attention drift and zero-shot change of finished runs side by side."""
+    from attndrift.compare import print_comparison
+    from attndrift.records import RecordError
+
+    try:
+        print_comparison(run_dirs, out)
+    except RecordError as e:
+        _fail(str(e), 1)
+
+
+@app.command("pretrain-tiny")
+def pretrain_tiny(
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for weights, tokenizer, card")],
+    steps: Annotated[int, typer.Option(min=1)] = 1500,
+    seed: int = 0,
+    batch_size: Annotated[int, typer.Option(min=2)] = 128,
+) -> None:
+    """Pretrain the tiny CLIP on the shapes world (how the shipped model was made)."""
+    from attndrift.pretrain import pretrain_tiny as _pretrain
+
+    result = _pretrain(out_dir, steps=steps, seed=seed, batch_size=batch_size,
+                       progress=sys.stderr.isatty())
+    out.print(result)
+
+
+@app.command()
+def report(
+    store: Annotated[Path, typer.Argument(help="run store: a directory holding run directories")],
+    out_dir: Annotated[Path, typer.Option("--out", help="report directory")] = Path("report"),
+) -> None:
+    """Write report.html (self-contained), report.md and tables/*.csv from run records."""
+    if not store.is_dir():
+        _fail(f"run store {store} is not a directory", 2)
+    from attndrift.report import build_report
+
+    result = build_report(store, out_dir)
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))
+    if not result.counts:
+        err.print(f"[yellow]warning:[/] no run directories (with a record.json) under {store}",
+                  highlight=False, soft_wrap=True)
+    out.print(f"report: {result.html} ({counts or 'no runs'}; {len(result.tables)} tables, "
+              f"{len(result.figures)} figures, {result.seconds:.1f}s)", highlight=False,
+              soft_wrap=True)
+
+
+@app.command()
+def interpolate(
+    run_dir: Annotated[Path, typer.Argument(help="a completed run directory")],
+    alphas: Annotated[str, typer.Option(
+        "--alphas", help="comma-separated alphas in [0, 1]; 0 = pretrained, 1 = fine-tuned")
+    ] = "0,0.25,0.5,0.75,1",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N")] = "cpu",
+    batch_size: Annotated[int, typer.Option(min=1, help="evaluation batch")] = 256,
+) -> None:
+    """Evaluate a run along pretrained -> fine-tuned (WiSE-FT, or scaled LoRA delta): accuracy,
+    zero-shot and attention per alpha; writes RUN_DIR/interpolation.json."""
+    from attndrift.interpolate import check_alphas
+
+    try:
+        values = check_alphas([float(a) for a in alphas.split(",") if a.strip()])
+    except ValueError as e:
+        _fail(f"--alphas {alphas!r}: {e}", 2)
+    from attndrift.interpolate import interpolate_run, interpolation_table
+
+    try:
+        result = interpolate_run(run_dir, values, device=device, batch_size=batch_size)
+    except (KeyError, FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e), 1)
+    out.print(interpolation_table(result))
+    out.print(f"wrote {run_dir / 'interpolation.json'}", highlight=False, soft_wrap=True)
+
+def main() -> None:
+    app()

@@ -1,0 +1,70 @@
+"""Side-by-side comparison of finished runs, read from their records (no model code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from attndrift.records import read_record
+
+CORE = ("entropy", "erf", "gini", "head_diversity")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}%"
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    return [read_record(Path(d)) for d in run_dirs]
+
+
+def comparison_tables(records: list[dict[str, Any]]) -> list[Table]:
+    labels = [r["config"].get("name", r["run_id"]) for r in records]
+    summary = Table(title="Runs: accuracy and layer-mean attention drift vs pretrained")
+    for col in ("run", "method", "lr", "status", "val acc", "test acc",
+                *(f"Δ {m}" for m in CORE)):
+        summary.add_column(col, justify="left" if col in ("run", "method", "status") else "right")
+    for label, r in zip(labels, records, strict=True):
+        final = r.get("final") or {}
+        delta = final.get("delta_pct", {})
+        summary.add_row(label, r["config"]["method"], f"{r['config']['train']['lr']:g}",
+                        r["status"], _acc(final.get("best_val_acc")), _acc(final.get("test_acc")),
+                        *(_pct(delta.get(m)) for m in CORE))
+
+    zeroshot = Table(title="Zero-shot transfer (adapted image encoder, frozen text tower)")
+    zeroshot.add_column("run")
+    tasks = sorted({t for r in records for t in r.get("zeroshot", {})})
+    for t in tasks:
+        zeroshot.add_column(f"{t} before → after", justify="right")
+        zeroshot.add_column("retained", justify="right")
+    for label, r in zip(labels, records, strict=True):
+        cells = []
+        for t in tasks:
+            z = r.get("zeroshot", {}).get(t)
+            cells += ["-", "-"] if z is None else [
+                f"{_acc(z['before'])} → {_acc(z['after'])}",
+                "-" if z["retention_pct"] is None else f"{z['retention_pct']:.0f}%"]
+        zeroshot.add_row(label, *cells)
+
+    layers = Table(title="Per-layer change of CLS→patch entropy (%)")
+    layers.add_column("layer", justify="right")
+    per_layer = [(r.get("final") or {}).get("delta_pct_layers", {}).get("entropy", [])
+                 for r in records]
+    for label in labels:
+        layers.add_column(label, justify="right")
+    for i in range(max((len(p) for p in per_layer), default=0)):
+        layers.add_row(str(i + 1), *(_pct(p[i]) if i < len(p) else "-" for p in per_layer))
+    return [summary, zeroshot, layers]
+
+
+def print_comparison(run_dirs: list[Path], console: Console | None = None) -> None:
+    console = console or Console()
+    for table in comparison_tables(load_runs(run_dirs)):
+        console.print(table)

@@ -1,0 +1,200 @@
+"""Typed run configuration: pydantic models that reject what they do not know.
+
+YAML is only the file format. `load_config` reads a file, applies ``key=value`` overrides
+(dotted keys, values parsed as YAML) and validates; any problem raises `ConfigError` whose
+message is one line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str(err)`` is a one-line message for the user."""
+
+
+class _Strict(BaseModel):
+    # strict: "1e-4" (a string) is not silently turned into a number; NaN/inf are refused.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+PosInt = Annotated[int, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class LoraConfig(_Strict):
+    r: PosInt = Field(8, description="LoRA rank")
+    alpha: PosFloat = Field(16.0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: Fraction = Field(0.05, description="dropout on the LoRA input")
+    targets: list[Literal["q_proj", "k_proj", "v_proj", "out_proj"]] = Field(
+        ["q_proj", "v_proj"], min_length=1, description="vision attention projections to adapt")
+
+
+class TrainConfig(_Strict):
+    epochs: PosInt = Field(3, description="passes over the training split")
+    max_steps: PosInt | None = Field(None, description="stop after this many steps (None: all)")
+    batch_size: PosInt = Field(64, description="training images per step")
+    lr: PosFloat = Field(1e-5, description="peak learning rate")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.01, description="AdamW weight decay")
+    warmup_frac: Fraction = Field(0.05, description="linear warmup share of all steps, then cosine")
+    grad_clip: PosFloat | None = Field(1.0, description="max gradient norm (None: no clipping)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere")
+    flip: bool = Field(True, description="random horizontal flip of training images")
+    log_every: PosInt = Field(10, description="steps between loss logs and divergence checks")
+    checkpoint_every: PosInt | None = Field(
+        None, description="steps between resume checkpoints (always at each epoch end)")
+
+
+class DataConfig(_Strict):
+    dataset: str = Field("shapes-layout", description="registered dataset to fine-tune on")
+    zeroshot: list[str] = Field(["shapes-zs-shape"], description="zero-shot transfer tasks")
+    val_frac: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2, description="share of the training split held out (stratified) for validation")
+    split_seed: int = Field(42, description="seed of the train/validation split")
+    train_limit: PosInt | None = Field(None, description="use at most this many training images")
+    eval_batch_size: PosInt = Field(256, description="batch for accuracy and zero-shot")
+
+
+class ProbeConfig(_Strict):
+    per_epoch: Annotated[int, Field(ge=0)] = Field(5, description="attention probes per epoch")
+    images: PosInt = Field(200, description="class-balanced probe images from the validation split")
+    subsets: PosInt = Field(
+        5, description="fixed probe subsets measured before and after training (subset CV); "
+                       "the first one is also probed during training")
+    seed: int = Field(42, description="seed of the probe subset (identical across a study's runs)")
+    batch_size: PosInt = Field(64, description="batch of the attention probe forward")
+
+
+class RunConfig(_Strict):
+    name: str = Field("run", description="a label for the run")
+    seed: int = Field(42, description="model head init, data order, dropout, augmentation")
+    model: str = Field("tiny", description="'tiny' (shipped), a hub id or a local CLIP directory")
+    method: Literal["full_ft", "lora", "freeze", "linear_probe"] = Field(
+        "full_ft", description="full_ft | lora | freeze (first layers) | linear_probe (head only)")
+    freeze_layers: Annotated[int, Field(ge=0)] = Field(
+        0, description="method=freeze: number of leading vision layers frozen")
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    probe: ProbeConfig = ProbeConfig()
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    save_checkpoints: bool = Field(True, description="write final and best safetensors")
+
+    @model_validator(mode="after")
+    def _method_args(self) -> RunConfig:
+        if self.method == "freeze" and self.freeze_layers == 0:
+            raise ValueError("method=freeze needs freeze_layers >= 1")
+        if self.method != "freeze" and self.freeze_layers:
+            raise ValueError(f"freeze_layers={self.freeze_layers} only applies to method=freeze")
+        return self
+
+
+# PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string: accept every float spelling.
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                 |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                 |[-+]?\.(?:inf|Inf|INF)
+                 |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
+        _set_dotted(data, key.strip(), parse_yaml(raw) if raw.strip() else "")
+    return data
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    got = first.get("input")
+    if first["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}; remove it or fix its spelling (see docs/config.md)"
+    if isinstance(got, float) and not math.isfinite(got):
+        return f"{loc}: {got} is not allowed; give a finite number"
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{loc}: {first['msg']}{shown}{more}"
+
+
+def validate(data: Any, source: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or defaults if ``path`` is None), apply overrides, validate."""
+    data: Any = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = parse_yaml(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys")
+    return validate(apply_overrides(data, overrides or []), source)
+
+
+def reference(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key, default, description)`` for every config key, dotted, in declaration order."""
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += reference(annotation, f"{prefix}{name}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((f"{prefix}{name}", json.dumps(default), field.description or ""))
+    return rows
+
+
+def reference_markdown() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{d}` | {m} |" for k, d, m in reference()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,86 @@
+"""The in-memory form of every dataset, and device-side preprocessing.
+
+Images are kept as uint8 tensors ``[N, 3, H, W]`` at native resolution; resizing, normalising
+and flipping happen on the device in batches (`Preprocessor`), so decoding never limits a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """A labelled image set: ``images`` uint8 ``[N, 3, H, W]``, ``labels`` int64 ``[N]``."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"{self.name}: images must be uint8 [N, 3, H, W], got "
+                             f"{self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"{self.name}: {self.images.shape[0]} images but labels of shape "
+                             f"{tuple(self.labels.shape)}")
+        if len(self.labels) and int(self.labels.max()) >= len(self.class_names):
+            raise ValueError(f"{self.name}: label {int(self.labels.max())} has no class name "
+                             f"({len(self.class_names)} names)")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def subset(self, index: torch.Tensor, name: str | None = None) -> ImageTask:
+        return ImageTask(name or self.name, self.images[index], self.labels[index],
+                         self.class_names, self.templates)
+
+    def fingerprint(self) -> str:
+        """Content hash of images, labels and class names (16 hex digits)."""
+        h = hashlib.sha256()
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.contiguous().numpy().tobytes())
+        h.update("\x1f".join(self.class_names).encode())
+        return h.hexdigest()[:16]
+
+
+class Preprocessor:
+    """uint8 ``[B, 3, H, W]`` -> normalised float ``[B, 3, S, S]`` on the batch's device.
+
+    CLIP's recipe: resize the short side to ``size`` (bicubic), center-crop, normalise with the
+    model's own mean and std; optional random horizontal flip for training.
+    """
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, *, flip: bool = False,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        h, w = x.shape[-2:]
+        if (h, w) != (self.size, self.size):
+            scale = self.size / min(h, w)
+            nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+            if (nh, nw) != (h, w):
+                x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False,
+                                  antialias=True).clamp_(0.0, 1.0)
+            top, left = (nh - self.size) // 2, (nw - self.size) // 2
+            x = x[..., top : top + self.size, left : left + self.size]
+        if flip:
+            mask = torch.rand(x.shape[0], generator=generator, device="cpu") < 0.5
+            mask = mask.to(x.device).view(-1, 1, 1, 1)
+            x = torch.where(mask, x.flip(-1), x)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - mean) / std

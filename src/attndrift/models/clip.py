@@ -1,0 +1,105 @@
+"""Load a transformers `CLIPModel` with its tokenizer and image statistics.
+
+``"tiny"`` is the CLIP shipped inside the package (pretrained on the built-in shapes world);
+anything else is a hub id or a local directory written by ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attndrift.data.base import Preprocessor
+
+TINY_CLIP_DIR = Path(__file__).resolve().parent / "tiny_clip"
+TINY_NAMES = ("tiny", "attndrift/tiny")
+
+# OpenAI CLIP's normalisation, used when a checkpoint ships no preprocessor config.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class LoadedCLIP:
+    model: torch.nn.Module  # transformers CLIPModel
+    tokenizer: object
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str
+
+    def preprocessor(self) -> Preprocessor:
+        return Preprocessor(self.image_size, self.mean, self.std)
+
+
+def resolve_source(name: str) -> str:
+    if name in TINY_NAMES:
+        if not (TINY_CLIP_DIR / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the shipped tiny CLIP is missing from {TINY_CLIP_DIR}; rebuild it with "
+                f"`attndrift pretrain-tiny --out {TINY_CLIP_DIR}`")
+        return str(TINY_CLIP_DIR)
+    return name
+
+
+def _image_stats(source: str) -> tuple[tuple, tuple]:
+    """Mean and std from the checkpoint's own preprocessor config (OpenAI's if absent)."""
+    path = Path(source) / "preprocessor_config.json"
+    if not path.is_file():
+        try:
+            from transformers.utils import cached_file
+
+            found = cached_file(source, "preprocessor_config.json",
+                                _raise_exceptions_for_missing_entries=False)
+            path = Path(found) if found else None
+        except OSError:
+            path = None
+    if path is None or not path.is_file():
+        return OPENAI_MEAN, OPENAI_STD
+    cfg = json.loads(path.read_text())
+    return (tuple(cfg.get("image_mean", OPENAI_MEAN)), tuple(cfg.get("image_std", OPENAI_STD)))
+
+
+class ModelUnavailable(RuntimeError):
+    """A checkpoint that is neither local nor downloadable here."""
+
+
+def _unavailable(name: str, what: str, err: Exception) -> ModelUnavailable:
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    return ModelUnavailable(
+        f"{what} of {name!r} is not available ({type(err).__name__}). Download it once with "
+        f"network access (hub cache: {cache}; HF_HUB_OFFLINE=1 forbids downloads), or give a "
+        f"local directory written by save_pretrained as model=/path/to/dir")
+
+
+def load_clip(name: str = "tiny", *, attn_implementation: str = "sdpa") -> LoadedCLIP:
+    """Load ``name`` (``"tiny"``, a hub id or a local directory) in float32, eval mode."""
+    from transformers import AutoTokenizer, CLIPModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise here
+    source = resolve_source(name)
+    try:
+        model = CLIPModel.from_pretrained(source, attn_implementation=attn_implementation,
+                                          dtype=torch.float32)
+    except OSError as err:
+        raise _unavailable(name, "the CLIP model", err) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise _unavailable(name, "the tokenizer", err) from None
+    # Offline, transformers can hand back a near-empty tokenizer without error; never use one.
+    vocab = model.config.text_config.vocab_size
+    if len(tokenizer) < min(10, vocab):
+        raise ModelUnavailable(
+            f"the tokenizer of {name!r} has {len(tokenizer)} tokens for a {vocab}-token text "
+            "model: it did not load (offline without a cached copy?); give a local directory "
+            "holding the tokenizer files")
+    mean, std = _image_stats(source)
+    model.eval()
+    return LoadedCLIP(model, tokenizer, int(model.config.vision_config.image_size),
+                      mean, std, source)

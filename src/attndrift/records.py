@@ -1,0 +1,134 @@
+"""The run record: one self-describing JSON per run, the only on-disk format downstream code reads.
+
+Writes are atomic (temp file in the same directory, fsync, os.replace), so a reader sees either
+the previous complete record or the new one, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+RECORD_FILE = "record.json"
+TOP_LEVEL_KEYS = ("schema_version", "run_id", "status", "config", "provenance", "baseline",
+                  "history", "final", "zeroshot", "timing")
+STATUSES = ("running", "completed", "diverged", "failed")
+
+
+class RecordError(ValueError):
+    """A record that is missing, corrupt, half-written or of an unknown schema."""
+
+
+def new_record(run_id: str, config: dict[str, Any]) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "run_id": run_id, "status": "running",
+            "config": config, "provenance": {}, "baseline": {},
+            "history": {"probes": [], "epochs": [], "loss": []}, "final": {},
+            "zeroshot": {}, "timing": {}}
+
+
+def run_id_for(config: dict[str, Any]) -> str:
+    """``<name>-<8 hex>``: readable, and stable for identical resolved configs."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return f"{config.get('name', 'run')}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def _jsonable(value: Any) -> Any:
+    # NaN/inf are not JSON; a diverged loss is recorded as null with the status saying why.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    missing = [k for k in TOP_LEVEL_KEYS if k not in record]
+    if missing:
+        raise RecordError(f"record lacks {missing}")
+    text = json.dumps(_jsonable(record), indent=1, allow_nan=False)
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """Load and check a record; raises `RecordError` naming the file and the problem."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORD_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecordError(f"{path}: no record (run never started, or wrong directory)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RecordError(f"{path}: corrupt or half-written record ({err})") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path}: corrupt record (not a JSON object)")
+    if record.get("schema_version") != SCHEMA_VERSION:
+        raise RecordError(f"{path}: schema_version {record.get('schema_version')!r}, "
+                          f"this attndrift reads {SCHEMA_VERSION}")
+    missing = [k for k in TOP_LEVEL_KEYS if k not in record]
+    if missing:
+        raise RecordError(f"{path}: corrupt record, missing {', '.join(missing)}")
+    if record["status"] not in STATUSES:
+        raise RecordError(f"{path}: unknown status {record['status']!r}")
+    return record
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def provenance(device: str) -> dict[str, Any]:
+    """Versions, machine and code revision; data and model fingerprints are added by the run."""
+    import peft
+    import torch
+    import transformers
+
+    import attndrift
+
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
+    return {"attndrift": attndrift.__version__, "python": sys.version.split()[0],
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "platform": platform.platform(),
+            "device": device, "gpu": gpu, "cpu_threads": torch.get_num_threads(),
+            "git_commit": _git_commit()}
+
+
+def file_sha256(path: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[: limit or None]

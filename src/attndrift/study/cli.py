@@ -1,0 +1,134 @@
+"""`attndrift study run | status`: thin commands over spec, store and executor."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, help="Declarative experiment matrices.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def status_rows(store) -> list[dict]:
+    manifest = store.manifest()
+    rows = []
+    for entry in manifest["runs"]:
+        state = store.state(entry["run_id"])
+        status = state.status
+        if status in ("running", "pending") and store.is_locked(entry["run_id"]):
+            status = "running"
+        elif status == "running":
+            status = "interrupted"  # started, nobody holds it: the next study run resumes it
+        rows.append({"run_id": entry["run_id"], "group": entry["group"], "status": status,
+                     "error": state.error})
+    return rows
+
+
+@app.command("run")
+def run_cmd(
+    study: Annotated[Path, typer.Argument(help="study YAML (configs/studies/...)")],
+    store_dir: Annotated[Path, typer.Option("--store", help="run store directory")],
+    workers: Annotated[int, typer.Option(min=1, help="parallel runs (local backend)")] = 1,
+    backend: Annotated[str, typer.Option(help="local | ray")] = "local",
+    retry_failed: Annotated[bool, typer.Option("--retry-failed",
+                                               help="rerun failed and diverged runs")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    gpus_per_run: Annotated[float, typer.Option(help="Ray: GPUs per run")] = 0.0,
+    cpus_per_run: Annotated[float, typer.Option(help="Ray: CPUs per run")] = 1.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs only")] = False,
+) -> None:
+    """Run every run of STUDY not yet completed in the store; resume interrupted ones."""
+    from attndrift.config import ConfigError
+    from attndrift.study.executor import execute
+    from attndrift.study.spec import load_study
+    from attndrift.study.store import Store
+
+    if backend not in ("local", "ray"):
+        _fail(f"--backend {backend!r}: choose local or ray", 2)
+    try:
+        spec, planned = load_study(study)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    if dry_run:
+        for p in planned:
+            out.print(p.run_id, highlight=False)
+        return
+    store = Store(store_dir)
+    store.root.mkdir(parents=True, exist_ok=True)
+    store.write_manifest(spec.name, planned)
+    total = len(planned)
+    counts = {"completed": 0, "failed": 0, "diverged": 0}
+    for p in planned:
+        s = store.state(p.run_id).status
+        if s in counts:
+            counts[s] += 1
+    t0, durations = time.perf_counter(), []
+    out.print(f"study [bold]{spec.name}[/]: {total} runs, {counts['completed']} already "
+              f"completed -> {store.root}", highlight=False)
+
+    def report(o) -> None:
+        if o.status in counts:
+            counts[o.status] += 1
+        if o.status not in ("skipped-done", "skipped-busy"):
+            durations.append(o.seconds)
+        done = sum(counts.values())
+        left = total - done
+        eta = (sum(durations) / len(durations)) * left / max(1, workers) if durations else 0
+        colour = {"completed": "green", "failed": "red", "diverged": "yellow"}.get(o.status, "")
+        tag = f"[{colour}]{o.status}[/]" if colour else o.status
+        why = f" ({o.error})" if o.error and o.status != "completed" else ""
+        out.print(f"[{done}/{total}] {tag} {o.run_id} {o.seconds:.1f}s{why} | "
+                  f"failed {counts['failed']}, diverged {counts['diverged']}, "
+                  f"left {left}, ETA {eta:.0f}s", highlight=False, soft_wrap=True)
+
+    outcomes = execute(store, planned, workers=workers, backend=backend,
+                       retry_failed=retry_failed, progress=sys.stderr.isatty() and workers == 1,
+                       on_outcome=report, ray_address=ray_address, gpus_per_run=gpus_per_run,
+                       cpus_per_run=cpus_per_run)
+    busy = [o.run_id for o in outcomes if o.status == "skipped-busy"]
+    bad = [r for r in status_rows(store) if r["status"] in ("failed", "diverged", "corrupt")]
+    out.print(f"study {spec.name}: {counts['completed']}/{total} completed, "
+              f"{len(bad)} failed or diverged, {len(busy)} held by other workers, "
+              f"{time.perf_counter() - t0:.1f}s", highlight=False)
+    if bad:
+        _fail(f"{len(bad)} run(s) did not complete: {', '.join(r['run_id'] for r in bad)}; "
+              "see `attndrift study status` and rerun with --retry-failed", 1)
+
+
+@app.command("status")
+def status_cmd(
+    store_dir: Annotated[Path, typer.Option("--store", help="run store directory")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show every run of the study in STORE with its status."""
+    from attndrift.study.store import Store
+
+    try:
+        rows = status_rows(Store(store_dir))
+    except FileNotFoundError as e:
+        _fail(str(e), 2)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    if as_json:
+        print(json.dumps({"counts": counts, "runs": rows}, indent=1))
+        return
+    table = Table(title=f"{store_dir}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    for col in ("run", "group", "status", "error"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["run_id"], r["group"], r["status"], r["error"] or "")
+    out.print(table)

@@ -1,0 +1,127 @@
+"""Execute a study's runs into a store: in this process, a local process pool, or Ray tasks.
+
+Every backend calls the same `execute_one`, which claims the run's lock without waiting, skips
+it if another worker holds it or it is already done, cleans temp files a killed writer left,
+and runs (or resumes) the training. Failures are recorded in the run's record and reported;
+they never stop the other runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+from filelock import Timeout
+
+from attndrift.study.spec import PlannedRun
+from attndrift.study.store import Store
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_id: str
+    status: str  # completed | diverged | failed | skipped-busy | skipped-done
+    seconds: float
+    error: str | None = None
+
+
+def execute_one(store_root: str, run_id: str, config: dict[str, Any], retry_failed: bool,
+                progress: bool = False, threads: int | None = None) -> Outcome:
+    """Claim, run (or resume) and record one run. Safe to call from any worker."""
+    from attndrift.config import validate
+    from attndrift.train import run
+
+    store = Store(store_root)
+    if not store.needs_run(run_id, retry_failed):
+        return Outcome(run_id, "skipped-done", 0.0)
+    lock = store.lock(run_id)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return Outcome(run_id, "skipped-busy", 0.0)
+    t0 = time.perf_counter()
+    try:
+        if not store.needs_run(run_id, retry_failed):  # finished while we looked
+            return Outcome(run_id, "skipped-done", 0.0)
+        run_dir = store.run_dir(run_id)
+        for tmp in run_dir.glob(".*.tmp"):  # left by a writer killed mid-write; we hold the lock
+            tmp.unlink(missing_ok=True)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        try:
+            record = run(validate(config, run_id), run_dir, progress=progress)
+        except Exception as err:  # recorded as failed by `run`; the study goes on
+            return Outcome(run_id, "failed", time.perf_counter() - t0,
+                           f"{type(err).__name__}: {err}")
+        return Outcome(run_id, record["status"], time.perf_counter() - t0, record.get("error"))
+    finally:
+        lock.release()
+
+
+def _ray_task(*args, **kwargs) -> Outcome:  # module-level so Ray can ship it by reference
+    return execute_one(*args, **kwargs)
+
+
+def execute(store: Store, planned: list[PlannedRun], *, workers: int = 1,
+            backend: str = "local", retry_failed: bool = False, progress: bool = True,
+            on_outcome: Callable[[Outcome], None] | None = None,
+            ray_address: str | None = None, gpus_per_run: float = 0.0,
+            cpus_per_run: float = 1.0) -> list[Outcome]:
+    """Run every planned run that still needs running; returns one `Outcome` per run."""
+    todo = [p for p in planned if store.needs_run(p.run_id, retry_failed)]
+    outcomes = [Outcome(p.run_id, "skipped-done", 0.0) for p in planned if p not in todo]
+    report = on_outcome or (lambda _o: None)
+    jobs = [(str(store.root), p.run_id, p.config.model_dump(mode="json"), retry_failed)
+            for p in todo]
+    if backend == "ray":
+        outcomes += _execute_ray(jobs, report, ray_address, gpus_per_run, cpus_per_run)
+    elif workers <= 1:
+        for job in jobs:
+            outcome = execute_one(*job, progress=progress)
+            report(outcome)
+            outcomes.append(outcome)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        import multiprocessing
+
+        # spawn, not fork: forking a process that already holds torch threads can deadlock.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            pending = {pool.submit(execute_one, *job, False, threads) for job in jobs}
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    outcome = fut.result()
+                    report(outcome)
+                    outcomes.append(outcome)
+    return outcomes
+
+
+def _execute_ray(jobs, report, address, gpus, cpus) -> list[Outcome]:
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("backend=ray needs Ray: pip install 'attndrift[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=0)(_ray_task)
+    threads = max(1, int(cpus))
+    refs = {task.remote(*job, False, threads): job[1] for job in jobs}
+    outcomes = []
+    while refs:
+        done, _ = ray.wait(list(refs), num_returns=1)
+        for ref in done:
+            run_id = refs.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except Exception as err:  # the worker process itself died
+                outcome = Outcome(run_id, "failed", 0.0, f"ray task failed: {err}")
+            report(outcome)
+            outcomes.append(outcome)
+    return outcomes

@@ -1,0 +1,147 @@
+"""A study is data: a YAML spec expanded by a pure function into runs with stable ids.
+
+```yaml
+name: demo
+base: ../runs/tiny_full_ft.yaml   # optional run config every run starts from (relative path)
+set: {train.epochs: 3}            # dotted overrides for every run
+runs:                             # named single runs
+  - name: apr
+    set: {method: full_ft}
+grids:                            # products over any config keys
+  - name: sweep
+    axes: {method: [full_ft, lora], train.lr: [1e-4, 1e-3], seed: [0, 1]}
+    set: {probe.per_epoch: 5}
+    where:                        # per-entry overrides, applied when the axes match
+      - if: {method: lora}
+        set: {lora.r: 4}
+```
+
+A run's id is ``<readable slug>-<8 hex of its resolved config>``: the same config always gets
+the same id, and any change to it gets a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from attndrift.config import ConfigError, RunConfig, apply_overrides, parse_yaml, validate
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Conditional(_Spec):
+    if_: dict[str, Any] = Field(alias="if")
+    set: dict[str, Any]
+
+
+class RunEntry(_Spec):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    set: dict[str, Any] = {}
+
+
+class GridEntry(_Spec):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    axes: dict[str, list[Any]] = Field(min_length=1)
+    set: dict[str, Any] = {}
+    where: list[Conditional] = []
+
+
+class StudySpec(_Spec):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    description: str = ""
+    base: str | None = None
+    set: dict[str, Any] = {}
+    runs: list[RunEntry] = []
+    grids: list[GridEntry] = []
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    run_id: str
+    group: str
+    axes: dict[str, Any]
+    config: RunConfig
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def config_hash(config: RunConfig) -> str:
+    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def _resolve(base: dict, layers: list[dict[str, Any]], name: str, where: str) -> RunConfig:
+    data = json.loads(json.dumps(base))  # deep copy of plain data
+    for layer in layers:
+        apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in layer.items()])
+    data["name"] = name
+    try:
+        return validate(data, where)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def load_spec(path: str | Path) -> tuple[StudySpec, dict]:
+    """Parse and check a study YAML; returns the spec and its base run config (plain data)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} not found")
+    raw = parse_yaml(path.read_text()) or {}
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "study"
+        raise ConfigError(f"{path}: {loc}: {first['msg']}") from None
+    base: dict = {}
+    if spec.base:
+        base_path = (path.parent / spec.base).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base config {spec.base} not found at {base_path}")
+        base = parse_yaml(base_path.read_text()) or {}
+    return spec, base
+
+
+def expand(spec: StudySpec, base: dict) -> list[PlannedRun]:
+    """Every run of the study, in spec order; raises `ConfigError` naming the bad entry."""
+    planned: list[PlannedRun] = []
+    for entry in spec.runs:
+        cfg = _resolve(base, [spec.set, entry.set], entry.name, f"{spec.name}/{entry.name}")
+        planned.append(PlannedRun(f"{entry.name}-{config_hash(cfg)}", entry.name, {}, cfg))
+    for grid in spec.grids:
+        keys = list(grid.axes)
+        for values in itertools.product(*(grid.axes[k] for k in keys)):
+            axes = dict(zip(keys, values, strict=True))
+            extra = [c.set for c in grid.where
+                     if all(axes.get(k) == v for k, v in c.if_.items())]
+            slug = "-".join([grid.name, *(f"{_short(k)}={_fmt(v)}" for k, v in axes.items())])
+            cfg = _resolve(base, [spec.set, grid.set, axes, *extra], slug,
+                           f"{spec.name}/{slug}")
+            planned.append(PlannedRun(f"{slug}-{config_hash(cfg)}", grid.name, axes, cfg))
+    ids = [p.run_id for p in planned]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"study {spec.name}: duplicate runs {dupes}; give entries distinct names")
+    return planned
+
+
+def load_study(path: str | Path) -> tuple[StudySpec, list[PlannedRun]]:
+    spec, base = load_spec(path)
+    return spec, expand(spec, base)

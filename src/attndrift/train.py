@@ -1,0 +1,441 @@
+"""The one explicit training loop: config -> fine-tuned classifier -> run record.
+
+Reads top to bottom: load model and data, measure the pretrained baseline (attention metrics,
+zero-shot), train with AdamW + warmup/cosine while probing attention on a fixed validation
+subset, then measure again and write the record and checkpoints.
+
+Everything the loop mutates lives in one dict, ``state``, which is saved atomically to
+``resume.pt`` at every epoch end (and every ``train.checkpoint_every`` steps): a killed run
+called again with the same config continues from there and ends with the same weights and
+record as an uninterrupted one (on CPU; GPU kernels may differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attndrift.config import RunConfig
+from attndrift.data.registry import load_task
+from attndrift.data.splits import (
+    balanced_subset,
+    index_fingerprint,
+    probe_subsets,
+    stratified_split,
+)
+from attndrift.evaluate import accuracy, autocast, probe_attention, zeroshot_all
+from attndrift.models.adapt import adapt, method_kwargs
+from attndrift.models.classifier import CLIPClassifier, count_parameters, trainable_state
+from attndrift.models.clip import load_clip
+from attndrift.probes.metrics import METRICS, delta_pct, summarize
+from attndrift.records import (
+    RECORD_FILE,
+    RecordError,
+    atomic_write_bytes,
+    file_sha256,
+    new_record,
+    provenance,
+    read_record,
+    run_id_for,
+    write_record,
+)
+from attndrift.zeroshot import text_classifier
+
+ATTENTION_SAMPLES = 8  # probe images whose maps are saved for heatmap overlays
+RESUME_FILE = "resume.pt"
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} requested but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+def warmup_cosine(total_steps: int, warmup_frac: float):
+    """LR multiplier: linear warmup over ``warmup_frac`` of the steps, then cosine to zero."""
+    warmup = max(1, round(warmup_frac * total_steps)) if warmup_frac > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def probe_steps(steps_per_epoch: int, total_steps: int, per_epoch: int) -> list[int]:
+    """Steps (1-based, after the optimizer step) at which to probe: ``per_epoch`` evenly spaced
+    points per epoch, and always the last step."""
+    steps = {total_steps}
+    if per_epoch > 0:
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        for e in range(epochs):
+            for k in range(1, per_epoch + 1):
+                s = e * steps_per_epoch + round(k * steps_per_epoch / per_epoch)
+                if 1 <= s <= total_steps:
+                    steps.add(s)
+    return sorted(steps)
+
+
+SANITY_FACTOR = 1.5  # zero-shot within this factor of chance: class names are probably wrong
+
+
+def sanity_check(results: dict[str, tuple[float, int]]) -> tuple[dict, list[str]]:
+    """Flag tasks whose pretrained zero-shot accuracy is within 1.5x of chance: the study's
+    Flowers102 run scored 0.2% because its class names were numbers."""
+    sanity, warnings = {}, []
+    for name, (acc, classes) in results.items():
+        chance = 1.0 / classes
+        ok = acc > SANITY_FACTOR * chance
+        sanity[name] = {"zeroshot": acc, "chance": chance, "ok": ok}
+        if not ok:
+            warnings.append(f"pretrained zero-shot accuracy on {name} is {100 * acc:.1f}%, within "
+                            f"{SANITY_FACTOR}x of chance ({100 * chance:.1f}%): check its class "
+                            "names and prompt templates")
+    return sanity, warnings
+
+
+def coefficient_of_variation(values: list[float]) -> float:
+    """Sample standard deviation over the absolute mean (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return math.sqrt(var) / abs(mean) if mean else math.inf
+
+
+def _save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.cpu().contiguous() for k, v in state.items()},
+                                  metadata=metadata))
+
+
+def _progress(enabled: bool, total: int, done: int, description: str):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                   console=Console(stderr=True), disable=not enabled)
+    return bar, bar.add_task(description, total=total, completed=done, info="")
+
+
+def _load_resume(out_dir: Path, run_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The saved loop state and record of an interrupted run of the same config, if any."""
+    path = out_dir / RESUME_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = read_record(out_dir)
+    except RecordError:
+        return None
+    # "running": killed; "failed": crashed or interrupted. A diverged run is not resumed: it
+    # would diverge again from its last checkpoint.
+    if record["run_id"] != run_id or record["status"] not in ("running", "failed"):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state, record
+
+
+def run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
+        resume: bool = True) -> dict[str, Any]:
+    """Fine-tune as ``cfg`` says and write ``out_dir/record.json`` (+ checkpoints).
+
+    With ``resume`` (default) an interrupted run of the same config in ``out_dir`` continues
+    from its last checkpoint. Returns the record. A diverged run (NaN/inf loss) returns with
+    status ``diverged``; any other failure is recorded as ``failed`` and re-raised.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = cfg.model_dump(mode="json")
+    run_id = run_id_for(config)
+    saved = _load_resume(out_dir, run_id) if resume else None
+    record = saved[1] if saved else new_record(run_id, config)
+    t_start = time.perf_counter()
+    timing = record["timing"]
+    try:
+        _run(cfg, out_dir, record, saved[0] if saved else None, progress=progress)
+    except Diverged as err:
+        record["status"] = "diverged"
+        record["error"] = str(err)
+    except BaseException as err:
+        record["status"] = "failed"
+        record["error"] = f"{type(err).__name__}: {err}"
+        record["traceback"] = traceback.format_exc()
+        timing["total_s"] = timing.get("total_s", 0.0) + time.perf_counter() - t_start
+        write_record(out_dir / RECORD_FILE, record)
+        raise
+    else:
+        record["status"] = "completed"
+    timing["total_s"] = timing.get("total_s", 0.0) + time.perf_counter() - t_start
+    write_record(out_dir / RECORD_FILE, record)
+    (out_dir / RESUME_FILE).unlink(missing_ok=True)  # a finished run needs no resume state
+    return record
+
+
+def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str, Any] | None,
+         *, progress: bool) -> None:
+    timing = record["timing"]
+    t0 = time.perf_counter()
+    device = select_device(cfg.device)
+    if saved is None:
+        record["provenance"] = provenance(str(device))
+        write_record(out_dir / RECORD_FILE, record)  # status "running": the run has started
+    else:
+        timing["resumed"] = timing.get("resumed", 0) + 1
+    torch.manual_seed(cfg.seed)
+
+    # --- model and data -----------------------------------------------------------------
+    loaded = load_clip(cfg.model)
+    clip = loaded.model.to(device)
+    clip.requires_grad_(False)  # text tower, logit scale: always frozen
+    preprocess = loaded.preprocessor()
+    size = loaded.image_size
+    source = load_task(cfg.data.dataset, "train", image_size=size, progress=progress)
+    train_idx, val_idx = stratified_split(source.labels, cfg.data.val_frac, cfg.data.split_seed)
+    if cfg.data.train_limit is not None:
+        train_idx = train_idx[balanced_subset(source.labels[train_idx], cfg.data.train_limit,
+                                              cfg.data.split_seed)]
+    train_set = source.subset(train_idx, f"{source.name}/train")
+    val_set = source.subset(val_idx, f"{source.name}/val")
+    subsets = probe_subsets(val_set.labels, cfg.probe.images, cfg.probe.subsets, cfg.probe.seed)
+    probe_idx = subsets[0]  # probed during training too
+    probe_images = val_set.images[probe_idx]
+    zs_tasks = {name: load_task(name, "test", image_size=size, progress=progress)
+                for name in cfg.data.zeroshot}
+    zs_weights = {name: text_classifier(clip, loaded.tokenizer, t.class_names, t.templates,
+                                        device) for name, t in zs_tasks.items()}
+    weights_file = Path(loaded.source) / "model.safetensors"
+    record["provenance"].update({
+        "model_source": loaded.source,
+        "model_sha256": file_sha256(weights_file, 16) if weights_file.is_file() else None,
+        "data": {"dataset": cfg.data.dataset, "content": source.fingerprint(),
+                 "train_ids": index_fingerprint(train_idx), "val_ids": index_fingerprint(val_idx),
+                 "probe_ids": [index_fingerprint(val_idx[s]) for s in subsets],
+                 "sizes": {"train": len(train_set), "val": len(val_set),
+                           "probe": len(probe_idx)}},
+        "zeroshot_data": {n: t.fingerprint() for n, t in zs_tasks.items()},
+    })
+
+    torch.manual_seed(cfg.seed)  # head init and LoRA init depend only on the seed
+    model = CLIPClassifier.from_clip(clip, source.num_classes).to(device)
+    adapted = adapt(model, cfg.method,
+                    **method_kwargs(cfg.method, cfg.lora.model_dump(), cfg.freeze_layers))
+    model = adapted.model.to(device)
+    n_trainable, n_total = count_parameters(model)
+    record["provenance"]["parameters"] = {"trainable": n_trainable, "total": n_total}
+    timing["setup_s"] = timing.get("setup_s", 0.0) + time.perf_counter() - t0
+
+    # --- optimisation set-up ------------------------------------------------------------
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    bs = min(cfg.train.batch_size, len(train_set))
+    steps_per_epoch = len(train_set) // bs  # drop the ragged last batch, as the study did
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, cfg.train.warmup_frac))
+    probe_at = set(probe_steps(steps_per_epoch, total_steps, cfg.probe.per_epoch))
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    flip_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    loss_sum = torch.zeros((), device=device)
+    meta = {"run_id": record["run_id"], "method": cfg.method, "model": cfg.model}
+
+    if saved is None:
+        # --- pretrained baseline --------------------------------------------------------
+        t = time.perf_counter()
+        base_attn = probe_attention(model, probe_images, preprocess, device,
+                                    cfg.probe.batch_size)
+        record["baseline"] = summarize(base_attn)
+        record["baseline"]["subsets"] = [record["baseline"]["mean"]] + [
+            summarize(probe_attention(model, val_set.images[s], preprocess, device,
+                                      cfg.probe.batch_size))["mean"] for s in subsets[1:]]
+        probe_s = time.perf_counter() - t
+        t = time.perf_counter()
+        zs_before = zeroshot_all(model, zs_weights, zs_tasks, preprocess, device,
+                                 cfg.data.eval_batch_size)
+        own = text_classifier(clip, loaded.tokenizer, val_set.class_names, val_set.templates,
+                              device)
+        own_acc = zeroshot_all(model, {"task": own}, {"task": val_set}, preprocess, device,
+                               cfg.data.eval_batch_size)["task"]
+        record["sanity"], record["warnings"] = sanity_check(
+            {f"{cfg.data.dataset} (validation)": (own_acc, val_set.num_classes),
+             **{n: (zs_before[n], t.num_classes) for n, t in zs_tasks.items()}})
+        state = {"step": 0, "epoch": 0, "batch": 0, "perm": torch.empty(0, dtype=torch.long),
+                 "loss_count": 0, "best_val": -1.0, "best_epoch": 0, "train_s": 0.0,
+                 "probe_s": probe_s, "zeroshot_s": time.perf_counter() - t,
+                 "zs_before": zs_before, "base_attn": base_attn[:ATTENTION_SAMPLES]}
+    else:
+        # --- resume: every tensor and counter the loop reads, exactly as it was saved ---
+        state = saved
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        order_gen.set_state(state["order_gen"])
+        flip_gen.set_state(state["flip_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        loss_sum += state["loss_sum"].to(device)
+        record["history"] = state["history"]
+    history = record["history"]
+
+    def checkpoint() -> None:
+        blob = {**{k: v for k, v in state.items() if k not in ("model", "optimizer")},
+                "model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "order_gen": order_gen.get_state(),
+                "flip_gen": flip_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "loss_sum": loss_sum.detach().cpu(), "history": history}
+        if device.type == "cuda":
+            blob["cuda_rng"] = torch.cuda.get_rng_state(device)
+        buffer = io.BytesIO()
+        torch.save(blob, buffer)
+        atomic_write_bytes(out_dir / RESUME_FILE, buffer.getvalue())
+        write_record(out_dir / RECORD_FILE, record)
+
+    # --- training -----------------------------------------------------------------------
+    model.train()
+    bar, task_id = _progress(progress, total_steps, state["step"], f"{cfg.name} ({cfg.method})")
+    segment_start, segment_probe_s = time.perf_counter(), state["probe_s"]
+    with bar:
+        while state["step"] < total_steps:
+            if state["batch"] == 0:
+                state["perm"] = torch.randperm(len(train_set), generator=order_gen)
+            perm, b = state["perm"], state["batch"]
+            idx = perm[b * bs : (b + 1) * bs]
+            x = preprocess(train_set.images[idx].to(device, non_blocking=True),
+                           flip=cfg.train.flip, generator=flip_gen)
+            y = train_set.labels[idx].to(device, non_blocking=True)
+            with autocast(device, cfg.train.precision):
+                loss = F.cross_entropy(model(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            state["batch"] += 1
+            step = state["step"]
+            # Accumulate on the device; the host reads the loss only at log and probe points.
+            loss_sum += loss.detach()
+            state["loss_count"] += 1
+            if step % cfg.train.log_every == 0 or step in probe_at or step == total_steps:
+                mean_loss = float(loss_sum) / state["loss_count"]
+                if not math.isfinite(mean_loss):
+                    history["loss"].append({"step": step, "loss": None})
+                    raise Diverged(f"training loss became {mean_loss} at step {step} "
+                                   f"(lr={cfg.train.lr}); lower train.lr or check the data")
+                history["loss"].append({"step": step, "loss": mean_loss,
+                                        "lr": scheduler.get_last_lr()[0]})
+                loss_sum.zero_()
+                state["loss_count"] = 0
+                bar.update(task_id, info=f"loss {mean_loss:.3f}")
+            if step in probe_at:
+                t = time.perf_counter()
+                attn = probe_attention(model, probe_images, preprocess, device,
+                                       cfg.probe.batch_size)
+                history["probes"].append({"step": step, "epoch": step / steps_per_epoch,
+                                          "fraction": step / total_steps,
+                                          "metrics": summarize(attn)})
+                state["probe_s"] += time.perf_counter() - t
+            bar.advance(task_id)
+            epoch_done = state["batch"] == steps_per_epoch or step == total_steps
+            if epoch_done:
+                state["epoch"] += 1
+                state["batch"] = 0
+                val_acc = accuracy(model, val_set, preprocess, device,
+                                   cfg.data.eval_batch_size, cfg.train.precision)
+                history["epochs"].append({"epoch": state["epoch"], "step": step,
+                                          "val_acc": val_acc})
+                bar.update(task_id, info=f"val {val_acc:.3f}")
+                if val_acc > state["best_val"]:
+                    state["best_val"], state["best_epoch"] = val_acc, state["epoch"]
+                    if cfg.save_checkpoints:
+                        _save_weights(out_dir / "best.safetensors", trainable_state(model),
+                                      {**meta, "epoch": str(state["epoch"])})
+            every = cfg.train.checkpoint_every
+            if step < total_steps and (epoch_done or (every and step % every == 0)):
+                now = time.perf_counter()
+                state["train_s"] += now - segment_start - (state["probe_s"] - segment_probe_s)
+                segment_start, segment_probe_s = now, state["probe_s"]
+                checkpoint()
+    state["train_s"] += time.perf_counter() - segment_start - (state["probe_s"] - segment_probe_s)
+
+    # --- after training -----------------------------------------------------------------
+    step = state["step"]
+    final_attn = probe_attention(model, probe_images, preprocess, device, cfg.probe.batch_size)
+    final_metrics = summarize(final_attn)
+    final_subsets = [final_metrics["mean"]] + [
+        summarize(probe_attention(model, val_set.images[s], preprocess, device,
+                                  cfg.probe.batch_size))["mean"] for s in subsets[1:]]
+    t = time.perf_counter()
+    zs_before = state["zs_before"]
+    zs_after = zeroshot_all(model, zs_weights, zs_tasks, preprocess, device,
+                            cfg.data.eval_batch_size)
+    zeroshot_s = state["zeroshot_s"] + time.perf_counter() - t
+    test_set = load_task(cfg.data.dataset, "test", image_size=size)  # read once, at the end
+    test_acc = accuracy(model, test_set, preprocess, device, cfg.data.eval_batch_size,
+                        cfg.train.precision)
+    if cfg.save_checkpoints:
+        _save_weights(out_dir / "final.safetensors", trainable_state(model),
+                      {**meta, "step": str(step)})
+    _save_weights(out_dir / "attention.safetensors",
+                  {"pretrained": state["base_attn"], "final": final_attn[:ATTENTION_SAMPLES],
+                   "labels": val_set.labels[probe_idx][:ATTENTION_SAMPLES],
+                   "images": probe_images[:ATTENTION_SAMPLES]}, meta)
+
+    base = record["baseline"]
+    record["final"] = {
+        "step": step, "epochs": step / steps_per_epoch,
+        "val_acc": history["epochs"][-1]["val_acc"] if history["epochs"] else None,
+        "best_val_acc": state["best_val"], "best_epoch": state["best_epoch"],
+        "test_acc": test_acc,
+        "train_loss": history["loss"][-1]["loss"] if history["loss"] else None,
+        "metrics": final_metrics,
+        "delta_pct": {m: delta_pct(final_metrics["mean"][m], base["mean"][m]) for m in METRICS},
+        "delta_pct_layers": {
+            m: [delta_pct(a, b) for a, b in zip(final_metrics[m]["layers"],
+                                                 base[m]["layers"], strict=True)]
+            for m in METRICS},
+        "subsets": final_subsets,
+        # the study's reporting: drift averaged over the fixed probe subsets, and how much
+        # the measurement depends on which subset is used (coefficient of variation)
+        "delta_pct_subset_mean": {m: sum(delta_pct(f[m], b[m]) for f, b in zip(
+            final_subsets, base["subsets"], strict=True)) / len(final_subsets) for m in METRICS},
+        "subset_cv": {m: coefficient_of_variation([f[m] for f in final_subsets])
+                      for m in METRICS},
+    }
+    record["zeroshot"] = {
+        name: {"before": zs_before[name], "after": zs_after[name],
+               "retention_pct": 100.0 * zs_after[name] / zs_before[name]
+               if zs_before[name] > 0 else None,
+               "chance": 1.0 / task.num_classes, "classes": task.num_classes}
+        for name, task in zs_tasks.items()}
+    train_s = state["train_s"]
+    timing.update({"train_s": train_s, "probe_s": state["probe_s"], "zeroshot_s": zeroshot_s,
+                   "steps": step, "probes": len(history["probes"]) + 1,
+                   "train_images_per_s": step * bs / train_s if train_s > 0 else None})

@@ -1,0 +1,55 @@
+"""The CLI in-process (typer's runner): exit codes and one-line messages."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from attndrift.cli import app
+from conftest import FAST, ROOT
+
+runner = CliRunner()
+TINY_FT = str(ROOT / "configs" / "runs" / "tiny_full_ft.yaml")
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("train.lrr=1", "unknown key 'train.lrr'"),
+    ("train.lr=abc", "train.lr"),
+    ("train.lr=.nan", "finite"),
+    ("probe.images=many", "probe.images"),
+])
+def test_run_rejects_bad_config_with_exit_2(tmp_path, override, needle):
+    result = runner.invoke(app, ["run", TINY_FT, override, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error:")
+    assert not (tmp_path / "r").exists()  # nothing started, nothing written
+
+
+def test_validate(tmp_path):
+    assert runner.invoke(app, ["validate", TINY_FT]).exit_code == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: full_ft\ntrain:\n  lr: fast\n")
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2 and "train.lr" in result.output
+
+
+def test_unknown_dataset_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["run", TINY_FT, "data.dataset=nope", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "unknown dataset 'nope'" in result.output and "shapes-layout" in result.output
+    assert json.loads((tmp_path / "record.json").read_text())["status"] == "failed"
+
+
+def test_run_then_compare(tmp_path, full_ft_run, lora_run):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", TINY_FT, *FAST, "train.max_steps=4", "--out", str(out),
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "completed" in result.output and (out / "record.json").is_file()
+    result = runner.invoke(app, ["compare", str(full_ft_run), str(lora_run)])
+    assert result.exit_code == 0, result.output
+    for needle in ("tiny_full_ft", "tiny_lora", "shapes-zs-shape", "Per-layer change"):
+        assert needle in result.output
+    result = runner.invoke(app, ["compare", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "no record" in result.output
