@@ -45,7 +45,7 @@ class Store:
 
     def write_manifest(self, name: str, planned: list[PlannedRun]) -> None:
         manifest = {"study": name, "runs": [
-            {"run_id": p.run_id, "group": p.group, "axes": p.axes,
+            {"run_id": p.run_id, "dir": f"runs/{p.run_id}", "group": p.group, "axes": p.axes,
              "config": p.config.model_dump(mode="json")} for p in planned]}
         atomic_write_bytes(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
 

@@ -1,0 +1,71 @@
+"""Training dynamics from a record's probe history: drift trajectories and collapse onset.
+
+The study called "collapse onset" the first point in training where mean CLS entropy is more
+than 1% below the pretrained value (its Table 3.9: 7% of training at lr 1e-4, never at 1e-5).
+Here that point is the first probe whose drift falls below the threshold, as a fraction of all
+training steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+ONSET_THRESHOLD_PCT = -1.0
+
+
+def drift_pct(adapted: float | None, pretrained: float | None) -> float:
+    """The study's drift 100 (adapted - pretrained) / pretrained; NaN when undefined."""
+    if adapted is None or pretrained is None or pretrained == 0:
+        return math.nan
+    return 100.0 * (adapted - pretrained) / pretrained
+
+
+def trajectory(record: dict[str, Any], metric: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
+    """``(fractions, drift %)`` of the layer-mean ``metric`` at each probe, starting at (0, 0).
+
+    Drift is relative to the record's pretrained baseline, as in ``final.delta_pct``.
+    """
+    base = (record.get("baseline") or {}).get("mean", {}).get(metric)
+    fractions, deltas = [0.0], [0.0 if base is not None else math.nan]
+    for probe in (record.get("history") or {}).get("probes", []):
+        value = (probe.get("metrics") or {}).get("mean", {}).get(metric)
+        fractions.append(float(probe.get("fraction", math.nan)))
+        deltas.append(drift_pct(value, base))
+    return np.asarray(fractions), np.asarray(deltas)
+
+
+def layer_trajectory(record: dict[str, Any], metric: str = "entropy") -> np.ndarray:
+    """Per-layer drift % at each probe: ``[n_probes, L]`` (NaN where a value is missing)."""
+    base = (record.get("baseline") or {}).get(metric, {}).get("layers") or []
+    rows = []
+    for probe in (record.get("history") or {}).get("probes", []):
+        layers = (probe.get("metrics") or {}).get(metric, {}).get("layers") or []
+        rows.append([drift_pct(a, b) for a, b in zip(layers, base, strict=False)])
+    width = max((len(r) for r in rows), default=0)
+    return np.array([r + [math.nan] * (width - len(r)) for r in rows], dtype=float).reshape(
+        len(rows), width)
+
+
+def collapse_onset(fractions: Sequence[float], delta_pct: Sequence[float],
+                   threshold: float = ONSET_THRESHOLD_PCT) -> float | None:
+    """First fraction of training at which drift falls below ``threshold`` %; None if never."""
+    for f, d in zip(fractions, delta_pct, strict=True):
+        if d is not None and math.isfinite(d) and d < threshold:
+            return float(f)
+    return None
+
+
+def peak_velocity(fractions: Sequence[float], delta_pct: Sequence[float]) -> float:
+    """The steepest change between consecutive probes, in drift % per unit of training (signed:
+    the largest in magnitude). NaN with fewer than two probes."""
+    f, d = np.asarray(fractions, dtype=float), np.asarray(delta_pct, dtype=float)
+    df = np.diff(f)
+    ok = (df > 0) & np.isfinite(np.diff(d))
+    if not ok.any():
+        return math.nan
+    slopes = np.diff(d)[ok] / df[ok]
+    return float(slopes[np.argmax(np.abs(slopes))])

@@ -1,0 +1,145 @@
+"""Rendering: tables, figures and run summaries -> the context the report templates read, and
+the HTML / Markdown text (jinja2 templates in ``templates/``)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+import numpy as np
+
+import attndrift
+from attndrift.analysis.common import completed, delta, zs, zs_tasks
+from attndrift.analysis.runs import Run, dataset_of, lr_of
+from attndrift.analysis.table import Table, display, to_markdown
+from attndrift.report.figures import series_label
+
+if TYPE_CHECKING:
+    from attndrift.report.build import FigureOut
+
+STATUS_ORDER = ("completed", "diverged", "failed", "running", "corrupt", "missing")
+SECTIONS = (
+    ("runs", "Run status", ("runs",)),
+    ("results", "Results", ("main_comparison", "baseline_structure", "lr_sweep", "matched_lr",
+                            "grid_aggregate", "regularization", "auxiliary", "zeroshot",
+                            "per_layer_delta", "collapse_onset")),
+    ("statistics", "Statistics", ("run_level", "inference", "metric_correlations")),
+    ("provenance", "Provenance", ("provenance",)),
+)
+COLLAPSE_ROWS = 24  # longer tables fold into <details> in the HTML
+STATISTICS_INTRO = (
+    "Inference is run-level: seeds are the units, so a method contrast needs two or more "
+    "completed seeds per setting. The learning-rate trend uses the seed mean at each learning "
+    "rate as one point and an exact permutation test (all n! pairings for n ≤ 8, else 50,000 "
+    "seeded random pairings); its two-sided p is the share of pairings with |r| at least the "
+    "observed |r|, the observed pairing included. Tests that treat the layers of one model as "
+    "samples (the original study's per-layer t tests and layer-position ANOVA) are labelled "
+    "exploratory: layers of one model are not independent, so their p-values are descriptive. "
+    "Holm-Bonferroni adjusts p-values within each family of comparisons; Cohen's d uses the "
+    "pooled sd.")
+
+
+def _table_ctx(t: Table) -> dict[str, Any]:
+    headers, rows = display(t)
+    status = [r.get("status", "") for r in t.rows]
+    return {"name": t.name, "title": t.title, "caption": t.caption, "headers": headers,
+            "align": ["l" if c.fmt == "str" else "r" for c in t.columns],
+            "rows": list(zip(status, rows, strict=True)), "n": len(rows),
+            "collapsed": len(rows) > COLLAPSE_ROWS, "markdown": to_markdown(t),
+            "csv": f"tables/{t.name}.csv", "notes": list(t.notes)}
+
+
+def _glance(runs: Sequence[Run]) -> dict[str, Any]:
+    """Per dataset × method (+ regularizer): runs, mean Δ entropy, mean zero-shot retention."""
+    done = completed(runs)
+    tasks = zs_tasks(done)
+    cells: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        if r.record is not None:
+            cells.setdefault((dataset_of(r.config), series_label(r)), []).append(r)
+    rows = []
+    for (dataset, label), group in sorted(cells.items(), key=lambda kv: str(kv[0]).casefold()):
+        ok = completed(group)
+        d = [delta(r, "entropy") for r in ok]
+        row = [dataset, label, f"{len(ok)} / {len(group)}", _mean(d, "{:+.2f}")]
+        row += [_mean([zs(r, t, "retention_pct") for r in ok], "{:.1f}") for t in tasks]
+        rows.append(row)
+    headers = ["dataset", "method", "completed / runs", "mean Δ entropy %",
+               *(f"retained {t} %" for t in tasks)]
+    return {"headers": headers, "rows": rows}
+
+
+def _mean(values: Sequence[float], fmt: str) -> str:
+    vals = [v for v in values if math.isfinite(v)]
+    return fmt.format(float(np.mean(vals))) if vals else "—"
+
+
+def _provenance(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    keys = ("attndrift", "python", "torch", "transformers", "peft", "device", "gpu", "platform")
+    combos: Counter = Counter()
+    commits: dict[tuple, set] = {}
+    for r in runs:
+        prov = (r.record or {}).get("provenance") or {}
+        if prov:
+            key = tuple(str(prov.get(k) or "—") for k in keys)
+            combos[key] += 1
+            commits.setdefault(key, set()).add(str(prov.get("git_commit") or "—")[:12])
+    return [{**dict(zip(keys, key, strict=True)), "runs": n,
+             "git_commit": ", ".join(sorted(commits[key]))} for key, n in combos.most_common()]
+
+
+def report_context(runs: Sequence[Run], tables: Sequence[Table], figures: Sequence[FigureOut],
+                   store: Path) -> dict[str, Any]:
+    by_name = {t.name: t for t in tables}
+    counts = Counter(r.status for r in runs)
+    sections = []
+    for sid, title, names in SECTIONS:
+        present = [_table_ctx(by_name[n]) for n in names if n in by_name and
+                   not by_name[n].empty]
+        sections.append({"id": sid, "title": title, "tables": present})
+    skipped = [{"kind": "table", "title": t.title, "why": t.skipped} for t in tables if t.empty]
+    skipped += [{"kind": "figure", "title": f.title, "why": f.skipped} for f in figures
+                if f.png is None]
+    done = completed(runs)
+    return {
+        "title": f"attndrift report: {store.name or store}",
+        "generated": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "store": str(store), "version": attndrift.__version__,
+        "n_runs": len(runs),
+        "counts": [(s, counts[s]) for s in STATUS_ORDER if counts[s]]
+        + [(s, n) for s, n in counts.items() if s not in STATUS_ORDER],
+        "datasets": sorted({dataset_of(r.config) for r in done}),
+        "methods": sorted({series_label(r) for r in done}, key=str.casefold),
+        "lrs": sorted({lr_of(r.config) for r in done}),
+        "seeds": sorted({r.config.get("seed") for r in done}, key=str),
+        "glance": _glance(runs),
+        "sections": sections,
+        "figures": [{"name": f.name, "title": f.title, "caption": f.caption,
+                     "path": f"figures/{f.name}.png",
+                     "uri": "data:image/png;base64," + base64.b64encode(f.png).decode()}
+                    for f in figures if f.png is not None],
+        "skipped": skipped,
+        "statistics_intro": STATISTICS_INTRO,
+        "provenance": _provenance(runs),
+    }
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.PackageLoader("attndrift.report", "templates"),
+                              autoescape=jinja2.select_autoescape(["html", "html.j2"]),
+                              trim_blocks=True, lstrip_blocks=True,
+                              undefined=jinja2.StrictUndefined)
+
+
+def render_html(ctx: dict[str, Any]) -> str:
+    return _env().get_template("report.html.j2").render(**ctx)
+
+
+def render_markdown(ctx: dict[str, Any]) -> str:
+    return _env().get_template("report.md.j2").render(**ctx)
