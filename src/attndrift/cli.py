@@ -82,10 +82,10 @@ def validate(
 
 @app.command("config-reference")
 def config_reference() -> None:
-    """Print every run-config key with its default and meaning (Markdown table)."""
-    from attndrift.config import reference_markdown
+    """Print every run-config key with its default and meaning (docs/config.md)."""
+    from attndrift.config import REFERENCE_HEADER, reference_markdown
 
-    print(reference_markdown(), end="")
+    print(REFERENCE_HEADER + reference_markdown(), end="")
 
 
 @app.command()

@@ -1,14 +1,19 @@
-"""Evaluation passes used by the training loop: attention probes, accuracy, zero-shot."""
+"""Evaluation passes used by the training loop: attention probes, auxiliary metrics,
+accuracy, zero-shot, and the APR reference cache."""
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
 from attndrift.data.base import ImageTask, Preprocessor
 from attndrift.models.classifier import CLIPClassifier
-from attndrift.probes.capture import cls_patch_attention
+from attndrift.probes.capture import cls_patch_attention, full_attention
+from attndrift.probes.cka import layer_representations, layerwise_cka
+from attndrift.probes.drift import embedding_drift, weight_drift
+from attndrift.probes.rollout import rollout_summary
 from attndrift.zeroshot import zeroshot_accuracy
 
 
@@ -61,3 +66,73 @@ def zeroshot_all(model: CLIPClassifier, weights: dict[str, torch.Tensor],
     with eval_mode(model):
         return {name: zeroshot_accuracy(model.embed, weights[name], task, preprocess, device,
                                         batch_size) for name, task in tasks.items()}
+
+
+@torch.no_grad()
+def auxiliary_metrics(model: CLIPClassifier, images: torch.Tensor, preprocess: Preprocessor,
+                      device: torch.device, batch_size: int, which: list[str],
+                      reference: dict[str, Any] | None = None,
+                      weights: dict[str, torch.Tensor] | None = None,
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The auxiliary metrics of ``model`` on the probe ``images``.
+
+    ``which`` picks from rollout (rollout entropy/ERF/Gini, patch-to-patch entropy), cka
+    (layerwise linear CKA of the CLS and mean patch tokens against ``reference``) and drift
+    (relative weight distance to ``weights``, embedding drift against ``reference``). Returns
+    ``(aux, features)``: the JSON-able values, and the features a later call compares with
+    (pass the pretrained model's as ``reference``).
+    """
+    aux: dict[str, Any] = {}
+    rollout_parts: list[tuple[int, dict[str, Any]]] = []
+    reps: list[dict[str, torch.Tensor]] = []
+    embeds: list[torch.Tensor] = []
+    with eval_mode(model):
+        for start in range(0, images.shape[0], batch_size):
+            x = preprocess(images[start : start + batch_size].to(device, non_blocking=True))
+            if "rollout" in which:
+                rollout_parts.append(
+                    (x.shape[0], rollout_summary(full_attention(model.vision_model, x))))
+            if "cka" in which:
+                reps.append(layer_representations(model.vision_model, x))
+            if "drift" in which:
+                embeds.append(model.embed(x).float().cpu())
+    if rollout_parts:
+        n = sum(k for k, _ in rollout_parts)  # every value is a mean over images
+        for key in rollout_parts[0][1]:
+            parts = [torch.as_tensor(v[key], dtype=torch.float64) * k for k, v in rollout_parts]
+            total = torch.stack(parts).sum(0) / n
+            aux[key] = total.tolist() if total.dim() else float(total)
+    features: dict[str, Any] = {}
+    if reps:
+        features["reps"] = {k: torch.cat([r[k] for r in reps], dim=1) for k in reps[0]}
+        if reference is not None:
+            cka = layerwise_cka(reference["reps"], features["reps"])
+            aux["cka_cls"], aux["cka_patch"] = cka["cls"], cka["patch_mean"]
+    if embeds:
+        features["embeddings"] = torch.cat(embeds)
+        if reference is not None:
+            aux["embedding_drift"] = embedding_drift(reference["embeddings"],
+                                                     features["embeddings"])
+        if weights is not None:
+            drift = weight_drift(model, weights)
+            aux["weight_drift"], aux["weight_drift_layers"] = drift["total"], drift["per_layer"]
+    return aux, features
+
+
+@torch.no_grad()
+def attention_cache(model: CLIPClassifier, images: torch.Tensor, preprocess: Preprocessor,
+                    device: torch.device, batch_size: int,
+                    layers: list[int] | None) -> torch.Tensor:
+    """CLS->patch attention of every image unflipped and flipped, ``[n, 2, L, H, N]`` float16
+    on the CPU: the pretrained reference APR compares with, computed once instead of running
+    a frozen copy of the model on every training step."""
+    out = []
+    with eval_mode(model):
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size].to(device, non_blocking=True)
+            both = [cls_patch_attention(model.vision_model,
+                                        preprocess(batch, flip_mask=torch.full(
+                                            (batch.shape[0],), flipped)), layers)
+                    for flipped in (False, True)]
+            out.append(torch.stack(both, dim=1).half().cpu())
+    return torch.cat(out)

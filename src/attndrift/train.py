@@ -12,6 +12,7 @@ record as an uninterrupted one (on CPU; GPU kernels may differ in the last bits)
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import time
@@ -30,11 +31,20 @@ from attndrift.data.splits import (
     probe_subsets,
     stratified_split,
 )
-from attndrift.evaluate import accuracy, autocast, probe_attention, zeroshot_all
+from attndrift.evaluate import (
+    accuracy,
+    attention_cache,
+    autocast,
+    auxiliary_metrics,
+    probe_attention,
+    zeroshot_all,
+)
 from attndrift.models.adapt import adapt, method_kwargs
 from attndrift.models.classifier import CLIPClassifier, count_parameters, trainable_state
 from attndrift.models.clip import load_clip
-from attndrift.probes.metrics import METRICS, delta_pct, summarize
+from attndrift.probes.capture import AttentionProbe
+from attndrift.probes.drift import vision_weight_snapshot
+from attndrift.probes.metrics import METRICS, delta_pct, renormalize_patches, summarize
 from attndrift.records import (
     RECORD_FILE,
     RecordError,
@@ -45,6 +55,12 @@ from attndrift.records import (
     read_record,
     run_id_for,
     write_record,
+)
+from attndrift.regularizers import (
+    apr_loss,
+    entropy_floor_loss,
+    entropy_floor_targets,
+    l2sp_loss,
 )
 from attndrift.zeroshot import text_classifier
 
@@ -140,6 +156,25 @@ def _progress(enabled: bool, total: int, done: int, description: str):
                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                    console=Console(stderr=True), disable=not enabled)
     return bar, bar.add_task(description, total=total, completed=done, info="")
+
+
+def _tensorboard(out_dir: Path, step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RuntimeError("tensorboard=true needs TensorBoard: pip install "
+                           "'attndrift[tensorboard]'") from None
+    # purge_step drops events a killed run wrote after its last checkpoint
+    return SummaryWriter(str(out_dir / "tensorboard"), purge_step=step or None)
+
+
+def _board_metrics(board, metrics: dict[str, Any], baseline: dict[str, Any], step: int) -> None:
+    for m in METRICS:
+        board.add_scalar(f"attention/{m}", metrics["mean"][m], step)
+        board.add_scalar(f"attention/{m}_delta_pct",
+                         delta_pct(metrics["mean"][m], baseline["mean"][m]), step)
+        for i, value in enumerate(metrics[m]["layers"]):
+            board.add_scalar(f"attention_layers/{m}/L{i + 1}", value, step)
 
 
 def _load_resume(out_dir: Path, run_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -262,7 +297,23 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
     order_gen = torch.Generator().manual_seed(cfg.seed)
     flip_gen = torch.Generator().manual_seed(cfg.seed + 1)
     loss_sum = torch.zeros((), device=device)
+    reg_sum = torch.zeros((), device=device)
     meta = {"run_id": record["run_id"], "method": cfg.method, "model": cfg.model}
+
+    # --- references to the pretrained model: taken before any update, also on resume ----
+    reg, aux_which = cfg.regularizer, list(cfg.probe.aux)
+    pretrained_weights = vision_weight_snapshot(model) if "drift" in aux_which else None
+    l2sp_ref = {n: p.detach().clone() for n, p in model.named_parameters()
+                if p.requires_grad and not n.startswith("head.")} if reg.name == "l2sp" else {}
+    apr_ref = None
+    if reg.name == "apr":
+        t = time.perf_counter()
+        apr_ref = attention_cache(model, train_set.images, preprocess, device,
+                                  cfg.probe.batch_size, reg.layers)
+        timing["apr_cache_s"] = time.perf_counter() - t
+        timing["apr_cache_mb"] = apr_ref.numel() * apr_ref.element_size() / 2**20
+    grab = (AttentionProbe(model.vision_model, reg.layers, detach=False)
+            if reg.name in ("apr", "entropy_floor") else None)
 
     if saved is None:
         # --- pretrained baseline --------------------------------------------------------
@@ -284,9 +335,14 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
         record["sanity"], record["warnings"] = sanity_check(
             {f"{cfg.data.dataset} (validation)": (own_acc, val_set.num_classes),
              **{n: (zs_before[n], t.num_classes) for n, t in zs_tasks.items()}})
+        zeroshot_s = time.perf_counter() - t
+        t = time.perf_counter()
+        record["baseline"]["aux"], aux_ref = auxiliary_metrics(
+            model, probe_images, preprocess, device, cfg.probe.batch_size, aux_which)
         state = {"step": 0, "epoch": 0, "batch": 0, "perm": torch.empty(0, dtype=torch.long),
                  "loss_count": 0, "best_val": -1.0, "best_epoch": 0, "train_s": 0.0,
-                 "probe_s": probe_s, "zeroshot_s": time.perf_counter() - t,
+                 "probe_s": probe_s, "zeroshot_s": zeroshot_s,
+                 "aux_s": time.perf_counter() - t, "aux_ref": aux_ref,
                  "zs_before": zs_before, "base_attn": base_attn[:ATTENTION_SAMPLES]}
     else:
         # --- resume: every tensor and counter the loop reads, exactly as it was saved ---
@@ -300,15 +356,24 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         loss_sum += state["loss_sum"].to(device)
+        reg_sum += state["reg_sum"].to(device)
         record["history"] = state["history"]
     history = record["history"]
+    tau = None
+    if reg.name == "entropy_floor":
+        layers = reg.layers if reg.layers is not None else range(
+            len(record["baseline"]["entropy"]["layers"]))
+        tau = entropy_floor_targets([record["baseline"]["entropy"]["layers"][i] for i in layers],
+                                    reg.ratio).to(device)
+    board = _tensorboard(out_dir, state["step"]) if cfg.tensorboard else None
 
     def checkpoint() -> None:
         blob = {**{k: v for k, v in state.items() if k not in ("model", "optimizer")},
                 "model": trainable_state(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "order_gen": order_gen.get_state(),
                 "flip_gen": flip_gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "loss_sum": loss_sum.detach().cpu(), "history": history}
+                "loss_sum": loss_sum.detach().cpu(), "reg_sum": reg_sum.detach().cpu(),
+                "history": history}
         if device.type == "cuda":
             blob["cuda_rng"] = torch.cuda.get_rng_state(device)
         buffer = io.BytesIO()
@@ -326,11 +391,24 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                 state["perm"] = torch.randperm(len(train_set), generator=order_gen)
             perm, b = state["perm"], state["batch"]
             idx = perm[b * bs : (b + 1) * bs]
-            x = preprocess(train_set.images[idx].to(device, non_blocking=True),
-                           flip=cfg.train.flip, generator=flip_gen)
+            flips = preprocess.draw_flips(len(idx), flip_gen) if cfg.train.flip else None
+            x = preprocess(train_set.images[idx].to(device, non_blocking=True), flip_mask=flips)
             y = train_set.labels[idx].to(device, non_blocking=True)
-            with autocast(device, cfg.train.precision):
+            with autocast(device, cfg.train.precision), grab or contextlib.nullcontext():
                 loss = F.cross_entropy(model(x).float(), y)
+            if reg.name != "none":
+                # the gradient-carrying attention path; monitoring probes stay detached
+                if reg.name == "apr":
+                    ref = apr_ref[idx, flips.long() if flips is not None else 0]
+                    penalty = apr_loss(renormalize_patches(grab.pop()),
+                                       ref.to(device, torch.float32, non_blocking=True))
+                elif reg.name == "entropy_floor":
+                    penalty = entropy_floor_loss(renormalize_patches(grab.pop()), tau)
+                else:
+                    penalty = l2sp_loss({n: p for n, p in model.named_parameters()
+                                         if n in l2sp_ref}, l2sp_ref)
+                loss = loss + reg.lam * penalty
+                reg_sum += penalty.detach()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip is not None:
@@ -349,8 +427,15 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                     history["loss"].append({"step": step, "loss": None})
                     raise Diverged(f"training loss became {mean_loss} at step {step} "
                                    f"(lr={cfg.train.lr}); lower train.lr or check the data")
-                history["loss"].append({"step": step, "loss": mean_loss,
-                                        "lr": scheduler.get_last_lr()[0]})
+                entry = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
+                if reg.name != "none":
+                    entry["reg"] = float(reg_sum) / state["loss_count"]
+                    reg_sum.zero_()
+                history["loss"].append(entry)
+                if board is not None:
+                    for key in ("loss", "lr", "reg"):
+                        if key in entry:
+                            board.add_scalar(f"train/{key}", entry[key], step)
                 loss_sum.zero_()
                 state["loss_count"] = 0
                 bar.update(task_id, info=f"loss {mean_loss:.3f}")
@@ -358,9 +443,16 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                 t = time.perf_counter()
                 attn = probe_attention(model, probe_images, preprocess, device,
                                        cfg.probe.batch_size)
-                history["probes"].append({"step": step, "epoch": step / steps_per_epoch,
-                                          "fraction": step / total_steps,
-                                          "metrics": summarize(attn)})
+                probe = {"step": step, "epoch": step / steps_per_epoch,
+                         "fraction": step / total_steps, "metrics": summarize(attn)}
+                every = cfg.probe.aux_every
+                if every and (len(history["probes"]) + 1) % every == 0:
+                    probe["aux"] = auxiliary_metrics(
+                        model, probe_images, preprocess, device, cfg.probe.batch_size,
+                        aux_which, state["aux_ref"], pretrained_weights)[0]
+                history["probes"].append(probe)
+                if board is not None:
+                    _board_metrics(board, probe["metrics"], record["baseline"], step)
                 state["probe_s"] += time.perf_counter() - t
             bar.advance(task_id)
             epoch_done = state["batch"] == steps_per_epoch or step == total_steps
@@ -371,6 +463,8 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                                    cfg.data.eval_batch_size, cfg.train.precision)
                 history["epochs"].append({"epoch": state["epoch"], "step": step,
                                           "val_acc": val_acc})
+                if board is not None:
+                    board.add_scalar("val/accuracy", val_acc, step)
                 bar.update(task_id, info=f"val {val_acc:.3f}")
                 if val_acc > state["best_val"]:
                     state["best_val"], state["best_epoch"] = val_acc, state["epoch"]
@@ -397,6 +491,10 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
     zs_after = zeroshot_all(model, zs_weights, zs_tasks, preprocess, device,
                             cfg.data.eval_batch_size)
     zeroshot_s = state["zeroshot_s"] + time.perf_counter() - t
+    t = time.perf_counter()
+    final_aux = auxiliary_metrics(model, probe_images, preprocess, device, cfg.probe.batch_size,
+                                  aux_which, state["aux_ref"], pretrained_weights)[0]
+    aux_s = state["aux_s"] + time.perf_counter() - t
     test_set = load_task(cfg.data.dataset, "test", image_size=size)  # read once, at the end
     test_acc = accuracy(model, test_set, preprocess, device, cfg.data.eval_batch_size,
                         cfg.train.precision)
@@ -422,12 +520,13 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                                                  base[m]["layers"], strict=True)]
             for m in METRICS},
         "subsets": final_subsets,
-        # the study's reporting: drift averaged over the fixed probe subsets, and how much
-        # the measurement depends on which subset is used (coefficient of variation)
+        # the study's reporting: drift averaged over the fixed probe subsets
         "delta_pct_subset_mean": {m: sum(delta_pct(f[m], b[m]) for f, b in zip(
             final_subsets, base["subsets"], strict=True)) / len(final_subsets) for m in METRICS},
-        "subset_cv": {m: coefficient_of_variation([f[m] for f in final_subsets])
-                      for m in METRICS},
+        # auxiliary analyses, and how much the core metrics depend on which probe subset is
+        # used (coefficient of variation over the fixed subsets)
+        "aux": {**final_aux, "subset_cv": {
+            m: coefficient_of_variation([f[m] for f in final_subsets]) for m in METRICS}},
     }
     record["zeroshot"] = {
         name: {"before": zs_before[name], "after": zs_after[name],
@@ -436,6 +535,13 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                "chance": 1.0 / task.num_classes, "classes": task.num_classes}
         for name, task in zs_tasks.items()}
     train_s = state["train_s"]
+    if board is not None:
+        _board_metrics(board, final_metrics, base, step)
+        for name, z in record["zeroshot"].items():
+            board.add_scalar(f"zeroshot/{name}", z["after"], step)
+        board.add_scalar("test/accuracy", test_acc, step)
+        board.close()
     timing.update({"train_s": train_s, "probe_s": state["probe_s"], "zeroshot_s": zeroshot_s,
+                   "aux_s": aux_s,
                    "steps": step, "probes": len(history["probes"]) + 1,
                    "train_images_per_s": step * bs / train_s if train_s > 0 else None})

@@ -66,8 +66,14 @@ class Preprocessor:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
+    @staticmethod
+    def draw_flips(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Which of ``n`` images to flip (bool ``[n]``, on the CPU generator)."""
+        return torch.rand(n, generator=generator, device="cpu") < 0.5
+
     def __call__(self, images: torch.Tensor, *, flip: bool = False,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None,
+                 flip_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = images.float().div_(255.0)
         h, w = x.shape[-2:]
         if (h, w) != (self.size, self.size):
@@ -78,8 +84,8 @@ class Preprocessor:
                                   antialias=True).clamp_(0.0, 1.0)
             top, left = (nh - self.size) // 2, (nw - self.size) // 2
             x = x[..., top : top + self.size, left : left + self.size]
-        if flip:
-            mask = torch.rand(x.shape[0], generator=generator, device="cpu") < 0.5
+        if flip or flip_mask is not None:
+            mask = flip_mask if flip_mask is not None else self.draw_flips(x.shape[0], generator)
             mask = mask.to(x.device).view(-1, 1, 1, 1)
             x = torch.where(mask, x.flip(-1), x)
         mean, std = self.mean.to(x.device), self.std.to(x.device)

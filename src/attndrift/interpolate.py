@@ -1,0 +1,217 @@
+"""Walk a finished run back toward its pretrained model: accuracy, forgetting and attention
+along ``alpha`` in [0, 1] (0 = pretrained encoder, 1 = the fine-tuned one).
+
+- full_ft, freeze: WiSE-FT (Wortsman et al., 2022) weight interpolation
+  ``theta(alpha) = (1 - alpha) * theta_pretrained + alpha * theta_finetuned`` of every trainable
+  vision-tower and visual-projection tensor (frozen tensors are pretrained at every alpha).
+- lora: the adapter delta is scaled, ``W + alpha * (B @ A) * scaling``, through PEFT's own
+  per-adapter scale (``LoraLayer.set_scale``), which equals merging ``alpha * delta W``; the
+  visual projection, trained as a full tensor, is interpolated as in WiSE-FT.
+- linear_probe: the encoder never changed; every alpha is the fine-tuned model.
+
+The classification head is always the fine-tuned one: it was trained from scratch on the task,
+so there is no pretrained head to interpolate toward (WiSE-FT interpolates a zero-shot head,
+which a CLIP classifier of this kind does not have). Task accuracy at small alpha therefore
+measures the trained head on a drifting encoder; zero-shot accuracy and attention do not use
+the head at all, and at alpha = 0 they are exactly the pretrained model's (the record's
+``zeroshot[task]["before"]`` and ``baseline``), at alpha = 1 exactly the run's (``after``,
+``final.metrics``).
+
+Writes ``RUN_DIR/interpolation.json`` atomically and returns the same dict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+INTERPOLATION_FILE = "interpolation.json"
+SCHEMES = {"full_ft": "wise-ft", "freeze": "wise-ft", "lora": "lora-scale",
+           "linear_probe": "none"}
+
+
+def check_alphas(alphas: Sequence[float]) -> list[float]:
+    """The alphas as floats; ValueError if empty or any is outside [0, 1] (or not finite)."""
+    values = [float(a) for a in alphas]
+    if not values:
+        raise ValueError("give at least one alpha")
+    bad = [a for a in values if not (math.isfinite(a) and 0.0 <= a <= 1.0)]
+    if bad:
+        raise ValueError(f"alpha must be in [0, 1], got {bad[0]:g}")
+    return values
+
+
+def _lora_layers(model: torch.nn.Module) -> list[tuple[Any, list[str]]]:
+    layers = []
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "set_scale"):
+            if module.merged:
+                raise ValueError("LoRA layers are merged; interpolation needs them unmerged")
+            active = [a for a in module.active_adapters if a in module.lora_A]
+            layers.append((module, active))
+    return layers
+
+
+class _Interpolator:
+    """Sets a restored run's model to ``alpha`` in place (``set``) and back (``restore``)."""
+
+    def __init__(self, model: torch.nn.Module, pretrained: dict[str, torch.Tensor]) -> None:
+        self.finetuned: dict[str, torch.Tensor] = {}
+        self.pretrained: dict[str, torch.Tensor] = {}
+        self.params = dict(model.named_parameters())
+        for name, param in self.params.items():
+            if not param.requires_grad or name.startswith("head.") or ".lora_" in name:
+                continue
+            base = name.replace(".base_layer", "")
+            if base not in pretrained:
+                raise ValueError(f"no pretrained tensor for {name}")
+            self.finetuned[name] = param.detach().clone()
+            self.pretrained[name] = pretrained[base].to(param.device, param.dtype)
+        self.lora = _lora_layers(model)
+
+    @torch.no_grad()
+    def set(self, alpha: float) -> None:
+        for name, ft in self.finetuned.items():
+            # (1 - a) * pre + a * ft, not lerp: exact at both ends.
+            self.params[name].copy_((1.0 - alpha) * self.pretrained[name] + alpha * ft)
+        for module, adapters in self.lora:
+            for adapter in adapters:
+                module.set_scale(adapter, alpha)  # scaling = alpha * lora_alpha / r
+
+    def restore(self) -> None:
+        self.set(1.0)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
+                    device: str | torch.device = "cpu", batch_size: int = 256) -> dict[str, Any]:
+    """Evaluate the run in ``run_dir`` at each alpha and write ``interpolation.json``.
+
+    Each row holds ``alpha``, ``val_acc`` (the run's validation split, rebuilt as training
+    built it and checked against the record's fingerprint), ``test_acc``, ``zeroshot``
+    (per transfer task, frozen text tower), ``metrics`` (``summarize`` of the CLS->patch
+    attention on the run's probe subset) and ``delta_pct`` (layer-mean drift from the record's
+    pretrained baseline).
+
+    Raises:
+        RecordError: no readable record; ValueError: run not completed, bad alpha, data that
+        no longer matches the record; FileNotFoundError: no final checkpoint.
+    """
+    from attndrift.config import validate
+    from attndrift.data.registry import load_task
+    from attndrift.data.splits import balanced_subset, index_fingerprint, stratified_split
+    from attndrift.evaluate import accuracy, probe_attention, zeroshot_all
+    from attndrift.models.clip import load_clip
+    from attndrift.models.restore import restore_run
+    from attndrift.probes.metrics import METRICS, delta_pct, summarize
+    from attndrift.records import atomic_write_bytes, read_record
+    from attndrift.zeroshot import text_classifier
+
+    t0 = time.perf_counter()
+    alphas = check_alphas(alphas)
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    if record["status"] != "completed":
+        raise ValueError(f"{run_dir}: run is {record['status']}; only completed runs can be "
+                         "interpolated")
+    cfg = validate(record["config"], str(run_dir))
+    dev = torch.device(device)
+
+    # --- the run's data, exactly as train.py built it ------------------------------------
+    source = load_task(cfg.data.dataset, "train")
+    _, val_idx = stratified_split(source.labels, cfg.data.val_frac, cfg.data.split_seed)
+    val_set = source.subset(val_idx, f"{source.name}/val")
+    probe_idx = balanced_subset(val_set.labels, cfg.probe.images, cfg.probe.seed)
+    data = record["provenance"].get("data", {})
+    for key, index in (("val_ids", val_idx), ("probe_ids", val_idx[probe_idx])):
+        saved = data.get(key)
+        saved = saved[0] if isinstance(saved, list) and saved else saved  # probe subset 0
+        if saved is not None and saved != index_fingerprint(index):
+            raise ValueError(f"{run_dir}: the rebuilt {key[:-4]} split differs from the run's "
+                             f"({cfg.data.dataset} changed since the run?)")
+    probe_images = val_set.images[probe_idx]
+    test_set = load_task(cfg.data.dataset, "test")
+    zs_tasks = {name: load_task(name, "test") for name in cfg.data.zeroshot}
+
+    # --- models: the fine-tuned run, and the pretrained tensors to walk toward ------------
+    loaded, adapted = restore_run(run_dir, "final", dev)
+    model = adapted.model.eval()
+    preprocess = loaded.preprocessor()
+    pretrained = {n: p.detach().cpu() for n, p in load_clip(cfg.model).model.named_parameters()
+                  if n.startswith(("vision_model.", "visual_projection."))}
+    walker = _Interpolator(model, pretrained)
+    del pretrained
+    zs_weights = {name: text_classifier(loaded.model, loaded.tokenizer, t.class_names,
+                                        t.templates, dev) for name, t in zs_tasks.items()}
+    baseline = record["baseline"]["mean"]
+
+    rows = []
+    try:
+        for alpha in alphas:
+            walker.set(alpha)
+            metrics = summarize(probe_attention(model, probe_images, preprocess, dev,
+                                                cfg.probe.batch_size))
+            rows.append({
+                "alpha": alpha,
+                "val_acc": accuracy(model, val_set, preprocess, dev, batch_size,
+                                    cfg.train.precision),
+                "test_acc": accuracy(model, test_set, preprocess, dev, batch_size,
+                                     cfg.train.precision),
+                "zeroshot": zeroshot_all(model, zs_weights, zs_tasks, preprocess, dev,
+                                         batch_size),
+                "metrics": metrics,
+                "delta_pct": {m: delta_pct(metrics["mean"][m], baseline[m]) for m in METRICS},
+            })
+    finally:
+        walker.restore()
+
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": record["run_id"],
+        "method": cfg.method,
+        "scheme": SCHEMES[cfg.method],
+        "head": "fine-tuned at every alpha (trained from scratch: no pretrained head)",
+        "alphas": alphas,
+        "rows": rows,
+        "seconds": time.perf_counter() - t0,
+    }
+    text = json.dumps(_jsonable(result), indent=1, allow_nan=False)
+    atomic_write_bytes(run_dir / INTERPOLATION_FILE, text.encode())
+    return result
+
+
+def interpolation_table(result: dict[str, Any]):
+    """A rich Table of an ``interpolate_run`` result: one row per alpha."""
+    from rich.table import Table
+
+    rows = result["rows"]
+    tasks = list(rows[0]["zeroshot"]) if rows else []
+    table = Table(title=f"{result['run_id']} ({result['scheme']}): 0 = pretrained, "
+                        "1 = fine-tuned")
+    for col in ("alpha", "val acc", "test acc", *(f"zs {t}" for t in tasks), "entropy",
+                "Δ entropy"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        delta = row["delta_pct"]["entropy"]
+        table.add_row(f"{row['alpha']:g}", f"{100 * row['val_acc']:.1f}%",
+                      f"{100 * row['test_acc']:.1f}%",
+                      *(f"{100 * row['zeroshot'][t]:.1f}%" for t in tasks),
+                      f"{row['metrics']['mean']['entropy']:.3f}",
+                      "-" if delta is None or not math.isfinite(delta) else f"{delta:+.2f}%")
+    return table

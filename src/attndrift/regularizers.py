@@ -1,0 +1,161 @@
+"""Regularizers against attention drift: pure loss functions, one registry entry each.
+
+- ``apr`` (attention preservation, the study's R1): KL(current || pretrained) of the CLS->patch
+  maps, so attention may sharpen or spread only where the task pays for it.
+- ``entropy_floor`` (the study's R2): penalise a layer only when its mean CLS->patch entropy
+  falls below a floor ``tau_l`` (by default 0.7 x the pretrained layer entropy).
+- ``l2sp`` (Li et al., 2018): squared distance of the weights from the pretrained starting
+  point, the weight-space counterpart.
+
+The training loop computes ``current`` on the training batch with
+``AttentionProbe(model, detach=False)`` (so the loss reaches q_proj/k_proj), renormalises it
+over the patches, and adds ``lambda * loss``. Every loss is computed in float32 whatever the
+input dtype or autocast state (bf16 attention would lose the small probabilities that entropy
+and KL are made of), and no epsilon is added inside a log: ``p log p`` terms use ``xlogy``
+(exactly 0 at p = 0) with the log's argument clamped at ``torch.finfo(float32).tiny``, which
+keeps both the value and the gradient finite at exact zeros.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+__all__ = [
+    "REGULARIZERS",
+    "apr_loss",
+    "entropy_floor_loss",
+    "entropy_floor_targets",
+    "l2sp_loss",
+    "layer_entropy",
+    "register_regularizer",
+]
+
+TINY = torch.finfo(torch.float32).tiny
+
+REGULARIZERS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_regularizer(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in REGULARIZERS:
+            raise ValueError(f"regularizer {name!r} registered twice")
+        REGULARIZERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    if torch.amp.is_autocast_available(t.device.type):
+        return torch.autocast(device_type=t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _check_maps(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be CLS->patch maps [B, L, H, N], got shape "
+                         f"{tuple(t.shape)}")
+
+
+def _plogp(p: torch.Tensor) -> torch.Tensor:
+    """``p * log p`` with 0 at p = 0 and a finite gradient there."""
+    return torch.xlogy(p, p.clamp_min(TINY))
+
+
+@register_regularizer("apr")
+def apr_loss(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Attention preservation: ``KL(current || reference)``, summed over patches, averaged over
+    images, layers and heads.
+
+    Args:
+        current: ``[B, L, H, N]`` CLS->patch maps of the model being trained (with a graph).
+        reference: ``[B, L, H, N]`` the pretrained model's maps of the same images; treated as
+            a constant (detached), clamped at the float32 ``tiny`` inside the log.
+
+    Returns:
+        float32 scalar, 0 when ``current == reference``.
+    """
+    _check_maps("current", current)
+    if reference.shape != current.shape:
+        raise ValueError(f"reference {tuple(reference.shape)} != current {tuple(current.shape)}")
+    with _no_autocast(current):
+        p, q = _f32(current), _f32(reference.detach())
+        kl = _plogp(p) - torch.xlogy(p, q.clamp_min(TINY))
+        return kl.sum(dim=-1).mean()
+
+
+def layer_entropy(current: torch.Tensor) -> torch.Tensor:
+    """Mean CLS->patch entropy (nats) per layer over images and heads: ``[B, L, H, N] -> [L]``,
+    float32, differentiable with a finite gradient at exact zeros."""
+    _check_maps("current", current)
+    with _no_autocast(current):
+        return -_plogp(_f32(current)).sum(dim=-1).mean(dim=(0, 2))
+
+
+@register_regularizer("entropy_floor")
+def entropy_floor_loss(current: torch.Tensor, tau: torch.Tensor | Sequence[float], *,
+                       reduction: Literal["sum", "mean"] = "sum") -> torch.Tensor:
+    """Entropy floor: ``sum_l relu(tau_l - H_l)``, ``H_l`` the mean entropy of layer ``l``.
+
+    The study's penalty is ``relu(tau_l - H)`` per layer; its layer penalties are added
+    (``reduction="sum"``, the default), so lambda multiplies each layer's shortfall. With
+    ``"mean"`` lambda means the same at any depth. Zero (and no gradient) while every layer
+    is above its floor; below, the gradient raises that layer's entropy.
+
+    Args:
+        current: ``[B, L, H, N]`` CLS->patch maps (with a graph).
+        tau: ``[L]`` floors in nats (``entropy_floor_targets``).
+
+    Returns:
+        float32 scalar.
+    """
+    h = layer_entropy(current)
+    tau_t = torch.as_tensor(tau, dtype=h.dtype, device=h.device)
+    if tau_t.shape != h.shape:
+        raise ValueError(f"tau has shape {tuple(tau_t.shape)}, expected [{h.shape[0]}] "
+                         "(one floor per captured layer)")
+    shortfall = torch.relu(tau_t - h)
+    return shortfall.sum() if reduction == "sum" else shortfall.mean()
+
+
+def entropy_floor_targets(pretrained_layer_entropy: torch.Tensor | Sequence[float],
+                          ratio: float = 0.7) -> torch.Tensor:
+    """Floors ``tau_l = ratio * H_l(pretrained)``, ``[L]`` float32 (e.g. from a run record's
+    ``baseline["entropy"]["layers"]``)."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    return ratio * torch.as_tensor(pretrained_layer_entropy, dtype=torch.float32).detach()
+
+
+@register_regularizer("l2sp")
+def l2sp_loss(params: dict[str, torch.Tensor],
+              reference: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``sum_k ||params[k] - reference[k]||^2`` (no 1/2), float32 scalar.
+
+    Args:
+        params: the trainable tensors to pull back, by name (e.g. ``named_parameters()``).
+        reference: their pretrained values under the same names (constants).
+
+    Raises:
+        KeyError: if a name in ``params`` has no reference.
+    """
+    missing = [k for k in params if k not in reference]
+    if missing:
+        raise KeyError(f"no reference for {len(missing)} tensors, e.g. {missing[:3]}")
+    if not params:
+        raise ValueError("params is empty")
+    total: torch.Tensor | None = None
+    with _no_autocast(next(iter(params.values()))):
+        for key, p in params.items():
+            r = reference[key].detach().to(device=p.device)
+            term = (_f32(p) - _f32(r)).pow(2).sum()
+            total = term if total is None else total + term
+    return total

@@ -1,0 +1,67 @@
+"""The training loop's regularizers, auxiliary metrics and TensorBoard logging, end to end."""
+
+import pytest
+
+from attndrift.train import run
+from conftest import tiny_config
+
+SHORT = ["train.max_steps=6", "train.log_every=1", "probe.per_epoch=2", "probe.subsets=2",
+         "save_checkpoints=false", "data.zeroshot=[shapes-zs-shape]"]
+
+
+def test_apr_is_zero_before_the_first_update_and_positive_after(tmp_path):
+    rec = run(tiny_config("tiny_full_ft", *SHORT, "regularizer.name=apr", "regularizer.lam=0.1"),
+              tmp_path, progress=False)
+    reg = [e["reg"] for e in rec["history"]["loss"]]
+    # step 1's penalty is computed before any update: current == cached pretrained attention
+    # (up to the cache's float16 rounding)
+    assert reg[0] < 1e-4
+    assert max(reg[1:]) > 10 * max(reg[0], 1e-6)
+    assert rec["timing"]["apr_cache_s"] > 0 and rec["timing"]["apr_cache_mb"] > 0
+
+
+def test_entropy_floor_is_zero_while_every_layer_is_above_its_floor(tmp_path):
+    low = run(tiny_config("tiny_full_ft", *SHORT, "regularizer.name=entropy_floor",
+                          "regularizer.lam=1.0", "regularizer.ratio=0.5"), tmp_path / "a",
+              progress=False)
+    assert all(e["reg"] == 0.0 for e in low["history"]["loss"])
+    # a floor at the pretrained entropy itself is crossed by any step that lowers a layer
+    high = run(tiny_config("tiny_full_ft", *SHORT, "regularizer.name=entropy_floor",
+                           "regularizer.lam=1.0", "regularizer.ratio=1.0", "train.lr=3e-3"),
+               tmp_path / "b", progress=False)
+    assert max(e["reg"] for e in high["history"]["loss"]) > 0
+
+
+def test_l2sp_grows_from_zero(tmp_path):
+    rec = run(tiny_config("tiny_lora", *SHORT, "regularizer.name=l2sp", "regularizer.lam=0.01"),
+              tmp_path, progress=False)
+    reg = [e["reg"] for e in rec["history"]["loss"]]
+    assert reg[0] == 0.0 and reg[-1] > 0
+
+
+def test_auxiliary_metrics_are_recorded(tmp_path):
+    rec = run(tiny_config("tiny_lora", *SHORT, "probe.aux_every=1"), tmp_path, progress=False)
+    base, final = rec["baseline"]["aux"], rec["final"]["aux"]
+    assert set(base) == {"rollout_entropy", "rollout_erf", "rollout_gini", "p2p_entropy",
+                         "p2p_entropy_layers"}
+    layers = len(rec["baseline"]["entropy"]["layers"])
+    for key in ("cka_cls", "cka_patch", "weight_drift_layers", "p2p_entropy_layers"):
+        assert len(final[key]) == layers
+    assert all(0 < c <= 1 + 1e-6 for c in final["cka_cls"] + final["cka_patch"])
+    assert final["weight_drift"] > 0 and final["embedding_drift"] > 0
+    assert set(final["subset_cv"]) == {"entropy", "erf", "gini", "head_diversity"}
+    assert all("aux" in p for p in rec["history"]["probes"])
+
+
+def test_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tiny_config("tiny_full_ft", *SHORT, "tensorboard=true", "probe.aux=[]"), tmp_path,
+        progress=False)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/accuracy", "attention/entropy", "attention/entropy_delta_pct",
+            "attention_layers/entropy/L1", "zeroshot/shapes-zs-shape"} <= tags
+    assert len(events.Scalars("train/loss")) == 6
