@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# Full fine-tuning vs LoRA on the shipped tiny CLIP, then a side-by-side comparison.
+# The demo study on the shipped tiny CLIP (full FT vs LoRA x 3 learning rates x 2 seeds, plus
+# APR and entropy floor), its report, and full FT vs LoRA side by side. Completed runs are
+# skipped when it is run again.
+DEMO := runs/demo
 demo: $(STAMP)
-	$(BIN)/attndrift run configs/runs/tiny_full_ft.yaml --out runs/demo/full_ft
-	$(BIN)/attndrift run configs/runs/tiny_lora.yaml --out runs/demo/lora
-	$(BIN)/attndrift compare runs/demo/full_ft runs/demo/lora
+	$(BIN)/attndrift study run configs/studies/demo.yaml --store $(DEMO)
+	$(BIN)/attndrift report $(DEMO) --out $(DEMO)/report
+	$(BIN)/attndrift compare $(DEMO)/runs/lr-method=full_ft-lr=0.001-seed=0-* \
+		$(DEMO)/runs/lr-method=lora-lr=0.001-seed=0-*
+	@echo "report: $(DEMO)/report/report.html (tables as CSV in $(DEMO)/report/tables/)"
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests
