@@ -4,6 +4,7 @@ accuracy, zero-shot, and the APR reference cache."""
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -136,3 +137,30 @@ def attention_cache(model: CLIPClassifier, images: torch.Tensor, preprocess: Pre
                     for flipped in (False, True)]
             out.append(torch.stack(both, dim=1).half().cpu())
     return torch.cat(out)
+
+
+SANITY_FACTOR = 1.5  # zero-shot within this factor of chance: class names are probably wrong
+
+
+def sanity_check(results: dict[str, tuple[float, int]]) -> tuple[dict, list[str]]:
+    """Flag tasks whose pretrained zero-shot accuracy is within 1.5x of chance: the study's
+    Flowers102 run scored 0.2% because its class names were numbers."""
+    sanity, warnings = {}, []
+    for name, (acc, classes) in results.items():
+        chance = 1.0 / classes
+        ok = acc > SANITY_FACTOR * chance
+        sanity[name] = {"zeroshot": acc, "chance": chance, "ok": ok}
+        if not ok:
+            warnings.append(f"pretrained zero-shot accuracy on {name} is {100 * acc:.1f}%, within "
+                            f"{SANITY_FACTOR}x of chance ({100 * chance:.1f}%): check its class "
+                            "names and prompt templates")
+    return sanity, warnings
+
+
+def coefficient_of_variation(values: list[float]) -> float:
+    """Sample standard deviation over the absolute mean (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return math.sqrt(var) / abs(mean) if mean else math.inf

@@ -13,7 +13,6 @@ record as an uninterrupted one (on CPU; GPU kernels may differ in the last bits)
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import time
 import traceback
@@ -36,7 +35,9 @@ from attndrift.evaluate import (
     attention_cache,
     autocast,
     auxiliary_metrics,
+    coefficient_of_variation,
     probe_attention,
+    sanity_check,
     zeroshot_all,
 )
 from attndrift.models.adapt import adapt, method_kwargs
@@ -47,12 +48,9 @@ from attndrift.probes.drift import vision_weight_snapshot
 from attndrift.probes.metrics import METRICS, delta_pct, renormalize_patches, summarize
 from attndrift.records import (
     RECORD_FILE,
-    RecordError,
-    atomic_write_bytes,
     file_sha256,
     new_record,
     provenance,
-    read_record,
     run_id_for,
     write_record,
 )
@@ -62,22 +60,23 @@ from attndrift.regularizers import (
     entropy_floor_targets,
     l2sp_loss,
 )
+from attndrift.runtime import (
+    RESUME_FILE,
+    board_metrics,
+    load_resume,
+    open_board,
+    progress_bar,
+    save_resume,
+    save_weights,
+    select_device,
+)
 from attndrift.zeroshot import text_classifier
 
 ATTENTION_SAMPLES = 8  # probe images whose maps are saved for heatmap overlays
-RESUME_FILE = "resume.pt"
 
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} requested but CUDA is not available; use device=cpu")
-    return torch.device(name)
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float):
@@ -107,93 +106,6 @@ def probe_steps(steps_per_epoch: int, total_steps: int, per_epoch: int) -> list[
     return sorted(steps)
 
 
-SANITY_FACTOR = 1.5  # zero-shot within this factor of chance: class names are probably wrong
-
-
-def sanity_check(results: dict[str, tuple[float, int]]) -> tuple[dict, list[str]]:
-    """Flag tasks whose pretrained zero-shot accuracy is within 1.5x of chance: the study's
-    Flowers102 run scored 0.2% because its class names were numbers."""
-    sanity, warnings = {}, []
-    for name, (acc, classes) in results.items():
-        chance = 1.0 / classes
-        ok = acc > SANITY_FACTOR * chance
-        sanity[name] = {"zeroshot": acc, "chance": chance, "ok": ok}
-        if not ok:
-            warnings.append(f"pretrained zero-shot accuracy on {name} is {100 * acc:.1f}%, within "
-                            f"{SANITY_FACTOR}x of chance ({100 * chance:.1f}%): check its class "
-                            "names and prompt templates")
-    return sanity, warnings
-
-
-def coefficient_of_variation(values: list[float]) -> float:
-    """Sample standard deviation over the absolute mean (0 for fewer than two values)."""
-    if len(values) < 2:
-        return 0.0
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return math.sqrt(var) / abs(mean) if mean else math.inf
-
-
-def _save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save
-
-    atomic_write_bytes(path, save({k: v.cpu().contiguous() for k, v in state.items()},
-                                  metadata=metadata))
-
-
-def _progress(enabled: bool, total: int, done: int, description: str):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                   console=Console(stderr=True), disable=not enabled)
-    return bar, bar.add_task(description, total=total, completed=done, info="")
-
-
-def _tensorboard(out_dir: Path, step: int):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise RuntimeError("tensorboard=true needs TensorBoard: pip install "
-                           "'attndrift[tensorboard]'") from None
-    # purge_step drops events a killed run wrote after its last checkpoint
-    return SummaryWriter(str(out_dir / "tensorboard"), purge_step=step or None)
-
-
-def _board_metrics(board, metrics: dict[str, Any], baseline: dict[str, Any], step: int) -> None:
-    for m in METRICS:
-        board.add_scalar(f"attention/{m}", metrics["mean"][m], step)
-        board.add_scalar(f"attention/{m}_delta_pct",
-                         delta_pct(metrics["mean"][m], baseline["mean"][m]), step)
-        for i, value in enumerate(metrics[m]["layers"]):
-            board.add_scalar(f"attention_layers/{m}/L{i + 1}", value, step)
-
-
-def _load_resume(out_dir: Path, run_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The saved loop state and record of an interrupted run of the same config, if any."""
-    path = out_dir / RESUME_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = read_record(out_dir)
-    except RecordError:
-        return None
-    # "running": killed; "failed": crashed or interrupted. A diverged run is not resumed: it
-    # would diverge again from its last checkpoint.
-    if record["run_id"] != run_id or record["status"] not in ("running", "failed"):
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state, record
-
-
 def run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
         resume: bool = True) -> dict[str, Any]:
     """Fine-tune as ``cfg`` says and write ``out_dir/record.json`` (+ checkpoints).
@@ -206,7 +118,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
     out_dir.mkdir(parents=True, exist_ok=True)
     config = cfg.model_dump(mode="json")
     run_id = run_id_for(config)
-    saved = _load_resume(out_dir, run_id) if resume else None
+    saved = load_resume(out_dir, run_id) if resume else None
     record = saved[1] if saved else new_record(run_id, config)
     t_start = time.perf_counter()
     timing = record["timing"]
@@ -365,7 +277,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
             len(record["baseline"]["entropy"]["layers"]))
         tau = entropy_floor_targets([record["baseline"]["entropy"]["layers"][i] for i in layers],
                                     reg.ratio).to(device)
-    board = _tensorboard(out_dir, state["step"]) if cfg.tensorboard else None
+    board = open_board(out_dir, state["step"]) if cfg.tensorboard else None
 
     def checkpoint() -> None:
         blob = {**{k: v for k, v in state.items() if k not in ("model", "optimizer")},
@@ -376,14 +288,12 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                 "history": history}
         if device.type == "cuda":
             blob["cuda_rng"] = torch.cuda.get_rng_state(device)
-        buffer = io.BytesIO()
-        torch.save(blob, buffer)
-        atomic_write_bytes(out_dir / RESUME_FILE, buffer.getvalue())
+        save_resume(out_dir, blob)
         write_record(out_dir / RECORD_FILE, record)
 
     # --- training -----------------------------------------------------------------------
     model.train()
-    bar, task_id = _progress(progress, total_steps, state["step"], f"{cfg.name} ({cfg.method})")
+    bar, task_id = progress_bar(progress, total_steps, state["step"], f"{cfg.name} ({cfg.method})")
     segment_start, segment_probe_s = time.perf_counter(), state["probe_s"]
     with bar:
         while state["step"] < total_steps:
@@ -452,7 +362,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                         aux_which, state["aux_ref"], pretrained_weights)[0]
                 history["probes"].append(probe)
                 if board is not None:
-                    _board_metrics(board, probe["metrics"], record["baseline"], step)
+                    board_metrics(board, probe["metrics"], record["baseline"], step)
                 state["probe_s"] += time.perf_counter() - t
             bar.advance(task_id)
             epoch_done = state["batch"] == steps_per_epoch or step == total_steps
@@ -469,7 +379,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                 if val_acc > state["best_val"]:
                     state["best_val"], state["best_epoch"] = val_acc, state["epoch"]
                     if cfg.save_checkpoints:
-                        _save_weights(out_dir / "best.safetensors", trainable_state(model),
+                        save_weights(out_dir / "best.safetensors", trainable_state(model),
                                       {**meta, "epoch": str(state["epoch"])})
             every = cfg.train.checkpoint_every
             if step < total_steps and (epoch_done or (every and step % every == 0)):
@@ -499,9 +409,9 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
     test_acc = accuracy(model, test_set, preprocess, device, cfg.data.eval_batch_size,
                         cfg.train.precision)
     if cfg.save_checkpoints:
-        _save_weights(out_dir / "final.safetensors", trainable_state(model),
+        save_weights(out_dir / "final.safetensors", trainable_state(model),
                       {**meta, "step": str(step)})
-    _save_weights(out_dir / "attention.safetensors",
+    save_weights(out_dir / "attention.safetensors",
                   {"pretrained": state["base_attn"], "final": final_attn[:ATTENTION_SAMPLES],
                    "labels": val_set.labels[probe_idx][:ATTENTION_SAMPLES],
                    "images": probe_images[:ATTENTION_SAMPLES]}, meta)
@@ -536,7 +446,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
         for name, task in zs_tasks.items()}
     train_s = state["train_s"]
     if board is not None:
-        _board_metrics(board, final_metrics, base, step)
+        board_metrics(board, final_metrics, base, step)
         for name, z in record["zeroshot"].items():
             board.add_scalar(f"zeroshot/{name}", z["after"], step)
         board.add_scalar("test/accuracy", test_acc, step)
