@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+
+from attndrift.console import err, fail, out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune CLIP, watch its attention drift, measure what it forgets.")
-err = Console(stderr=True)
-out = Console()
 
 
 def _study_app() -> typer.Typer:
@@ -23,10 +22,6 @@ def _study_app() -> typer.Typer:
 
 app.add_typer(_study_app(), name="study")
 
-
-def _fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -43,18 +38,18 @@ def run(
     try:
         cfg = load_config(config, overrides or [])
     except ConfigError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     from attndrift import train
 
     try:
         record = train.run(cfg, out_dir, progress=not quiet and sys.stderr.isatty())
     except (KeyError, FileNotFoundError, ValueError, RuntimeError) as e:
-        _fail(f"{e} (record: {out_dir / 'record.json'})", 1)
+        fail(f"{e} (record: {out_dir / 'record.json'})", 1)
     for warning in record.get("warnings", []):
         err.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
     final, zs = record["final"], record["zeroshot"]
     if record["status"] != "completed":
-        _fail(f"run {record['status']}: {record.get('error')} "
+        fail(f"run {record['status']}: {record.get('error')} "
               f"(record: {out_dir / 'record.json'})", 1)
     shots = ", ".join(f"{t} {100 * z['before']:.1f}% → {100 * z['after']:.1f}%"
                       for t, z in zs.items())
@@ -76,7 +71,7 @@ def validate(
         try:
             load_config(path, overrides or [])
         except ConfigError as e:
-            _fail(str(e), 2)
+            fail(str(e), 2)
         out.print(f"ok {path}")
 
 
@@ -97,7 +92,7 @@ def compare(run_dirs: Annotated[list[Path], typer.Argument(help="run directories
     try:
         print_comparison(run_dirs, out)
     except RecordError as e:
-        _fail(str(e), 1)
+        fail(str(e), 1)
 
 
 @app.command("pretrain-tiny")
@@ -122,7 +117,7 @@ def report(
 ) -> None:
     """Write report.html (self-contained), report.md and tables/*.csv from run records."""
     if not store.is_dir():
-        _fail(f"run store {store} is not a directory", 2)
+        fail(f"run store {store} is not a directory", 2)
     from attndrift.report import build_report
 
     result = build_report(store, out_dir)
@@ -151,13 +146,13 @@ def interpolate(
     try:
         values = check_alphas([float(a) for a in alphas.split(",") if a.strip()])
     except ValueError as e:
-        _fail(f"--alphas {alphas!r}: {e}", 2)
+        fail(f"--alphas {alphas!r}: {e}", 2)
     from attndrift.interpolate import interpolate_run, interpolation_table
 
     try:
         result = interpolate_run(run_dir, values, device=device, batch_size=batch_size)
     except (KeyError, FileNotFoundError, ValueError, RuntimeError) as e:
-        _fail(str(e), 1)
+        fail(str(e), 1)
     out.print(interpolation_table(result))
     out.print(f"wrote {run_dir / 'interpolation.json'}", highlight=False, soft_wrap=True)
 

@@ -89,16 +89,6 @@ class _Interpolator:
         self.set(1.0)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
                     device: str | torch.device = "cpu", batch_size: int = 256) -> dict[str, Any]:
     """Evaluate the run in ``run_dir`` at each alpha and write ``interpolation.json``.
@@ -120,7 +110,7 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
     from attndrift.models.clip import load_clip
     from attndrift.models.restore import restore_run
     from attndrift.probes.metrics import METRICS, delta_pct, summarize
-    from attndrift.records import atomic_write_bytes, read_record
+    from attndrift.records import atomic_write_bytes, jsonable, read_record
     from attndrift.zeroshot import text_classifier
 
     t0 = time.perf_counter()
@@ -133,8 +123,10 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
     cfg = validate(record["config"], str(run_dir))
     dev = torch.device(device)
 
+    loaded, adapted = restore_run(run_dir, "final", dev)
     # --- the run's data, exactly as train.py built it ------------------------------------
-    source = load_task(cfg.data.dataset, "train")
+    size = loaded.image_size  # datasets cached at the model's input size, as train.py did
+    source = load_task(cfg.data.dataset, "train", image_size=size)
     _, val_idx = stratified_split(source.labels, cfg.data.val_frac, cfg.data.split_seed)
     val_set = source.subset(val_idx, f"{source.name}/val")
     probe_idx = balanced_subset(val_set.labels, cfg.probe.images, cfg.probe.seed)
@@ -146,11 +138,10 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
             raise ValueError(f"{run_dir}: the rebuilt {key[:-4]} split differs from the run's "
                              f"({cfg.data.dataset} changed since the run?)")
     probe_images = val_set.images[probe_idx]
-    test_set = load_task(cfg.data.dataset, "test")
-    zs_tasks = {name: load_task(name, "test") for name in cfg.data.zeroshot}
+    test_set = load_task(cfg.data.dataset, "test", image_size=size)
+    zs_tasks = {name: load_task(name, "test", image_size=size) for name in cfg.data.zeroshot}
 
     # --- models: the fine-tuned run, and the pretrained tensors to walk toward ------------
-    loaded, adapted = restore_run(run_dir, "final", dev)
     model = adapted.model.eval()
     preprocess = loaded.preprocessor()
     pretrained = {n: p.detach().cpu() for n, p in load_clip(cfg.model).model.named_parameters()
@@ -191,7 +182,7 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
         "rows": rows,
         "seconds": time.perf_counter() - t0,
     }
-    text = json.dumps(_jsonable(result), indent=1, allow_nan=False)
+    text = json.dumps(jsonable(result), indent=1, allow_nan=False)
     atomic_write_bytes(run_dir / INTERPOLATION_FILE, text.encode())
     return result
 

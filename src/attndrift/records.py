@@ -42,14 +42,15 @@ def run_id_for(config: dict[str, Any]) -> str:
     return f"{config.get('name', 'run')}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
-def _jsonable(value: Any) -> Any:
-    # NaN/inf are not JSON; a diverged loss is recorded as null with the status saying why.
+def jsonable(value: Any) -> Any:
+    """``value`` with NaN/inf replaced by None (JSON has neither): a diverged loss is recorded
+    as null with the status saying why."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -73,7 +74,7 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     missing = [k for k in TOP_LEVEL_KEYS if k not in record]
     if missing:
         raise RecordError(f"record lacks {missing}")
-    text = json.dumps(_jsonable(record), indent=1, allow_nan=False)
+    text = json.dumps(jsonable(record), indent=1, allow_nan=False)
     atomic_write_bytes(Path(path), text.encode())
 
 

@@ -9,17 +9,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from attndrift.console import fail, out
+
 app = typer.Typer(no_args_is_help=True, help="Declarative experiment matrices.")
-out = Console()
-err = Console(stderr=True)
 
-
-def _fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def status_rows(store) -> list[dict]:
@@ -57,11 +52,11 @@ def run_cmd(
     from attndrift.study.store import Store
 
     if backend not in ("local", "ray"):
-        _fail(f"--backend {backend!r}: choose local or ray", 2)
+        fail(f"--backend {backend!r}: choose local or ray", 2)
     try:
         spec, planned = load_study(study)
     except ConfigError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     if dry_run:
         for p in planned:
             out.print(p.run_id, highlight=False)
@@ -104,7 +99,7 @@ def run_cmd(
               f"{len(bad)} failed or diverged, {len(busy)} held by other workers, "
               f"{time.perf_counter() - t0:.1f}s", highlight=False)
     if bad:
-        _fail(f"{len(bad)} run(s) did not complete: {', '.join(r['run_id'] for r in bad)}; "
+        fail(f"{len(bad)} run(s) did not complete: {', '.join(r['run_id'] for r in bad)}; "
               "see `attndrift study status` and rerun with --retry-failed", 1)
 
 
@@ -119,7 +114,7 @@ def status_cmd(
     try:
         rows = status_rows(Store(store_dir))
     except FileNotFoundError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
