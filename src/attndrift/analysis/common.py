@@ -24,7 +24,8 @@ from attndrift.analysis.table import Column
 
 # Keys already shown in their own columns (dataset, method label, lr, regularizer label).
 SHOWN = frozenset({"data.dataset", "method", "train.lr", "lora.r", "lora.targets",
-                   "freeze_layers", "regularizer.name", "regularizer.lam"})
+                   "freeze_layers", "regularizer.name", "regularizer.lam",
+                   "regularizer.ratio", "regularizer.layers"})
 
 DESCRIBE = (Column("dataset", "dataset"), Column("method", "method"),
             Column("regularizer", "regularizer"), Column("lr", "lr", "lr"),

@@ -116,6 +116,10 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
     if not prefix:
         out.setdefault("regularizer.name", "none")
+        if out["regularizer.name"] == "none":
+            # regularizer settings of an unregularized run do not make it a different setting
+            for key in [k for k in out if k.startswith("regularizer.") and k != "regularizer.name"]:
+                del out[key]
     return out
 
 
@@ -153,8 +157,14 @@ def regularizer_label(config: dict[str, Any]) -> str:
     if name in (None, "none"):
         return "none"
     lam = reg.get("lam")
-    return f"{_REG_NAMES.get(name, name)}" + (f" λ={lam:g}" if isinstance(lam, int | float)
-                                              else "")
+    label = f"{_REG_NAMES.get(name, name)}" + (f" λ={lam:g}" if isinstance(lam, int | float)
+                                               else "")
+    # the settings that only matter to some regularizers are part of their label
+    if name == "entropy_floor" and isinstance(reg.get("ratio"), int | float):
+        label += f" ratio={reg['ratio']:g}"
+    if name in ("apr", "entropy_floor") and reg.get("layers") is not None:
+        label += f" layers={','.join(str(i) for i in reg['layers'])}"
+    return label
 
 
 def lr_of(config: dict[str, Any]) -> float:
