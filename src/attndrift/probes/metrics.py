@@ -15,14 +15,26 @@ The definitions are the study's:
 
 ``summarize`` turns a ``[n_images, L, H, N]`` tensor into the JSON-able per-layer/per-head
 table the reports use, and ``METRICS`` holds the display metadata for each metric.
+
+Speed (measured by benchmarks/run.py, see docs/performance.md): ERF and Gini need every row
+sorted, and sorting dominates the cost, so ``summarize`` sorts once for both and derives both
+from the same descending running sums. On the CPU, outside autograd, numpy sorts the rows: its
+vectorised sort of short rows is several times faster than ``torch.sort`` (which also builds an
+index tensor), and sorting is exact, so the values are the same. ``summarize`` also reuses one
+per-thread scratch buffer for its temporaries and accumulates its means in float64.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, overload
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +55,18 @@ __all__ = [
 # target (e.g. [0.95, 0.05] with mass 0.95) can come out one ulp short in float32, which would
 # wrongly demand one more patch; accepting sums within 1e-6 (relative) of the target avoids that.
 ERF_RTOL = 1e-6
+
+# Below _NUMPY_SORT_MIN elements torch.sort is as fast as numpy. Large inputs are sorted on up
+# to torch.get_num_threads() threads, each taking at least _SPLIT_MIN elements, in blocks of
+# _SORT_BLOCK rows (cache-sized). summarize keeps its scratch buffer between calls up to
+# _SCRATCH_MAX elements.
+_NUMPY_SORT_MIN = 4096
+_SPLIT_MIN = 1 << 17
+_SORT_BLOCK = 1024
+_SCRATCH_MAX = 1 << 25
+_pool: ThreadPoolExecutor | None = None  # created on first use, never at import
+_pool_key = (0, 0)  # (process id, threads) of _pool
+_local = threading.local()
 
 
 @dataclass(frozen=True)
@@ -105,9 +129,37 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``[...]`` entropy, float32 (float64 if ``p`` is float64). Exact zeros contribute 0
-        (``torch.special.entr``), so no epsilon is added inside the log.
+        (as in ``torch.special.entr``, which computes it under autograd), so no epsilon is
+        added inside the log.
     """
-    return torch.special.entr(_as_float(p)).sum(dim=-1)
+    x = _as_float(p)
+    if x.requires_grad and torch.is_grad_enabled():
+        return torch.special.entr(x).sum(dim=-1)
+    return _entropy_into(x, torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _entropy_into(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``entropy`` of ``x`` (no autograd) with ``scratch`` (``x``'s shape) as its temporary.
+
+    Same values as ``torch.special.entr`` in about half the time: zeros are clamped to the
+    smallest normal number, and ``0 * log(tiny) = 0``.
+    """
+    torch.clamp_min(x, torch.finfo(x.dtype).tiny, out=scratch)
+    scratch.log_().mul_(x)
+    return scratch.sum(dim=-1).neg_()
+
+
+def _scratch(x: torch.Tensor) -> torch.Tensor:
+    """A temporary shaped like ``x``. On the CPU it is a per-thread buffer kept between calls:
+    a fresh ~6 MB buffer per 200-image probe costs more in page faults than the arithmetic
+    done in it. Elsewhere, or above ``_SCRATCH_MAX`` elements, a new tensor."""
+    if x.device.type != "cpu" or x.numel() > _SCRATCH_MAX:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    nbytes = x.numel() * x.element_size()
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = _local.buffer = torch.empty(nbytes, dtype=torch.uint8)
+    return buffer[:nbytes].view(x.dtype).view(x.shape)
 
 
 def erf(p: torch.Tensor, mass: float = 0.95) -> torch.Tensor:
@@ -125,15 +177,8 @@ def erf(p: torch.Tensor, mass: float = 0.95) -> torch.Tensor:
     Returns:
         ``[...]`` values in ``[1/N, 1]``, float32 (float64 if ``p`` is float64).
     """
-    if not 0.0 < mass <= 1.0:
-        raise ValueError(f"mass must be in (0, 1], got {mass}")
-    x = _as_float(p)
-    n = x.shape[-1]
-    cum = torch.sort(x, dim=-1, descending=True).values.cumsum(dim=-1)
-    target = mass * cum[..., -1:] * (1.0 - ERF_RTOL)
-    # Entries before the k-th are those whose running sum is still short of the target.
-    k = (cum < target).sum(dim=-1) + 1
-    return k.clamp(max=n).to(x.dtype) / n
+    _check_mass(mass)
+    return _erf_of_cumsum(_descending_cumsum(_as_float(p)), mass)
 
 
 def gini(p: torch.Tensor) -> torch.Tensor:
@@ -149,11 +194,82 @@ def gini(p: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[...]`` float32 (float64 if ``p`` is float64); NaN for an all-zero row.
     """
-    x = torch.sort(_as_float(p), dim=-1).values
+    return _gini_of_cumsum(_descending_cumsum(_as_float(p)))
+
+
+def _check_mass(mass: float) -> None:
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+
+
+def _descending_cumsum(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Running sums of each row sorted descending, ``C_j = x_(1) + ... + x_(j)`` (largest
+    first), ``[..., N]``.
+
+    On the CPU, outside autograd, numpy sorts (see the module docstring) into ``scratch`` (or a
+    fresh buffer), and the running sums overwrite the sorted values in place. Large inputs are
+    split into row blocks sorted on ``torch.get_num_threads()`` threads (numpy releases the GIL
+    while it sorts). Elsewhere (CUDA, gradients) torch sorts.
+    """
+    if (x.device.type != "cpu" or x.dim() == 0 or x.numel() < _NUMPY_SORT_MIN
+            or x.dtype not in (torch.float32, torch.float64)
+            or (x.requires_grad and torch.is_grad_enabled())):
+        return torch.sort(x, dim=-1, descending=True).values.cumsum(dim=-1)
+    # Non-negative floats order like their bit patterns read as integers, and integers sort
+    # faster (no NaN handling); ~k = -k - 1 reverses the order without overflow, so sorting
+    # ~bits ascending and inverting back gives the weights descending. (-0.0 reads as the
+    # smallest integer and sorts as the smallest weight; NaN sorts first, as in torch.)
+    ints = torch.int32 if x.dtype == torch.float32 else torch.int64
     n = x.shape[-1]
-    ranks = torch.arange(1, n + 1, dtype=x.dtype, device=x.device)
-    weighted = (x * ranks).sum(dim=-1)
-    return 2.0 * weighted / (n * x.sum(dim=-1)) - (n + 1) / n
+    src = x.detach().reshape(-1, n).view(ints).numpy()  # no copy if x is contiguous
+    if scratch is None:
+        scratch = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = scratch.view(-1, n).view(ints).numpy()
+
+    def sort_rows(lo: int, hi: int) -> None:
+        for start in range(lo, hi, _SORT_BLOCK):
+            stop = min(start + _SORT_BLOCK, hi)
+            block = out[start:stop]
+            np.invert(src[start:stop], out=block)
+            block.sort(axis=-1)
+            np.invert(block, out=block)
+
+    threads = min(torch.get_num_threads(), x.numel() // _SPLIT_MIN)
+    if threads < 2:
+        sort_rows(0, src.shape[0])
+    else:
+        pool = _sort_pool(threads)
+        bounds = [src.shape[0] * i // threads for i in range(threads + 1)]
+        for job in [pool.submit(sort_rows, lo, hi) for lo, hi in itertools.pairwise(bounds)]:
+            job.result()
+    return scratch.view(x.shape).cumsum_(dim=-1)
+
+
+def _sort_pool(threads: int) -> ThreadPoolExecutor:
+    """The sorting threads, created on first use; a forked child (whose copy of the pool has
+    no threads) makes its own."""
+    global _pool, _pool_key
+    if _pool is None or _pool_key[0] != os.getpid() or _pool_key[1] < threads:
+        _pool = ThreadPoolExecutor(threads, thread_name_prefix="attndrift-sort")
+        _pool_key = (os.getpid(), threads)
+    return _pool
+
+
+def _erf_of_cumsum(cum: torch.Tensor, mass: float) -> torch.Tensor:
+    """``erf`` from the descending running sums of each row."""
+    n = cum.shape[-1]
+    target = mass * cum[..., -1:] * (1.0 - ERF_RTOL)
+    # Entries before the k-th are those whose running sum is still short of the target; the
+    # running sums of non-negative weights never decrease, so a binary search counts them.
+    k = torch.searchsorted(cum.contiguous(), target.contiguous()).squeeze(-1) + 1
+    return k.clamp(max=n).to(cum.dtype) / n
+
+
+def _gini_of_cumsum(cum: torch.Tensor) -> torch.Tensor:
+    """``gini`` from the descending running sums of each row: with ``x`` sorted descending,
+    ``sum_j C_j = sum_i (N - i + 1) x_(i)``, which is the ascending rank-weighted sum."""
+    n = cum.shape[-1]
+    return 2.0 * cum.sum(dim=-1) / (n * cum[..., -1]) - (n + 1) / n
 
 
 def head_diversity(p: torch.Tensor) -> torch.Tensor:
@@ -220,8 +336,14 @@ def summarize(cls_patch: torch.Tensor) -> dict[str, Any]:
     x = _as_float(cls_patch.detach())
     out: dict[str, Any] = {}
     means: dict[str, float] = {}
-    for name, fn in (("entropy", entropy), ("erf", erf), ("gini", gini)):
-        per_image_head = fn(x)  # [n, L, H]
+    scratch = _scratch(x)
+    per_image_head_entropy = _entropy_into(x, scratch)  # [n, L, H]; then scratch is free
+    cum = _descending_cumsum(x, scratch)  # one sort serves ERF and Gini
+    for name, per_image_head in (("entropy", per_image_head_entropy),
+                                 ("erf", _erf_of_cumsum(cum, 0.95)),
+                                 ("gini", _gini_of_cumsum(cum))):
+        # float64 means: a float32 mean of thousands of values ~3.6 is off by ~1e-6
+        per_image_head = per_image_head.double()
         per_layer = per_image_head.mean(dim=(0, 2))
         out[name] = {
             "layers": per_layer.tolist(),
