@@ -294,6 +294,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
     # --- training -----------------------------------------------------------------------
     model.train()
     bar, task_id = progress_bar(progress, total_steps, state["step"], f"{cfg.name} ({cfg.method})")
+    last_attn = None  # set by every probe; a run always ends on one
     segment_start, segment_probe_s = time.perf_counter(), state["probe_s"]
     with bar:
         while state["step"] < total_steps:
@@ -351,10 +352,10 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                 bar.update(task_id, info=f"loss {mean_loss:.3f}")
             if step in probe_at:
                 t = time.perf_counter()
-                attn = probe_attention(model, probe_images, preprocess, device,
-                                       cfg.probe.batch_size)
+                last_attn = probe_attention(model, probe_images, preprocess, device,
+                                            cfg.probe.batch_size)
                 probe = {"step": step, "epoch": step / steps_per_epoch,
-                         "fraction": step / total_steps, "metrics": summarize(attn)}
+                         "fraction": step / total_steps, "metrics": summarize(last_attn)}
                 every = cfg.probe.aux_every
                 if every and (len(history["probes"]) + 1) % every == 0:
                     probe["aux"] = auxiliary_metrics(
@@ -391,8 +392,8 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
 
     # --- after training -----------------------------------------------------------------
     step = state["step"]
-    final_attn = probe_attention(model, probe_images, preprocess, device, cfg.probe.batch_size)
-    final_metrics = summarize(final_attn)
+    # the final step is always a probe point: its probe already measured the final model
+    final_attn, final_metrics = last_attn, history["probes"][-1]["metrics"]
     final_subsets = [final_metrics["mean"]] + [
         summarize(probe_attention(model, val_set.images[s], preprocess, device,
                                   cfg.probe.batch_size))["mean"] for s in subsets[1:]]
