@@ -296,3 +296,26 @@ def test_leading_dims_preserved() -> None:
         head_diversity(p).reshape(-1),
         torch.stack([head_diversity(m) for m in p.reshape(-1, 6, 10)]),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_input_sort_path_equals_torch_sort(dtype: torch.dtype) -> None:
+    """Inputs big enough for the threaded numpy sort give exactly torch.sort's ERF and Gini,
+    ties and exact zeros included (gradients force the torch.sort path)."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.softmax(4 * torch.randn(120, 4, 12, 49, generator=gen, dtype=dtype), dim=-1)
+    p[:8, :, :, ::4] = 0.0  # exact zeros
+    p[8:16] = p[8:16].round(decimals=2)  # many ties
+    assert p.numel() >= 2 * (1 << 17)  # split over two threads when torch has two
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast = {"erf": erf(p), "gini": gini(p), "erf_full": erf(p, mass=1.0)}
+    finally:
+        torch.set_num_threads(previous)
+    slow_input = p.clone().requires_grad_()
+    slow = {"erf": erf(slow_input), "gini": gini(slow_input),
+            "erf_full": erf(slow_input, mass=1.0)}
+    for name, value in fast.items():
+        assert torch.equal(value, slow[name].detach()), name
+    assert (fast["erf_full"][:8] < 1.0).all()  # zeros are not needed for the full mass

@@ -18,7 +18,7 @@ table the reports use, and ``METRICS`` holds the display metadata for each metri
 
 Speed (measured by benchmarks/run.py, see docs/performance.md): ERF and Gini need every row
 sorted, and sorting dominates the cost, so ``summarize`` sorts once for both and derives both
-from the same descending running sums. On the CPU, outside autograd, numpy sorts the rows: its
+from the same ascending running sums. On the CPU, outside autograd, numpy sorts the rows: its
 vectorised sort of short rows is several times faster than ``torch.sort`` (which also builds an
 index tensor), and sorting is exact, so the values are the same. ``summarize`` also reuses one
 per-thread scratch buffer for its temporaries and accumulates its means in float64.
@@ -34,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, overload
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -166,9 +165,9 @@ def erf(p: torch.Tensor, mass: float = 0.95) -> torch.Tensor:
     """Effective receptive field: fraction of patches holding ``mass`` of the attention.
 
     For each row, the smallest ``k`` such that the ``k`` largest weights sum to at least
-    ``mass`` times the row's total, divided by ``N``. The comparison accepts cumulative sums
-    within a relative ``ERF_RTOL`` (1e-6) below the target, so round-off at an exact boundary
-    does not cost an extra patch. An all-zero row gives ``1/N``.
+    ``mass`` times the row's total, divided by ``N``. The comparison accepts sums within a
+    relative ``ERF_RTOL`` (1e-6) below the target, so round-off at an exact boundary does not
+    cost an extra patch. An all-zero row gives ``1/N``.
 
     Args:
         p: ``[..., N]`` non-negative weights (need not be normalised).
@@ -178,7 +177,7 @@ def erf(p: torch.Tensor, mass: float = 0.95) -> torch.Tensor:
         ``[...]`` values in ``[1/N, 1]``, float32 (float64 if ``p`` is float64).
     """
     _check_mass(mass)
-    return _erf_of_cumsum(_descending_cumsum(_as_float(p)), mass)
+    return _erf_of_cumsum(_ascending_cumsum(_as_float(p)), mass)
 
 
 def gini(p: torch.Tensor) -> torch.Tensor:
@@ -194,7 +193,7 @@ def gini(p: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[...]`` float32 (float64 if ``p`` is float64); NaN for an all-zero row.
     """
-    return _gini_of_cumsum(_descending_cumsum(_as_float(p)))
+    return _gini_of_cumsum(_ascending_cumsum(_as_float(p)))
 
 
 def _check_mass(mass: float) -> None:
@@ -202,23 +201,22 @@ def _check_mass(mass: float) -> None:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
 
 
-def _descending_cumsum(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Running sums of each row sorted descending, ``C_j = x_(1) + ... + x_(j)`` (largest
-    first), ``[..., N]``.
+def _ascending_cumsum(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Running sums of each row sorted ascending, ``A_j = x_(1) + ... + x_(j)`` (smallest
+    first), ``[..., N]``; ``A_N`` is the row's total.
 
     On the CPU, outside autograd, numpy sorts (see the module docstring) into ``scratch`` (or a
     fresh buffer), and the running sums overwrite the sorted values in place. Large inputs are
-    split into row blocks sorted on ``torch.get_num_threads()`` threads (numpy releases the GIL
+    split into row ranges, one per ``torch.get_num_threads()`` thread (numpy releases the GIL
     while it sorts). Elsewhere (CUDA, gradients) torch sorts.
     """
     if (x.device.type != "cpu" or x.dim() == 0 or x.numel() < _NUMPY_SORT_MIN
             or x.dtype not in (torch.float32, torch.float64)
             or (x.requires_grad and torch.is_grad_enabled())):
-        return torch.sort(x, dim=-1, descending=True).values.cumsum(dim=-1)
+        return torch.sort(x, dim=-1).values.cumsum(dim=-1)
     # Non-negative floats order like their bit patterns read as integers, and integers sort
-    # faster (no NaN handling); ~k = -k - 1 reverses the order without overflow, so sorting
-    # ~bits ascending and inverting back gives the weights descending. (-0.0 reads as the
-    # smallest integer and sorts as the smallest weight; NaN sorts first, as in torch.)
+    # faster (no NaN handling). (-0.0 reads as the smallest integer and sorts as the smallest
+    # weight; NaN sorts last, as in torch.)
     ints = torch.int32 if x.dtype == torch.float32 else torch.int64
     n = x.shape[-1]
     src = x.detach().reshape(-1, n).view(ints).numpy()  # no copy if x is contiguous
@@ -227,49 +225,50 @@ def _descending_cumsum(x: torch.Tensor, scratch: torch.Tensor | None = None) -> 
     out = scratch.view(-1, n).view(ints).numpy()
 
     def sort_rows(lo: int, hi: int) -> None:
-        for start in range(lo, hi, _SORT_BLOCK):
-            stop = min(start + _SORT_BLOCK, hi)
-            block = out[start:stop]
-            np.invert(src[start:stop], out=block)
+        for start in range(lo, hi, _SORT_BLOCK):  # copy and sort while the block is in cache
+            block = out[start:min(start + _SORT_BLOCK, hi)]
+            block[...] = src[start:start + len(block)]
             block.sort(axis=-1)
-            np.invert(block, out=block)
 
-    threads = min(torch.get_num_threads(), x.numel() // _SPLIT_MIN)
-    if threads < 2:
-        sort_rows(0, src.shape[0])
-    else:
-        pool = _sort_pool(threads)
-        bounds = [src.shape[0] * i // threads for i in range(threads + 1)]
-        for job in [pool.submit(sort_rows, lo, hi) for lo, hi in itertools.pairwise(bounds)]:
-            job.result()
+    rows = src.shape[0]
+    threads = max(1, min(torch.get_num_threads(), x.numel() // _SPLIT_MIN))
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    jobs = [_sort_pool(threads - 1).submit(sort_rows, lo, hi)
+            for lo, hi in itertools.pairwise(bounds[1:])] if threads > 1 else []
+    sort_rows(0, bounds[1])  # this thread takes the first block
+    for job in jobs:
+        job.result()
     return scratch.view(x.shape).cumsum_(dim=-1)
 
 
-def _sort_pool(threads: int) -> ThreadPoolExecutor:
-    """The sorting threads, created on first use; a forked child (whose copy of the pool has
-    no threads) makes its own."""
+def _sort_pool(workers: int) -> ThreadPoolExecutor:
+    """The helper sorting threads, created on first use; a forked child (whose copy of the
+    pool has no threads) makes its own."""
     global _pool, _pool_key
-    if _pool is None or _pool_key[0] != os.getpid() or _pool_key[1] < threads:
-        _pool = ThreadPoolExecutor(threads, thread_name_prefix="attndrift-sort")
-        _pool_key = (os.getpid(), threads)
+    if _pool is None or _pool_key[0] != os.getpid() or _pool_key[1] < workers:
+        _pool = ThreadPoolExecutor(workers, thread_name_prefix="attndrift-sort")
+        _pool_key = (os.getpid(), workers)
     return _pool
 
 
-def _erf_of_cumsum(cum: torch.Tensor, mass: float) -> torch.Tensor:
-    """``erf`` from the descending running sums of each row."""
-    n = cum.shape[-1]
-    target = mass * cum[..., -1:] * (1.0 - ERF_RTOL)
-    # Entries before the k-th are those whose running sum is still short of the target; the
-    # running sums of non-negative weights never decrease, so a binary search counts them.
-    k = torch.searchsorted(cum.contiguous(), target.contiguous()).squeeze(-1) + 1
-    return k.clamp(max=n).to(cum.dtype) / n
+def _erf_of_cumsum(asc: torch.Tensor, mass: float) -> torch.Tensor:
+    """``erf`` from the ascending running sums of each row.
+
+    The ``k`` largest weights hold ``A_N - A_(N-k)``, so they reach the target exactly when the
+    ``N - k`` smallest hold at most ``A_N * (1 - mass * (1 - ERF_RTOL))``; the running sums of
+    non-negative weights never decrease, so a binary search counts the smallest that fit.
+    """
+    n = asc.shape[-1]
+    spare = asc[..., -1:] * (1.0 - mass * (1.0 - ERF_RTOL))
+    fit = torch.searchsorted(asc.contiguous(), spare.contiguous(), right=True).squeeze(-1)
+    return (n - fit).clamp(min=1).to(asc.dtype) / n
 
 
-def _gini_of_cumsum(cum: torch.Tensor) -> torch.Tensor:
-    """``gini`` from the descending running sums of each row: with ``x`` sorted descending,
-    ``sum_j C_j = sum_i (N - i + 1) x_(i)``, which is the ascending rank-weighted sum."""
-    n = cum.shape[-1]
-    return 2.0 * cum.sum(dim=-1) / (n * cum[..., -1]) - (n + 1) / n
+def _gini_of_cumsum(asc: torch.Tensor) -> torch.Tensor:
+    """``gini`` from the ascending running sums of each row: ``sum_j A_j`` counts ``x_(i)``
+    ``N - i + 1`` times, so ``sum_i i * x_(i) = (N + 1) * A_N - sum_j A_j``."""
+    n = asc.shape[-1]
+    return (n + 1) / n - 2.0 * asc.sum(dim=-1) / (n * asc[..., -1])
 
 
 def head_diversity(p: torch.Tensor) -> torch.Tensor:
@@ -334,26 +333,25 @@ def summarize(cls_patch: torch.Tensor) -> dict[str, Any]:
     if cls_patch.shape[0] == 0:
         raise ValueError("cls_patch has no images")
     x = _as_float(cls_patch.detach())
-    out: dict[str, Any] = {}
-    means: dict[str, float] = {}
     scratch = _scratch(x)
     per_image_head_entropy = _entropy_into(x, scratch)  # [n, L, H]; then scratch is free
-    cum = _descending_cumsum(x, scratch)  # one sort serves ERF and Gini
-    for name, per_image_head in (("entropy", per_image_head_entropy),
-                                 ("erf", _erf_of_cumsum(cum, 0.95)),
-                                 ("gini", _gini_of_cumsum(cum))):
-        # float64 means: a float32 mean of thousands of values ~3.6 is off by ~1e-6
-        per_image_head = per_image_head.double()
-        per_layer = per_image_head.mean(dim=(0, 2))
-        out[name] = {
-            "layers": per_layer.tolist(),
-            "heads": per_image_head.mean(dim=0).tolist(),
-        }
-        means[name] = per_layer.mean().item()
-    diversity = head_diversity(x.mean(dim=0))  # [L]
+    cum = _ascending_cumsum(x, scratch)  # one sort serves ERF and Gini
+    names = ("entropy", "erf", "gini")
+    # float64 means: a float32 mean of thousands of values ~3.6 is off by ~1e-6. Every
+    # (layer, head) has n images, so the per-layer mean is the mean of the per-head means.
+    per_image_head = torch.stack((per_image_head_entropy, _erf_of_cumsum(cum, 0.95),
+                                  _gini_of_cumsum(cum))).double()  # [3, n, L, H]
+    per_head = per_image_head.mean(dim=1)  # [3, L, H]
+    per_layer = per_head.mean(dim=-1)  # [3, L]
+    diversity = head_diversity(x.mean(dim=0).double())  # [L]
+    out: dict[str, Any] = {
+        name: {"layers": layers, "heads": heads}
+        for name, layers, heads in zip(names, per_layer.tolist(), per_head.tolist(), strict=True)
+    }
     out["head_diversity"] = {"layers": diversity.tolist()}
-    means["head_diversity"] = diversity.mean().item()
-    out["mean"] = means
+    out["mean"] = dict(zip((*names, "head_diversity"),
+                           torch.cat((per_layer.mean(dim=-1), diversity.mean().view(1))).tolist(),
+                           strict=True))
     return out
 
 
