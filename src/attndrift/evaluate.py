@@ -38,13 +38,16 @@ def eval_mode(model: torch.nn.Module):
 @torch.no_grad()
 def probe_attention(model: CLIPClassifier, images: torch.Tensor, preprocess: Preprocessor,
                     device: torch.device, batch_size: int) -> torch.Tensor:
-    """CLS->patch attention ``[n, L, H, N]`` (float32, CPU) of uint8 ``images`` under ``model``."""
+    """CLS->patch attention ``[n, L, H, N]`` (float32, CPU) of uint8 ``images`` under ``model``.
+
+    The batches stay on the device until the end: one device-to-host copy (one wait for the
+    GPU) per probe, not one per batch."""
     parts = []
     with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):
             x = preprocess(images[start : start + batch_size].to(device, non_blocking=True))
-            parts.append(cls_patch_attention(model.vision_model, x).float().cpu())
-    return torch.cat(parts)
+            parts.append(cls_patch_attention(model.vision_model, x).float())
+    return torch.cat(parts).cpu()
 
 
 @torch.no_grad()
