@@ -573,6 +573,18 @@ def bench_concurrent(args, method: str = "full_ft") -> dict[str, Any]:
             "images_per_s": total, "per_process": [r["images"] / r["seconds"] for r in results]}
 
 
+def checkpoints(epochs: int, epoch_s: float, minutes: float) -> int:
+    """Resume checkpoints a run writes under ``train.checkpoint_minutes`` (train.py's rule: at
+    the first epoch end at least ``minutes`` after the last checkpoint, never after the last
+    epoch) when each epoch takes ``epoch_s`` seconds."""
+    count, since = 0, 0.0
+    for _ in range(epochs - 1):
+        since += epoch_s
+        if since >= 60 * minutes:
+            count, since = count + 1, 0.0
+    return count
+
+
 def project_study(path: Path, pieces: dict[str, float], concurrency_gain: float = 1.0
                   ) -> dict[str, Any]:
     """Projected wall time of a study on this device from per-run pieces measured here.
@@ -581,7 +593,8 @@ def project_study(path: Path, pieces: dict[str, float], concurrency_gain: float 
     auxiliary metrics (before and after) + training steps (full FT step for full_ft, freeze
     and the regularisers, LoRA step for lora) + evaluation forwards (validation accuracy every
     epoch and test once at the accuracy rate; zero-shot on CIFAR-100 before and after and
-    own-task zero-shot at the zero-shot rate) + resume checkpoints every epoch + the APR
+    own-task zero-shot at the zero-shot rate) + resume checkpoints as ``train.checkpoint_minutes``
+    spaces them (`checkpoints`) + the APR
     reference cache (two probe passes over the training images). Runs one after another,
     divided by ``concurrency_gain`` (aggregate throughput of several runs on the device over
     one run's).
@@ -605,11 +618,14 @@ def project_study(path: Path, pieces: dict[str, float], concurrency_gain: float 
         method = "lora" if cfg.method == "lora" else "full_ft"
         zeroshot_images = 2 * sum(DATASET_SIZES[z]["test"] for z in cfg.data.zeroshot) + val
         eval_images = cfg.train.epochs * val + sizes["test"]  # validation every epoch, test
+        epoch_s = (per_epoch * pieces[f"step_s_{method}"] * bs / 64
+                   + val / pieces["eval_images_per_s"])
         t = (pieces["model_load_s"] + probes * pieces["probe_s"] + 2 * pieces["aux_s"]
              + steps * pieces[f"step_s_{method}"] * bs / 64
              + eval_images / pieces["eval_images_per_s"]
              + zeroshot_images / pieces["zeroshot_images_per_s"]
-             + cfg.train.epochs * pieces[f"checkpoint_s_{method}"])
+             + checkpoints(cfg.train.epochs, epoch_s, cfg.train.checkpoint_minutes)
+             * pieces[f"checkpoint_s_{method}"])
         if cfg.regularizer.name == "apr":
             t += 2 * train / 200 * pieces["probe_s"]
         total += t

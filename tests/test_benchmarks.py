@@ -19,3 +19,13 @@ def test_naive_reference_matches_summarize(monkeypatch) -> None:
     fast, naive = summarize(x), benchmark.naive_summarize(x)
     assert len(benchmark._flatten(fast)) == 3 * (12 + 12 * 12) + 12 + 4
     assert benchmark.max_abs_diff(fast, naive) <= 1e-6
+
+
+def test_projection_counts_checkpoints_as_train_py_writes_them(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import run as benchmark
+
+    assert benchmark.checkpoints(10, 60.0, 0.0) == 9  # every epoch end but the last
+    assert benchmark.checkpoints(10, 60.0, 10.0) == 0  # a 10-minute run never waits 10 minutes
+    assert benchmark.checkpoints(10, 240.0, 10.0) == 3  # epoch ends at 12, 24, 36 minutes
+    assert benchmark.checkpoints(1, 1e9, 0.0) == 0

@@ -88,3 +88,24 @@ def test_docs_config_reference_matches_the_code():
     expected = REFERENCE_HEADER + reference_markdown()
     assert (ROOT / "docs" / "config.md").read_text() == expected, \
         "docs/config.md is stale: run attndrift config-reference > docs/config.md"
+
+
+def test_operational_settings_are_not_part_of_the_run_identity():
+    from attndrift.config import OPERATIONAL_KEYS, RunConfig, identity
+    from attndrift.records import run_id_for
+    from attndrift.study.spec import config_hash
+
+    base = RunConfig()
+    changed = RunConfig(tensorboard=True, save_checkpoints=False,
+                        train={"checkpoint_every": 7, "checkpoint_minutes": 0.5})
+    other_lr = RunConfig(train={"lr": 3e-4})
+    dump = base.model_dump(mode="json")
+    assert identity(dump) != dump and dump == RunConfig().model_dump(mode="json")  # not mutated
+    for *parents, key in OPERATIONAL_KEYS:
+        section = identity(dump)
+        for part in parents:
+            section = section[part]
+        assert key not in section
+    assert config_hash(changed) == config_hash(base) != config_hash(other_lr)
+    ids = {run_id_for(identity(c.model_dump(mode="json"))) for c in (base, changed)}
+    assert len(ids) == 1

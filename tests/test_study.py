@@ -22,7 +22,7 @@ from conftest import ROOT
 # Tiny runs: 2 epochs x 4 steps, a few probe images, one zero-shot task.
 TINY = {"train.epochs": 2, "data.train_limit": 128, "train.batch_size": 32,
         "probe.per_epoch": 2, "probe.images": 16, "train.log_every": 2,
-        "data.zeroshot": ["shapes-zs-shape"]}
+        "data.zeroshot": ["shapes-zs-shape"], "train.checkpoint_minutes": 0}
 
 
 def write_study(tmp_path: Path, grids=None, runs=None, name="t") -> Path:

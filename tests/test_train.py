@@ -136,3 +136,38 @@ def test_schedule_and_probe_points():
     assert probe_steps(10, 30, 5) == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30]
     assert probe_steps(10, 25, 1) == [10, 20, 25]
     assert probe_steps(10, 25, 0) == [25]
+
+
+@pytest.mark.parametrize("minutes", [0.0, 10.0])
+def test_best_weights_and_time_based_checkpoints(tmp_path, monkeypatch, minutes):
+    """best.safetensors holds the weights of the best validation epoch, kept in memory and
+    written at the next checkpoint or the end; epoch-end checkpoints wait checkpoint_minutes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import attndrift.train as train
+    from attndrift.models.classifier import trainable_state
+
+    scores = iter([0.5, 0.9, 0.7, 0.6])  # epoch 2 is the best; the last is the test set
+    seen: list[dict] = []
+
+    def fake_accuracy(model, *args, **kwargs):
+        seen.append({"weights": trainable_state(model, "cpu"),
+                     "resume": (tmp_path / "resume.pt").is_file(),
+                     "best_file": (tmp_path / "best.safetensors").is_file()})
+        return next(scores)
+
+    monkeypatch.setattr(train, "accuracy", fake_accuracy)
+    cfg = tiny_config("tiny_full_ft", "train.epochs=3", "data.train_limit=64",
+                      f"train.checkpoint_minutes={minutes}", "data.zeroshot=[]")
+    rec = run(cfg, tmp_path, progress=False)
+    assert rec["final"]["best_epoch"] == 2 and rec["final"]["best_val_acc"] == 0.9
+    # the 4th call is the test accuracy; epochs 1-3 are the first three
+    assert [s["resume"] for s in seen[:3]] == [False, minutes == 0, minutes == 0]
+    assert [s["best_file"] for s in seen[:3]] == [False, minutes == 0, minutes == 0]
+    best = load_file(tmp_path / "best.safetensors")
+    assert best.keys() == seen[1]["weights"].keys()
+    assert all(torch.equal(best[k], seen[1]["weights"][k]) for k in best)
+    assert not all(torch.equal(best[k], seen[2]["weights"][k]) for k in best)
+    with safe_open(tmp_path / "best.safetensors", "pt") as fh:
+        assert fh.metadata()["epoch"] == "2"

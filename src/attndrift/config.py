@@ -52,7 +52,10 @@ class TrainConfig(_Strict):
     flip: bool = Field(True, description="random horizontal flip of training images")
     log_every: PosInt = Field(10, description="steps between loss logs and divergence checks")
     checkpoint_every: PosInt | None = Field(
-        None, description="steps between resume checkpoints (always at each epoch end)")
+        None, description="steps between resume checkpoints, whatever checkpoint_minutes says")
+    checkpoint_minutes: Annotated[float, Field(ge=0)] = Field(
+        10.0, description="resume checkpoint at the first epoch end at least this many minutes "
+                          "after the last one (0: every epoch end)")
 
 
 class DataConfig(_Strict):
@@ -124,6 +127,29 @@ class RunConfig(_Strict):
         if self.method != "freeze" and self.freeze_layers:
             raise ValueError(f"freeze_layers={self.freeze_layers} only applies to method=freeze")
         return self
+
+
+# Settings that change how a run is executed and saved, not what it computes. They are left out
+# of a run's identity (`identity`), so changing them on an existing study resumes or skips its
+# runs instead of starting them again.
+OPERATIONAL_KEYS: tuple[tuple[str, ...], ...] = (
+    ("train", "checkpoint_every"),
+    ("train", "checkpoint_minutes"),
+    ("tensorboard",),
+    ("save_checkpoints",),
+)
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a resolved ``RunConfig`` dump) without the ``OPERATIONAL_KEYS``: what run ids
+    hash."""
+    out = json.loads(json.dumps(config, default=str))  # deep copy of plain data
+    for *parents, key in OPERATIONAL_KEYS:
+        section = out
+        for part in parents:
+            section = section.get(part, {})
+        section.pop(key, None)
+    return out
 
 
 # PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string: accept every float spelling.

@@ -5,9 +5,11 @@ zero-shot), train with AdamW + warmup/cosine while probing attention on a fixed 
 subset, then measure again and write the record and checkpoints.
 
 Everything the loop mutates lives in one dict, ``state``, which is saved atomically to
-``resume.pt`` at every epoch end (and every ``train.checkpoint_every`` steps): a killed run
-called again with the same config continues from there and ends with the same weights and
-record as an uninterrupted one (on CPU; GPU kernels may differ in the last bits).
+``resume.pt`` at the first epoch end ``train.checkpoint_minutes`` after the previous save (and
+every ``train.checkpoint_every`` steps): a killed run called again with the same config
+continues from there and ends with the same weights and record as an uninterrupted one (on CPU;
+GPU kernels may differ in the last bits). The best epoch's weights are kept in host memory and
+written to ``best.safetensors`` with each checkpoint and at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attndrift.config import RunConfig
+from attndrift.config import RunConfig, identity
 from attndrift.data.registry import load_task
 from attndrift.data.splits import (
     balanced_subset,
@@ -117,7 +119,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = cfg.model_dump(mode="json")
-    run_id = run_id_for(config)
+    run_id = run_id_for(identity(config))
     saved = load_resume(out_dir, run_id) if resume else None
     record = saved[1] if saved else new_record(run_id, config)
     t_start = time.perf_counter()
@@ -279,9 +281,17 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                                     reg.ratio).to(device)
     board = open_board(out_dir, state["step"]) if cfg.tensorboard else None
 
+    best: dict[str, Any] = {}  # improved trainable state not yet on disk (CPU copy) + its epoch
+
+    def write_best() -> None:
+        if best:
+            save_weights(out_dir / "best.safetensors", best.pop("state"),
+                         {**meta, "epoch": str(best.pop("epoch"))})
+
     def checkpoint() -> None:
+        write_best()  # the resume state may name a best epoch: its weights must be on disk
         blob = {**{k: v for k, v in state.items() if k not in ("model", "optimizer")},
-                "model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "model": trainable_state(model, "cpu"), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "order_gen": order_gen.get_state(),
                 "flip_gen": flip_gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "loss_sum": loss_sum.detach().cpu(), "reg_sum": reg_sum.detach().cpu(),
@@ -296,6 +306,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
     bar, task_id = progress_bar(progress, total_steps, state["step"], f"{cfg.name} ({cfg.method})")
     last_attn = None  # set by every probe; a run always ends on one
     segment_start, segment_probe_s = time.perf_counter(), state["probe_s"]
+    last_checkpoint = time.monotonic()
     with bar:
         while state["step"] < total_steps:
             if state["batch"] == 0:
@@ -379,15 +390,16 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                 bar.update(task_id, info=f"val {val_acc:.3f}")
                 if val_acc > state["best_val"]:
                     state["best_val"], state["best_epoch"] = val_acc, state["epoch"]
-                    if cfg.save_checkpoints:
-                        save_weights(out_dir / "best.safetensors", trainable_state(model),
-                                      {**meta, "epoch": str(state["epoch"])})
-            every = cfg.train.checkpoint_every
-            if step < total_steps and (epoch_done or (every and step % every == 0)):
+                    if cfg.save_checkpoints:  # written at the next checkpoint or the end
+                        best.update(state=trainable_state(model, "cpu"), epoch=state["epoch"])
+            every, minutes = cfg.train.checkpoint_every, cfg.train.checkpoint_minutes
+            if step < total_steps and ((every and step % every == 0) or (
+                    epoch_done and time.monotonic() - last_checkpoint >= 60 * minutes)):
                 now = time.perf_counter()
                 state["train_s"] += now - segment_start - (state["probe_s"] - segment_probe_s)
                 segment_start, segment_probe_s = now, state["probe_s"]
                 checkpoint()
+                last_checkpoint = time.monotonic()
     state["train_s"] += time.perf_counter() - segment_start - (state["probe_s"] - segment_probe_s)
 
     # --- after training -----------------------------------------------------------------
@@ -409,8 +421,9 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
     test_set = load_task(cfg.data.dataset, "test", image_size=size)  # read once, at the end
     test_acc = accuracy(model, test_set, preprocess, device, cfg.data.eval_batch_size,
                         cfg.train.precision)
+    write_best()
     if cfg.save_checkpoints:
-        save_weights(out_dir / "final.safetensors", trainable_state(model),
+        save_weights(out_dir / "final.safetensors", trainable_state(model, "cpu"),
                       {**meta, "step": str(step)})
     save_weights(out_dir / "attention.safetensors",
                   {"pretrained": state["base_attn"], "final": final_attn[:ATTENTION_SAMPLES],

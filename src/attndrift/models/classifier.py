@@ -33,10 +33,12 @@ class CLIPClassifier(nn.Module):
         return self.head(self.embed(pixel_values))
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that training changes, by name (what a checkpoint stores)."""
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters()
-            if p.requires_grad}
+def trainable_state(model: nn.Module, device: torch.device | str | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """A copy of the parameters that training changes, by name (what a checkpoint stores), on
+    ``device`` (default: where each parameter is)."""
+    return {n: p.detach().to(device or p.device, copy=True).contiguous()
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

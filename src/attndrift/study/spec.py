@@ -31,7 +31,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from attndrift.config import ConfigError, RunConfig, apply_overrides, parse_yaml, validate
+from attndrift.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    identity,
+    parse_yaml,
+    validate,
+)
 
 
 class _Spec(BaseModel):
@@ -81,7 +88,9 @@ def _fmt(value: Any) -> str:
 
 
 def config_hash(config: RunConfig) -> str:
-    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """8 hex of the resolved config, operational settings left out (`config.identity`)."""
+    blob = json.dumps(identity(config.model_dump(mode="json")), sort_keys=True,
+                      separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
