@@ -109,3 +109,11 @@ def test_operational_settings_are_not_part_of_the_run_identity():
     assert config_hash(changed) == config_hash(base) != config_hash(other_lr)
     ids = {run_id_for(identity(c.model_dump(mode="json"))) for c in (base, changed)}
     assert len(ids) == 1
+
+
+def test_compile_with_attention_hook_regularizers_is_refused():
+    with pytest.raises(ConfigError, match=r"train\.compile=null"):
+        validate({"train": {"compile": "inductor"},
+                  "regularizer": {"name": "apr", "lam": 0.1}})
+    assert validate({"train": {"compile": "inductor"},
+                     "regularizer": {"name": "l2sp", "lam": 0.1}}).train.compile == "inductor"

@@ -50,6 +50,9 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere")
     flip: bool = Field(True, description="random horizontal flip of training images")
+    compile: Literal["inductor", "aot_eager", "cudagraphs"] | None = Field(
+        None, description="torch.compile backend for the training forward (inductor: fastest, "
+                          "compiles for ~1 min first); null: eager")
     log_every: PosInt = Field(10, description="steps between loss logs and divergence checks")
     checkpoint_every: PosInt | None = Field(
         None, description="steps between resume checkpoints, whatever checkpoint_minutes says")
@@ -126,6 +129,9 @@ class RunConfig(_Strict):
             raise ValueError("method=freeze needs freeze_layers >= 1")
         if self.method != "freeze" and self.freeze_layers:
             raise ValueError(f"freeze_layers={self.freeze_layers} only applies to method=freeze")
+        if self.train.compile and self.regularizer.name in ("apr", "entropy_floor"):
+            raise ValueError(f"train.compile cannot trace regularizer {self.regularizer.name} "
+                             "(it hooks the attention on every step); set train.compile=null")
         return self
 
 

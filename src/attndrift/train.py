@@ -199,6 +199,8 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
 
     # --- optimisation set-up ------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
+    # the training forward only: probes and evaluation hook into the plain module
+    forward = torch.compile(model, backend=cfg.train.compile) if cfg.train.compile else model
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     bs = min(cfg.train.batch_size, len(train_set))
     steps_per_epoch = len(train_set) // bs  # drop the ragged last batch, as the study did
@@ -317,7 +319,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
             x = preprocess(train_set.images[idx].to(device, non_blocking=True), flip_mask=flips)
             y = train_set.labels[idx].to(device, non_blocking=True)
             with autocast(device, cfg.train.precision), grab or contextlib.nullcontext():
-                loss = F.cross_entropy(model(x).float(), y)
+                loss = F.cross_entropy(forward(x).float(), y)
             if reg.name != "none":
                 # the gradient-carrying attention path; monitoring probes stay detached
                 if reg.name == "apr":
