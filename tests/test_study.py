@@ -221,3 +221,19 @@ def test_ray_backend_completes_a_four_run_study(tmp_path):
         ray.shutdown()
     assert sorted(o.status for o in outcomes) == ["completed"] * 4
     assert all(store.state(p.run_id).status == "completed" for p in planned)
+
+
+@pytest.mark.slow
+def test_local_pool_spreads_workers_over_the_given_gpus(tmp_path):
+    """--workers 2 --gpus 3,5: each spawned worker sees only its GPU (CUDA_VISIBLE_DEVICES set
+    before it touches CUDA), recorded in each run's provenance; the parent is left alone."""
+    study = write_study(tmp_path, grids=[{"name": "g", "axes": {"seed": [0, 1]}}])
+    _, planned = load_study(study)
+    store = Store(tmp_path / "store")
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    outcomes = execute(store, planned, workers=2, gpus=["3", "5"], progress=False)
+    assert sorted(o.status for o in outcomes) == ["completed", "completed"]
+    seen = [read_record(store.run_dir(p.run_id))["provenance"]["cuda_visible_devices"]
+            for p in planned]
+    assert all(v in ("3", "5") for v in seen), seen
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before

@@ -119,11 +119,12 @@ def provenance(device: str) -> dict[str, Any]:
 
     import attndrift
 
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
     return {"attndrift": attndrift.__version__, "python": sys.version.split()[0],
             "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "platform": platform.platform(),
             "device": device, "gpu": gpu, "cpu_threads": torch.get_num_threads(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "git_commit": _git_commit()}
 
 

@@ -43,6 +43,9 @@ def run_cmd(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
     gpus_per_run: Annotated[float, typer.Option(help="Ray: GPUs per run")] = 0.0,
     cpus_per_run: Annotated[float, typer.Option(help="Ray: CPUs per run")] = 1.0,
+    gpus: Annotated[str | None, typer.Option(
+        help="local backend, --workers > 1: GPU ids to spread the workers over, e.g. 0,1; "
+             "workers beyond the GPU count share them (default: every visible GPU)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs only")] = False,
 ) -> None:
     """Run every run of STUDY not yet completed in the store; resume interrupted ones."""
@@ -92,7 +95,8 @@ def run_cmd(
     outcomes = execute(store, planned, workers=workers, backend=backend,
                        retry_failed=retry_failed, progress=sys.stderr.isatty() and workers == 1,
                        on_outcome=report, ray_address=ray_address, gpus_per_run=gpus_per_run,
-                       cpus_per_run=cpus_per_run)
+                       cpus_per_run=cpus_per_run,
+                       gpus=[g.strip() for g in gpus.split(",") if g.strip()] if gpus else None)
     busy = [o.run_id for o in outcomes if o.status == "skipped-busy"]
     bad = [r for r in status_rows(store) if r["status"] in ("failed", "diverged", "corrupt")]
     out.print(f"study {spec.name}: {counts['completed']}/{total} completed, "

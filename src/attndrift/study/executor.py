@@ -64,6 +64,23 @@ def execute_one(store_root: str, run_id: str, config: dict[str, Any], retry_fail
         lock.release()
 
 
+def visible_gpus() -> list[str]:
+    """Ids of the GPUs this process may use (``CUDA_VISIBLE_DEVICES`` if set), for spreading
+    local workers over them; empty without CUDA."""
+    import torch
+
+    count = torch.cuda.device_count()
+    listed = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+              if g.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
+def _pin_gpu(queue) -> None:
+    """Pool worker initializer: see only the next GPU of the round-robin ``queue``. Runs before
+    the worker touches CUDA, so ``cuda`` in the run's config means that GPU."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = queue.get()
+
+
 def _ray_task(*args, **kwargs) -> Outcome:  # module-level so Ray can ship it by reference
     return execute_one(*args, **kwargs)
 
@@ -72,8 +89,12 @@ def execute(store: Store, planned: list[PlannedRun], *, workers: int = 1,
             backend: str = "local", retry_failed: bool = False, progress: bool = True,
             on_outcome: Callable[[Outcome], None] | None = None,
             ray_address: str | None = None, gpus_per_run: float = 0.0,
-            cpus_per_run: float = 1.0) -> list[Outcome]:
-    """Run every planned run that still needs running; returns one `Outcome` per run."""
+            cpus_per_run: float = 1.0, gpus: list[str] | None = None) -> list[Outcome]:
+    """Run every planned run that still needs running; returns one `Outcome` per run.
+
+    With the local backend and ``workers > 1``, worker ``i`` sees only GPU ``gpus[i % len]``
+    (default: every visible GPU), so several workers share a GPU when there are more workers
+    than GPUs. Ray places runs itself (``gpus_per_run``, fractions share a GPU)."""
     todo = [p for p in planned if store.needs_run(p.run_id, retry_failed)]
     outcomes = [Outcome(p.run_id, "skipped-done", 0.0) for p in planned if p not in todo]
     report = on_outcome or (lambda _o: None)
@@ -92,7 +113,14 @@ def execute(store: Store, planned: list[PlannedRun], *, workers: int = 1,
 
         # spawn, not fork: forking a process that already holds torch threads can deadlock.
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        gpus = visible_gpus() if gpus is None else gpus
+        placement = {}
+        if gpus:
+            queue = ctx.Queue()
+            for i in range(workers):
+                queue.put(gpus[i % len(gpus)])
+            placement = {"initializer": _pin_gpu, "initargs": (queue,)}
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **placement) as pool:
             pending = {pool.submit(execute_one, *job, False, threads) for job in jobs}
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
