@@ -335,7 +335,7 @@ def steps_between_probes(batch: int = 64, per_epoch: int = 5) -> float:
 
 def bench_model(args, device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Training throughput, probe cost and (for the projection) evaluation pieces."""
-    from attndrift.evaluate import autocast, probe_attention
+    from attndrift.evaluate import probe_attention
     from attndrift.probes.metrics import summarize
 
     clip, preprocess = build_clip(args.model)
@@ -365,14 +365,11 @@ def bench_model(args, device: torch.device) -> tuple[list[dict[str, Any]], dict[
     model = trainers["full_ft"].model
     probe_images = eurosat_like(args.probe_images, seed=5)
     per_200 = 200 / args.probe_images  # probes are 200 images; fewer are timed and scaled
-    precision_ctx = (lambda: autocast(device, "bf16")) if args.probe_precision == "bf16" else (
-        contextlib.nullcontext)
     attn_holder = {}
 
-    def probe() -> None:
-        with precision_ctx():
-            attn_holder["attn"] = probe_attention(model, probe_images, preprocess, device,
-                                                  args.probe_batch)
+    def probe() -> None:  # what train.py does at a probe point, at probe.precision
+        attn_holder["attn"] = probe_attention(model, probe_images, preprocess, device,
+                                              args.probe_batch, args.probe_precision)
         summarize(attn_holder["attn"])
 
     probe_t = measure(probe, args.probe_repeat, device, warmup=args.io_warmup)
@@ -428,10 +425,10 @@ def bench_run_pieces(args, clip, trainers, preprocess, device) -> dict[str, floa
     which = ["rollout", "cka", "drift"]
     weights = vision_weight_snapshot(model)
     _, reference = auxiliary_metrics(model, probe_images, preprocess, device, args.probe_batch,
-                                     which)
+                                     which, precision=args.probe_precision)
     t = measure(lambda: auxiliary_metrics(model, probe_images, preprocess, device,
-                                          args.probe_batch, which, reference, weights), 1, device,
-                warmup=0)
+                                          args.probe_batch, which, reference, weights,
+                                          args.probe_precision), 1, device, warmup=0)
     out["aux_s"] = t["best_s"] * 200 / args.probe_images
     with tempfile.TemporaryDirectory() as tmp:
         for method, trainer in trainers.items():
@@ -727,7 +724,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="training autocast as in train.train.precision (auto: bf16 on CUDA)")
     p.add_argument("--probe-precision", choices=["fp32", "bf16"], default="fp32",
-                   help="fp32 = what evaluate.probe_attention does today; bf16 = under autocast")
+                   help="probe.precision of the probes and auxiliary metrics (bf16: autocast)")
     p.add_argument("--probe-batch", type=int, default=64, help="probe.batch_size")
     p.add_argument("--compile", action="store_true", help="torch.compile the training model")
     p.add_argument("--concurrent", type=int, default=0,

@@ -65,3 +65,20 @@ def test_tensorboard_scalars(tmp_path):
     assert {"train/loss", "val/accuracy", "attention/entropy", "attention/entropy_delta_pct",
             "attention_layers/entropy/L1", "zeroshot/shapes-zs-shape"} <= tags
     assert len(events.Scalars("train/loss")) == 6
+
+
+def test_bf16_probes_are_close_to_fp32_but_really_bf16(tmp_path):
+    """probe.precision=bf16 runs the probe and auxiliary forwards under bf16 autocast: the
+    metrics move a little (so autocast is really on) and stay close to fp32."""
+    recs = {p: run(tiny_config("tiny_lora", *SHORT, f"probe.precision={p}"), tmp_path / p,
+                   progress=False) for p in ("fp32", "bf16")}
+    fp32, bf16 = (recs[p]["baseline"] for p in ("fp32", "bf16"))
+    assert fp32["mean"] != bf16["mean"]
+    for m in ("entropy", "erf", "gini", "head_diversity"):
+        assert bf16["mean"][m] == pytest.approx(fp32["mean"][m], rel=2e-2, abs=1e-3), m
+    assert bf16["aux"]["rollout_entropy"] != fp32["aux"]["rollout_entropy"]
+    assert bf16["aux"]["rollout_entropy"] == pytest.approx(fp32["aux"]["rollout_entropy"],
+                                                           rel=2e-2)
+    # training itself does not depend on the probe precision
+    assert [e["loss"] for e in recs["bf16"]["history"]["loss"]] == \
+        [e["loss"] for e in recs["fp32"]["history"]["loss"]]

@@ -79,6 +79,10 @@ class ProbeConfig(_Strict):
                        "the first one is also probed during training")
     seed: int = Field(42, description="seed of the probe subset (identical across a study's runs)")
     batch_size: PosInt = Field(64, description="batch of the attention probe forward")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="forwards of the probes, auxiliary metrics and APR cache: bf16 "
+                            "autocast is several times faster on GPUs (the CLS attention row "
+                            "is recomputed in fp32 from q and k either way)")
     aux: list[Literal["rollout", "cka", "drift"]] = Field(
         ["rollout", "cka", "drift"], description="auxiliary metrics: attention rollout and "
         "patch-to-patch entropy, layerwise CKA to the pretrained model, weight/embedding drift")

@@ -37,13 +37,15 @@ def eval_mode(model: torch.nn.Module):
 
 @torch.no_grad()
 def probe_attention(model: CLIPClassifier, images: torch.Tensor, preprocess: Preprocessor,
-                    device: torch.device, batch_size: int) -> torch.Tensor:
-    """CLS->patch attention ``[n, L, H, N]`` (float32, CPU) of uint8 ``images`` under ``model``.
+                    device: torch.device, batch_size: int, precision: str = "fp32"
+                    ) -> torch.Tensor:
+    """CLS->patch attention ``[n, L, H, N]`` (float32, CPU) of uint8 ``images`` under ``model``,
+    the forward under ``autocast(device, precision)``.
 
     The batches stay on the device until the end: one device-to-host copy (one wait for the
     GPU) per probe, not one per batch."""
     parts = []
-    with eval_mode(model):
+    with eval_mode(model), autocast(device, precision):
         for start in range(0, images.shape[0], batch_size):
             x = preprocess(images[start : start + batch_size].to(device, non_blocking=True))
             parts.append(cls_patch_attention(model.vision_model, x).float())
@@ -77,20 +79,21 @@ def auxiliary_metrics(model: CLIPClassifier, images: torch.Tensor, preprocess: P
                       device: torch.device, batch_size: int, which: list[str],
                       reference: dict[str, Any] | None = None,
                       weights: dict[str, torch.Tensor] | None = None,
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+                      precision: str = "fp32") -> tuple[dict[str, Any], dict[str, Any]]:
     """The auxiliary metrics of ``model`` on the probe ``images``.
 
     ``which`` picks from rollout (rollout entropy/ERF/Gini, patch-to-patch entropy), cka
     (layerwise linear CKA of the CLS and mean patch tokens against ``reference``) and drift
     (relative weight distance to ``weights``, embedding drift against ``reference``). Returns
     ``(aux, features)``: the JSON-able values, and the features a later call compares with
-    (pass the pretrained model's as ``reference``).
+    (pass the pretrained model's as ``reference``). Forwards run under
+    ``autocast(device, precision)``.
     """
     aux: dict[str, Any] = {}
     rollout_parts: list[tuple[int, dict[str, Any]]] = []
     reps: list[dict[str, torch.Tensor]] = []
     embeds: list[torch.Tensor] = []
-    with eval_mode(model):
+    with eval_mode(model), autocast(device, precision):
         for start in range(0, images.shape[0], batch_size):
             x = preprocess(images[start : start + batch_size].to(device, non_blocking=True))
             if "rollout" in which:
@@ -126,12 +129,13 @@ def auxiliary_metrics(model: CLIPClassifier, images: torch.Tensor, preprocess: P
 @torch.no_grad()
 def attention_cache(model: CLIPClassifier, images: torch.Tensor, preprocess: Preprocessor,
                     device: torch.device, batch_size: int,
-                    layers: list[int] | None) -> torch.Tensor:
+                    layers: list[int] | None, precision: str = "fp32") -> torch.Tensor:
     """CLS->patch attention of every image unflipped and flipped, ``[n, 2, L, H, N]`` float16
     on the CPU: the pretrained reference APR compares with, computed once instead of running
-    a frozen copy of the model on every training step."""
+    a frozen copy of the model on every training step. Forwards under
+    ``autocast(device, precision)``."""
     out = []
-    with eval_mode(model):
+    with eval_mode(model), autocast(device, precision):
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(device, non_blocking=True)
             both = [cls_patch_attention(model.vision_model,

@@ -225,21 +225,27 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
     if reg.name == "apr":
         t = time.perf_counter()
         apr_ref = attention_cache(model, train_set.images, preprocess, device,
-                                  cfg.probe.batch_size, reg.layers)
+                                  cfg.probe.batch_size, reg.layers, cfg.probe.precision)
         timing["apr_cache_s"] = time.perf_counter() - t
         timing["apr_cache_mb"] = apr_ref.numel() * apr_ref.element_size() / 2**20
     grab = (AttentionProbe(model.vision_model, reg.layers, detach=False)
             if reg.name in ("apr", "entropy_floor") else None)
 
+    def probe_of(images: torch.Tensor) -> torch.Tensor:  # the attention probe, as configured
+        return probe_attention(model, images, preprocess, device, cfg.probe.batch_size,
+                               cfg.probe.precision)
+
+    def aux_of(reference=None, weights=None) -> tuple[dict[str, Any], dict[str, Any]]:
+        return auxiliary_metrics(model, probe_images, preprocess, device, cfg.probe.batch_size,
+                                 aux_which, reference, weights, cfg.probe.precision)
+
     if saved is None:
         # --- pretrained baseline --------------------------------------------------------
         t = time.perf_counter()
-        base_attn = probe_attention(model, probe_images, preprocess, device,
-                                    cfg.probe.batch_size)
+        base_attn = probe_of(probe_images)
         record["baseline"] = summarize(base_attn)
         record["baseline"]["subsets"] = [record["baseline"]["mean"]] + [
-            summarize(probe_attention(model, val_set.images[s], preprocess, device,
-                                      cfg.probe.batch_size))["mean"] for s in subsets[1:]]
+            summarize(probe_of(val_set.images[s]))["mean"] for s in subsets[1:]]
         probe_s = time.perf_counter() - t
         t = time.perf_counter()
         zs_before = zeroshot_all(model, zs_weights, zs_tasks, preprocess, device,
@@ -253,8 +259,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
              **{n: (zs_before[n], t.num_classes) for n, t in zs_tasks.items()}})
         zeroshot_s = time.perf_counter() - t
         t = time.perf_counter()
-        record["baseline"]["aux"], aux_ref = auxiliary_metrics(
-            model, probe_images, preprocess, device, cfg.probe.batch_size, aux_which)
+        record["baseline"]["aux"], aux_ref = aux_of()
         state = {"step": 0, "epoch": 0, "batch": 0, "perm": torch.empty(0, dtype=torch.long),
                  "loss_count": 0, "best_val": -1.0, "best_epoch": 0, "train_s": 0.0,
                  "probe_s": probe_s, "zeroshot_s": zeroshot_s,
@@ -365,15 +370,12 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                 bar.update(task_id, info=f"loss {mean_loss:.3f}")
             if step in probe_at:
                 t = time.perf_counter()
-                last_attn = probe_attention(model, probe_images, preprocess, device,
-                                            cfg.probe.batch_size)
+                last_attn = probe_of(probe_images)
                 probe = {"step": step, "epoch": step / steps_per_epoch,
                          "fraction": step / total_steps, "metrics": summarize(last_attn)}
                 every = cfg.probe.aux_every
                 if every and (len(history["probes"]) + 1) % every == 0:
-                    probe["aux"] = auxiliary_metrics(
-                        model, probe_images, preprocess, device, cfg.probe.batch_size,
-                        aux_which, state["aux_ref"], pretrained_weights)[0]
+                    probe["aux"] = aux_of(state["aux_ref"], pretrained_weights)[0]
                 history["probes"].append(probe)
                 if board is not None:
                     board_metrics(board, probe["metrics"], record["baseline"], step)
@@ -409,16 +411,14 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
     # the final step is always a probe point: its probe already measured the final model
     final_attn, final_metrics = last_attn, history["probes"][-1]["metrics"]
     final_subsets = [final_metrics["mean"]] + [
-        summarize(probe_attention(model, val_set.images[s], preprocess, device,
-                                  cfg.probe.batch_size))["mean"] for s in subsets[1:]]
+        summarize(probe_of(val_set.images[s]))["mean"] for s in subsets[1:]]
     t = time.perf_counter()
     zs_before = state["zs_before"]
     zs_after = zeroshot_all(model, zs_weights, zs_tasks, preprocess, device,
                             cfg.data.eval_batch_size)
     zeroshot_s = state["zeroshot_s"] + time.perf_counter() - t
     t = time.perf_counter()
-    final_aux = auxiliary_metrics(model, probe_images, preprocess, device, cfg.probe.batch_size,
-                                  aux_which, state["aux_ref"], pretrained_weights)[0]
+    final_aux = aux_of(state["aux_ref"], pretrained_weights)[0]
     aux_s = state["aux_s"] + time.perf_counter() - t
     test_set = load_task(cfg.data.dataset, "test", image_size=size)  # read once, at the end
     test_acc = accuracy(model, test_set, preprocess, device, cfg.data.eval_batch_size,
