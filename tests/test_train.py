@@ -42,6 +42,7 @@ def test_record_is_complete(full_ft_run):
     prov = rec["provenance"]
     assert prov["data"]["sizes"] == {"train": 320, "val": prov["data"]["sizes"]["val"], "probe": 40}
     assert len(prov["data"]["val_ids"]) == 16 and prov["model_sha256"]
+    assert prov["data"]["train_resident"] is True  # 320 tiny images << data.resident_mb
     assert all(math.isfinite(x["loss"]) for x in rec["history"]["loss"])
     assert (full_ft_run / "final.safetensors").is_file()
     assert (full_ft_run / "best.safetensors").is_file()

@@ -69,6 +69,9 @@ class DataConfig(_Strict):
     split_seed: int = Field(42, description="seed of the train/validation split")
     train_limit: PosInt | None = Field(None, description="use at most this many training images")
     eval_batch_size: PosInt = Field(256, description="batch for accuracy and zero-shot")
+    resident_mb: Annotated[int, Field(ge=0)] = Field(
+        4096, description="keep the uint8 training images on the device when they take at most "
+                          "this many MB, and gather each batch there (0: gather on the host)")
 
 
 class ProbeConfig(_Strict):
@@ -145,6 +148,7 @@ class RunConfig(_Strict):
 OPERATIONAL_KEYS: tuple[tuple[str, ...], ...] = (
     ("train", "checkpoint_every"),
     ("train", "checkpoint_minutes"),
+    ("data", "resident_mb"),
     ("tensorboard",),
     ("save_checkpoints",),
 )

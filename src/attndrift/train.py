@@ -199,6 +199,13 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
 
     # --- optimisation set-up ------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
+    # Training images small enough live on the device: a batch is then gathered there with a
+    # few bytes of indices instead of on the host and copied over (on the CPU, the same tensor).
+    resident = (train_set.images.numel() * train_set.images.element_size()
+                <= cfg.data.resident_mb * 2**20)
+    train_images = train_set.images.to(device) if resident else train_set.images
+    train_labels = train_set.labels.to(device) if resident else train_set.labels
+    record["provenance"]["data"]["train_resident"] = resident
     # the training forward only: probes and evaluation hook into the plain module
     forward = torch.compile(model, backend=cfg.train.compile) if cfg.train.compile else model
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -321,8 +328,9 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
             perm, b = state["perm"], state["batch"]
             idx = perm[b * bs : (b + 1) * bs]
             flips = preprocess.draw_flips(len(idx), flip_gen) if cfg.train.flip else None
-            x = preprocess(train_set.images[idx].to(device, non_blocking=True), flip_mask=flips)
-            y = train_set.labels[idx].to(device, non_blocking=True)
+            at = idx.to(train_images.device, non_blocking=True)
+            x = preprocess(train_images[at].to(device, non_blocking=True), flip_mask=flips)
+            y = train_labels[at].to(device, non_blocking=True)
             with autocast(device, cfg.train.precision), grab or contextlib.nullcontext():
                 loss = F.cross_entropy(forward(x).float(), y)
             if reg.name != "none":
