@@ -53,3 +53,12 @@ def test_run_then_compare(tmp_path, full_ft_run, lora_run):
         assert needle in result.output
     result = runner.invoke(app, ["compare", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "no record" in result.output
+
+
+def test_console_is_wide_in_logs_unless_columns_says_otherwise(monkeypatch):
+    from attndrift.console import _console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert not _console().is_terminal and _console().width == 160  # pytest captures: a pipe
+    monkeypatch.setenv("COLUMNS", "100")
+    assert _console().width == 100
