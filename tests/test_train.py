@@ -189,3 +189,25 @@ def test_compiled_training_forward_trains_like_eager(full_ft_run, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-3)
     assert compiled["final"]["metrics"]["mean"]["entropy"] == pytest.approx(
         eager["final"]["metrics"]["mean"]["entropy"], rel=1e-3)
+
+
+def test_zeroshot_follows_the_given_precision():
+    """zeroshot_all runs the image encoder under the run's autocast (train.precision) and
+    compares normalised float32 embeddings with the text weights."""
+    from attndrift.evaluate import zeroshot_all
+
+    loaded = load_clip("tiny")
+    model = CLIPClassifier.from_clip(loaded.model, 3)
+    task = load_task("shapes-zs-colour", "test")
+    weights = {"c": text_classifier(loaded.model, loaded.tokenizer, task.class_names,
+                                    task.templates)}
+    dtypes = []
+    hook = model.visual_projection.register_forward_hook(
+        lambda _m, _i, out: dtypes.append(out.dtype))
+    try:
+        acc = {p: zeroshot_all(model, weights, {"c": task}, loaded.preprocessor(),
+                               torch.device("cpu"), 256, p)["c"] for p in ("fp32", "bf16")}
+    finally:
+        hook.remove()
+    assert set(dtypes) == {torch.float32, torch.bfloat16}
+    assert acc["fp32"] > 0.9 and abs(acc["bf16"] - acc["fp32"]) < 0.05

@@ -48,7 +48,8 @@ class TrainConfig(_Strict):
     warmup_frac: Fraction = Field(0.05, description="linear warmup share of all steps, then cosine")
     grad_clip: PosFloat | None = Field(1.0, description="max gradient norm (None: no clipping)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere")
+        "auto", description="autocast of training, accuracy and zero-shot forwards: auto = bf16 "
+                            "on CUDA, fp32 elsewhere")
     flip: bool = Field(True, description="random horizontal flip of training images")
     compile: Literal["inductor", "aot_eager", "cudagraphs"] | None = Field(
         None, description="torch.compile backend for the training forward (inductor: fastest, "

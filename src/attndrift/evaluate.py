@@ -67,10 +67,17 @@ def accuracy(model: CLIPClassifier, task: ImageTask, preprocess: Preprocessor,
 
 def zeroshot_all(model: CLIPClassifier, weights: dict[str, torch.Tensor],
                  tasks: dict[str, ImageTask], preprocess: Preprocessor, device: torch.device,
-                 batch_size: int) -> dict[str, float]:
-    """Zero-shot accuracy on every task through the classifier's (adapted) image encoder."""
+                 batch_size: int, precision: str = "fp32") -> dict[str, float]:
+    """Zero-shot accuracy on every task through the classifier's (adapted) image encoder, run
+    under ``autocast(device, precision)``; the embeddings are normalised and compared with the
+    text weights in float32."""
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            return model.embed(x)
+
     with eval_mode(model):
-        return {name: zeroshot_accuracy(model.embed, weights[name], task, preprocess, device,
+        return {name: zeroshot_accuracy(encode, weights[name], task, preprocess, device,
                                         batch_size) for name, task in tasks.items()}
 
 

@@ -165,7 +165,7 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
                 "test_acc": accuracy(model, test_set, preprocess, dev, batch_size,
                                      cfg.train.precision),
                 "zeroshot": zeroshot_all(model, zs_weights, zs_tasks, preprocess, dev,
-                                         batch_size),
+                                         batch_size, cfg.train.precision),
                 "metrics": metrics,
                 "delta_pct": {m: delta_pct(metrics["mean"][m], baseline[m]) for m in METRICS},
             })

@@ -257,11 +257,11 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
         probe_s = time.perf_counter() - t
         t = time.perf_counter()
         zs_before = zeroshot_all(model, zs_weights, zs_tasks, preprocess, device,
-                                 cfg.data.eval_batch_size)
+                                 cfg.data.eval_batch_size, cfg.train.precision)
         own = text_classifier(clip, loaded.tokenizer, val_set.class_names, val_set.templates,
                               device)
         own_acc = zeroshot_all(model, {"task": own}, {"task": val_set}, preprocess, device,
-                               cfg.data.eval_batch_size)["task"]
+                               cfg.data.eval_batch_size, cfg.train.precision)["task"]
         record["sanity"], record["warnings"] = sanity_check(
             {f"{cfg.data.dataset} (validation)": (own_acc, val_set.num_classes),
              **{n: (zs_before[n], t.num_classes) for n, t in zs_tasks.items()}})
@@ -428,7 +428,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
     t = time.perf_counter()
     zs_before = state["zs_before"]
     zs_after = zeroshot_all(model, zs_weights, zs_tasks, preprocess, device,
-                            cfg.data.eval_batch_size)
+                            cfg.data.eval_batch_size, cfg.train.precision)
     zeroshot_s = state["zeroshot_s"] + time.perf_counter() - t
     t = time.perf_counter()
     final_aux = aux_of(state["aux_ref"], pretrained_weights)[0]
