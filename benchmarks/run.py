@@ -369,7 +369,8 @@ def bench_model(args, device: torch.device) -> tuple[list[dict[str, Any]], dict[
 
     def probe() -> None:  # what train.py does at a probe point, at probe.precision
         attn_holder["attn"] = probe_attention(model, probe_images, preprocess, device,
-                                              args.probe_batch, args.probe_precision)
+                                              args.probe_batch, args.probe_precision,
+                                              on_device=True)
         summarize(attn_holder["attn"])
 
     probe_t = measure(probe, args.probe_repeat, device, warmup=args.io_warmup)

@@ -37,19 +37,22 @@ def eval_mode(model: torch.nn.Module):
 
 @torch.no_grad()
 def probe_attention(model: CLIPClassifier, images: torch.Tensor, preprocess: Preprocessor,
-                    device: torch.device, batch_size: int, precision: str = "fp32"
-                    ) -> torch.Tensor:
-    """CLS->patch attention ``[n, L, H, N]`` (float32, CPU) of uint8 ``images`` under ``model``,
-    the forward under ``autocast(device, precision)``.
+                    device: torch.device, batch_size: int, precision: str = "fp32", *,
+                    on_device: bool = False) -> torch.Tensor:
+    """CLS->patch attention ``[n, L, H, N]`` (float32, on the CPU, or on ``device`` with
+    ``on_device``) of uint8 ``images`` under ``model``, the forward under
+    ``autocast(device, precision)``.
 
-    The batches stay on the device until the end: one device-to-host copy (one wait for the
-    GPU) per probe, not one per batch."""
+    The batches stay on the device until the end: at most one device-to-host copy (one wait
+    for the GPU) per probe. ``summarize`` of an ``on_device`` result runs on the GPU and
+    brings back only the table, where the CPU would spend ~5-8 ms on a 200-image probe."""
     parts = []
     with eval_mode(model), autocast(device, precision):
         for start in range(0, images.shape[0], batch_size):
             x = preprocess(images[start : start + batch_size].to(device, non_blocking=True))
             parts.append(cls_patch_attention(model.vision_model, x).float())
-    return torch.cat(parts).cpu()
+    attn = torch.cat(parts)
+    return attn if on_device else attn.cpu()
 
 
 @torch.no_grad()

@@ -77,10 +77,14 @@ class AttentionMonitor:
         self.history: list[dict[str, Any]] = []
         self.baseline: dict[str, Any] = baseline if baseline is not None else self._summary()
 
-    @torch.no_grad()
     def attention(self) -> torch.Tensor:
         """The model's current CLS->patch maps of the probe batch, ``[n, L, H, N]`` float32 on
         CPU; every module's train/eval state is restored afterwards."""
+        return self._attention().cpu()
+
+    @torch.no_grad()
+    def _attention(self) -> torch.Tensor:
+        """``attention`` on the model's device (scored there; only the table comes back)."""
         param = next(self.tower.parameters())
         flags = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
@@ -89,14 +93,14 @@ class AttentionMonitor:
             for start in range(0, self.pixel_values.shape[0], self.batch_size):
                 x = self.pixel_values[start : start + self.batch_size]
                 x = x.to(device=param.device, dtype=param.dtype)
-                parts.append(cls_patch_attention(self.tower, x, self.layers).float().cpu())
+                parts.append(cls_patch_attention(self.tower, x, self.layers).float())
         finally:
             for module, training in flags:
                 module.training = training
         return torch.cat(parts)
 
     def _summary(self) -> dict[str, Any]:
-        return summarize(self.attention())
+        return summarize(self._attention())
 
     def measure(self, step: int | None = None) -> dict[str, Any]:
         """Measure now: returns the ``summarize`` dict and appends it (with ``step`` and its

@@ -241,7 +241,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
 
     def probe_of(images: torch.Tensor) -> torch.Tensor:  # the attention probe, as configured
         return probe_attention(model, images, preprocess, device, cfg.probe.batch_size,
-                               cfg.probe.precision)
+                               cfg.probe.precision, on_device=True)  # summarized there
 
     def aux_of(reference=None, weights=None) -> tuple[dict[str, Any], dict[str, Any]]:
         return auxiliary_metrics(model, probe_images, preprocess, device, cfg.probe.batch_size,
@@ -272,7 +272,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                  "loss_count": 0, "best_val": -1.0, "best_epoch": 0, "train_s": 0.0,
                  "probe_s": probe_s, "zeroshot_s": zeroshot_s,
                  "aux_s": time.perf_counter() - t, "aux_ref": aux_ref,
-                 "zs_before": zs_before, "base_attn": base_attn[:ATTENTION_SAMPLES]}
+                 "zs_before": zs_before, "base_attn": base_attn[:ATTENTION_SAMPLES].cpu()}
     else:
         # --- resume: every tensor and counter the loop reads, exactly as it was saved ---
         state = saved
