@@ -339,11 +339,13 @@ def summarize(cls_patch: torch.Tensor) -> dict[str, Any]:
     names = ("entropy", "erf", "gini")
     # float64 means: a float32 mean of thousands of values ~3.6 is off by ~1e-6. Every
     # (layer, head) has n images, so the per-layer mean is the mean of the per-head means.
+    # The small per-image tables go to the host for that (some devices, e.g. MPS, have no
+    # float64; the table ends up on the host anyway).
     per_image_head = torch.stack((per_image_head_entropy, _erf_of_cumsum(cum, 0.95),
-                                  _gini_of_cumsum(cum))).double()  # [3, n, L, H]
+                                  _gini_of_cumsum(cum))).to("cpu", torch.float64)  # [3, n, L, H]
     per_head = per_image_head.mean(dim=1)  # [3, L, H]
     per_layer = per_head.mean(dim=-1)  # [3, L]
-    diversity = head_diversity(x.mean(dim=0).double())  # [L]
+    diversity = head_diversity(x.mean(dim=0).to("cpu", torch.float64))  # [L]
     out: dict[str, Any] = {
         name: {"layers": layers, "heads": heads}
         for name, layers, heads in zip(names, per_layer.tolist(), per_head.tolist(), strict=True)
