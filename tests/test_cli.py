@@ -62,3 +62,17 @@ def test_console_is_wide_in_logs_unless_columns_says_otherwise(monkeypatch):
     assert not _console().is_terminal and _console().width == 160  # pytest captures: a pipe
     monkeypatch.setenv("COLUMNS", "100")
     assert _console().width == 100
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--workers", "2", "--gpus", "99"], "99 not among the visible GPUs"),
+    (["--gpus", "0"], "needs --backend local and --workers 2"),
+])
+def test_study_gpus_are_checked_before_anything_runs(tmp_path, args, needle):
+    study = ROOT / "configs" / "studies" / "demo.yaml"
+    result = runner.invoke(app, ["study", "run", str(study), "--store", str(tmp_path / "s"),
+                                 *args])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --gpus") and needle in lines[0]
+    assert not (tmp_path / "s").exists()

@@ -56,6 +56,18 @@ def run_cmd(
 
     if backend not in ("local", "ray"):
         fail(f"--backend {backend!r}: choose local or ray", 2)
+    gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
+    if gpu_ids is not None:
+        from attndrift.study.executor import visible_gpus
+
+        if backend != "local" or workers < 2:
+            fail("--gpus spreads local workers: it needs --backend local and --workers 2 or "
+                 "more (one run in this process uses its config's device, e.g. device=cuda:1)", 2)
+        visible = visible_gpus()
+        unknown = [g for g in gpu_ids if g not in visible]
+        if unknown:
+            fail(f"--gpus {gpus}: {', '.join(unknown)} not among the visible GPUs "
+                 f"({', '.join(visible) or 'none: torch sees no CUDA device'})", 2)
     try:
         spec, planned = load_study(study)
     except ConfigError as e:
@@ -95,8 +107,7 @@ def run_cmd(
     outcomes = execute(store, planned, workers=workers, backend=backend,
                        retry_failed=retry_failed, progress=sys.stderr.isatty() and workers == 1,
                        on_outcome=report, ray_address=ray_address, gpus_per_run=gpus_per_run,
-                       cpus_per_run=cpus_per_run,
-                       gpus=[g.strip() for g in gpus.split(",") if g.strip()] if gpus else None)
+                       cpus_per_run=cpus_per_run, gpus=gpu_ids)
     busy = [o.run_id for o in outcomes if o.status == "skipped-busy"]
     bad = [r for r in status_rows(store) if r["status"] in ("failed", "diverged", "corrupt")]
     out.print(f"study {spec.name}: {counts['completed']}/{total} completed, "
