@@ -36,10 +36,15 @@ def new_record(run_id: str, config: dict[str, Any]) -> dict[str, Any]:
             "zeroshot": {}, "timing": {}}
 
 
+def config_digest(config: dict[str, Any]) -> str:
+    """8 hex of ``config`` as sorted, compact JSON: stable for identical resolved configs."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
 def run_id_for(config: dict[str, Any]) -> str:
     """``<name>-<8 hex>``: readable, and stable for identical resolved configs."""
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return f"{config.get('name', 'run')}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    return f"{config.get('name', 'run')}-{config_digest(config)}"
 
 
 def jsonable(value: Any) -> Any:

@@ -22,7 +22,6 @@ the same id, and any change to it gets a new one.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from attndrift.config import (
     parse_yaml,
     validate,
 )
+from attndrift.records import config_digest
 
 
 class _Spec(BaseModel):
@@ -89,9 +89,7 @@ def _fmt(value: Any) -> str:
 
 def config_hash(config: RunConfig) -> str:
     """8 hex of the resolved config, operational settings left out (`config.identity`)."""
-    blob = json.dumps(identity(config.model_dump(mode="json")), sort_keys=True,
-                      separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return config_digest(identity(config.model_dump(mode="json")))
 
 
 def _resolve(base: dict, layers: list[dict[str, Any]], name: str, where: str) -> RunConfig:
