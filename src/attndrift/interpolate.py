@@ -157,7 +157,8 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
         for alpha in alphas:
             walker.set(alpha)
             metrics = summarize(probe_attention(model, probe_images, preprocess, dev,
-                                                cfg.probe.batch_size, cfg.probe.precision))
+                                                cfg.probe.batch_size, cfg.probe.precision,
+                                                on_device=True))
             rows.append({
                 "alpha": alpha,
                 "val_acc": accuracy(model, val_set, preprocess, dev, batch_size,
