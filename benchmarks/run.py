@@ -191,6 +191,7 @@ def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 def bench_metrics(repeat: int, naive_repeat: int, shape=PROBE_SHAPE, rounds: int = 4
                   ) -> dict[str, Any]:
+    from attndrift.probes import metrics
     from attndrift.probes.metrics import summarize
 
     x = random_probe(shape)
@@ -209,7 +210,9 @@ def bench_metrics(repeat: int, naive_repeat: int, shape=PROBE_SHAPE, rounds: int
             "naive_ms": 1e3 * slow_s,
             "naive_median_ms": 1e3 * statistics.median(t["median_s"] for t in slow_times),
             "attndrift_images_per_s": n / fast_s, "naive_images_per_s": n / slow_s,
-            "speedup": slow_s / fast_s, "max_abs_diff": diff}
+            "speedup": slow_s / fast_s, "max_abs_diff": diff,
+            # which CPU path summarize took: the compiled kernel (setup.py) or numpy + torch
+            "kernel": "compiled" if metrics._rowstats is not None else "numpy+torch"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -666,7 +669,7 @@ def table_lines(result: dict[str, Any]) -> list[str]:
             cells = (f"metrics {'x'.join(map(str, r['shape']))}",
                      f"{r['attndrift_ms']:.2f} ms", f"naive b{r['naive_batch']} "
                      f"{r['naive_ms']:.1f} ms", f"{r['speedup']:.1f}x",
-                     f"max |diff| {r['max_abs_diff']:.1e}")
+                     f"max |diff| {r['max_abs_diff']:.1e}, {r.get('kernel', '?')}")
         elif name == "probe overhead":
             fidelity = r.get("max_abs_diff_vs_fp32_probe")
             cells = ("probe overhead", f"{r['overhead_pct']:.2f} % of steps",

@@ -17,15 +17,19 @@ The definitions are the study's:
 table the reports use, and ``METRICS`` holds the display metadata for each metric.
 
 Speed (measured by benchmarks/run.py, see docs/performance.md): ERF and Gini need every row
-sorted, and sorting dominates the cost, so ``summarize`` sorts once for both and derives both
-from the same ascending running sums. On the CPU, outside autograd, numpy sorts the rows: its
-vectorised sort of short rows is several times faster than ``torch.sort`` (which also builds an
-index tensor), and sorting is exact, so the values are the same. ``summarize`` also reuses one
-per-thread scratch buffer for its temporaries and accumulates its means in float64.
+sorted, and sorting dominates the cost, so both come from one pass over the sorted rows
+(``_sorted_stats``). On the CPU, for float32 outside autograd, the optional compiled kernel
+``_rowstats`` (built by setup.py) sorts sixteen rows at a time with a vectorised sorting network
+and derives both statistics without writing the sorted rows; the rows are split over
+``torch.get_num_threads()`` threads. Without it, numpy sorts the rows (its vectorised sort of
+short rows is several times faster than ``torch.sort``), and torch takes the running sums: the
+same values (ERF exactly; Gini to float32 rounding). ``summarize`` also reuses one per-thread
+scratch buffer for its temporaries and accumulates its means in float64.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -34,8 +38,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, overload
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+
+try:  # the optional compiled kernel (setup.py); without it numpy and torch compute the same
+    from attndrift.probes import _rowstats
+except ImportError:  # pragma: no cover - depends on the build
+    _rowstats = None
 
 __all__ = [
     "ERF_RTOL",
@@ -177,7 +186,9 @@ def erf(p: torch.Tensor, mass: float = 0.95) -> torch.Tensor:
         ``[...]`` values in ``[1/N, 1]``, float32 (float64 if ``p`` is float64).
     """
     _check_mass(mass)
-    return _erf_of_cumsum(_ascending_cumsum(_as_float(p)), mass)
+    x = _as_float(p)
+    fit, _ = _sorted_stats(x, mass)
+    return _erf_of_fit(fit.to(x.dtype), x.shape[-1])
 
 
 def gini(p: torch.Tensor) -> torch.Tensor:
@@ -193,12 +204,127 @@ def gini(p: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[...]`` float32 (float64 if ``p`` is float64); NaN for an all-zero row.
     """
-    return _gini_of_cumsum(_ascending_cumsum(_as_float(p)))
+    x = _as_float(p)
+    _, ratio = _sorted_stats(x, 0.95)
+    return _gini_of_ratio(ratio, x.shape[-1]).to(x.dtype)
 
 
 def _check_mass(mass: float) -> None:
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
+
+
+def _sorted_stats(x: torch.Tensor, mass: float, scratch: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ERF and Gini need from each row of ``x`` ``[..., N]`` sorted ascending, with
+    ``A_j = x_(1) + ... + x_(j)`` its running sums (``A_N`` the row's total):
+
+    - ``fit`` ``[...]``: how many of the smallest weights fit in the spare mass, the number of
+      ``j`` with ``A_j <= A_N * (1 - mass * (1 - ERF_RTOL))``. The ``k`` largest weights hold
+      ``A_N - A_(N-k)``, so they reach the ERF target exactly when ``N - k`` of the smallest fit.
+    - ``ratio`` ``[...]``: ``sum_j A_j / A_N``. ``sum_j A_j`` counts ``x_(i)`` ``N - i + 1``
+      times, so ``sum_i i * x_(i) = (N + 1) * A_N - sum_j A_j`` (the Gini numerator).
+
+    The compiled kernel (``_kernel_applies``) returns ``ratio`` in float64; the torch path in
+    ``x``'s dtype, from ``_ascending_cumsum`` (which may use ``scratch``). Both take the running
+    sums as ``torch.cumsum`` does on the CPU (double accumulator, one float32 rounding per sum),
+    so ``fit`` is the same either way.
+    """
+    keep = 1.0 - mass * (1.0 - ERF_RTOL)
+    if _kernel_applies(x):
+        fit, ratio, _ = _kernel_stats(x, keep)
+        return fit, ratio
+    asc = _ascending_cumsum(x, scratch)
+    spare = asc[..., -1:] * keep
+    fit = torch.searchsorted(asc.contiguous(), spare.contiguous(), right=True).squeeze(-1)
+    return fit, asc.sum(dim=-1) / asc[..., -1]
+
+
+def _kernel_applies(x: torch.Tensor) -> bool:
+    """The compiled kernel is built and takes ``x``: float32 on the CPU, no autograd."""
+    return (_rowstats is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.dim() > 0 and x.shape[-1] > 0 and x.numel() > 0
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def _kernel_stats(x: torch.Tensor, keep: float, with_entropy: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``fit`` (int32), ``ratio`` (float64) and, if asked, the entropy (float64, clamped like
+    ``entropy``) of every row of ``x``, by the compiled kernel, rows split over the sorting
+    threads. Shapes ``x.shape[:-1]``."""
+    n = x.shape[-1]
+    bits = x.detach().reshape(-1, n).contiguous().view(torch.int32).numpy()
+    fit = np.empty(bits.shape[0], dtype=np.int32)
+    ratio = np.empty(bits.shape[0], dtype=np.float64)
+    ent = np.empty(bits.shape[0], dtype=np.float64) if with_entropy else None
+    first, second = _sorting_network(n)
+    coef = _log1p_coefficients() if with_entropy else None
+
+    def rows(lo: int, hi: int) -> None:
+        _rowstats.row_stats(bits[lo:hi], n, first, second, keep, fit[lo:hi], ratio[lo:hi],
+                            None if ent is None else ent[lo:hi], coef)
+
+    _split_rows(bits.shape[0], x.numel(), rows)
+    shape = x.shape[:-1]
+    return (torch.from_numpy(fit).view(shape), torch.from_numpy(ratio).view(shape),
+            None if ent is None else torch.from_numpy(ent).view(shape))
+
+
+@functools.cache
+def _log1p_coefficients() -> np.ndarray:
+    """Power-series coefficients ``c_0..c_12`` of ``log1p(f) / f`` for the kernel's logarithm,
+    ``f`` in ``[sqrt(1/2) - 1, sqrt(2) - 1]``: Chebyshev interpolation of degree 12, within
+    1e-11 of ``log1p`` there (tests/test_metrics.py checks the kernel's entropy in float64)."""
+    from numpy.polynomial import Chebyshev, Polynomial
+
+    def log1p_over_f(f: np.ndarray) -> np.ndarray:
+        safe = np.where(f == 0.0, 1.0, f)
+        return np.where(f == 0.0, 1.0, np.log1p(safe) / safe)
+
+    fitted = Chebyshev.interpolate(log1p_over_f, 12, domain=[math.sqrt(0.5) - 1, math.sqrt(2) - 1])
+    coef = np.ascontiguousarray(fitted.convert(kind=Polynomial).coef, dtype=np.float64)
+    coef.flags.writeable = False
+    return coef
+
+
+@functools.cache
+def _sorting_network(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Comparators ``(first[c], second[c])``, ``first < second``, of Batcher's odd-even merge
+    sort for ``n`` inputs: applied in order, each putting the smaller of its two positions'
+    values first, they sort any row.
+
+    The network is the one for the next power of two less every comparator that touches a
+    position ``>= n``: those positions act as +inf padding, which no comparator ever moves.
+    """
+    size = 1 << max(0, n - 1).bit_length()
+    pairs = []
+    run = 1
+    while run < size:  # merge sorted runs of length ``run`` into runs of ``2 * run``
+        step = run
+        while step >= 1:
+            for base in range(step % run, size - step, 2 * step):
+                for i in range(base, base + min(step, size - base - step)):
+                    if i // (2 * run) == (i + step) // (2 * run) and i + step < n:
+                        pairs.append((i, i + step))
+            step //= 2
+        run *= 2
+    first = np.array([a for a, _ in pairs], dtype=np.int32)
+    second = np.array([b for _, b in pairs], dtype=np.int32)
+    first.flags.writeable = second.flags.writeable = False
+    return first, second
+
+
+def _split_rows(rows: int, numel: int, work) -> None:
+    """Run ``work(lo, hi)`` over consecutive row ranges covering ``0..rows``: one range per
+    ``torch.get_num_threads()`` thread, each of at least ``_SPLIT_MIN`` elements (the calling
+    thread takes the first; numpy and the kernel release the GIL while they work)."""
+    threads = max(1, min(torch.get_num_threads(), numel // _SPLIT_MIN))
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    jobs = [_sort_pool(threads - 1).submit(work, lo, hi)
+            for lo, hi in itertools.pairwise(bounds[1:])] if threads > 1 else []
+    work(0, bounds[1])
+    for job in jobs:
+        job.result()
 
 
 def _ascending_cumsum(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,8 +333,8 @@ def _ascending_cumsum(x: torch.Tensor, scratch: torch.Tensor | None = None) -> t
 
     On the CPU, outside autograd, numpy sorts (see the module docstring) into ``scratch`` (or a
     fresh buffer), and the running sums overwrite the sorted values in place. Large inputs are
-    split into row ranges, one per ``torch.get_num_threads()`` thread (numpy releases the GIL
-    while it sorts). Elsewhere (CUDA, gradients) torch sorts.
+    split into row ranges over the sorting threads (``_split_rows``). Elsewhere (CUDA,
+    gradients) torch sorts.
     """
     if (x.device.type != "cpu" or x.dim() == 0 or x.numel() < _NUMPY_SORT_MIN
             or x.dtype not in (torch.float32, torch.float64)
@@ -230,14 +356,7 @@ def _ascending_cumsum(x: torch.Tensor, scratch: torch.Tensor | None = None) -> t
             block[...] = src[start:start + len(block)]
             block.sort(axis=-1)
 
-    rows = src.shape[0]
-    threads = max(1, min(torch.get_num_threads(), x.numel() // _SPLIT_MIN))
-    bounds = [rows * i // threads for i in range(threads + 1)]
-    jobs = [_sort_pool(threads - 1).submit(sort_rows, lo, hi)
-            for lo, hi in itertools.pairwise(bounds[1:])] if threads > 1 else []
-    sort_rows(0, bounds[1])  # this thread takes the first block
-    for job in jobs:
-        job.result()
+    _split_rows(src.shape[0], x.numel(), sort_rows)
     return scratch.view(x.shape).cumsum_(dim=-1)
 
 
@@ -251,24 +370,14 @@ def _sort_pool(workers: int) -> ThreadPoolExecutor:
     return _pool
 
 
-def _erf_of_cumsum(asc: torch.Tensor, mass: float) -> torch.Tensor:
-    """``erf`` from the ascending running sums of each row.
-
-    The ``k`` largest weights hold ``A_N - A_(N-k)``, so they reach the target exactly when the
-    ``N - k`` smallest hold at most ``A_N * (1 - mass * (1 - ERF_RTOL))``; the running sums of
-    non-negative weights never decrease, so a binary search counts the smallest that fit.
-    """
-    n = asc.shape[-1]
-    spare = asc[..., -1:] * (1.0 - mass * (1.0 - ERF_RTOL))
-    fit = torch.searchsorted(asc.contiguous(), spare.contiguous(), right=True).squeeze(-1)
-    return (n - fit).clamp(min=1).to(asc.dtype) / n
+def _erf_of_fit(fit: torch.Tensor, n: int) -> torch.Tensor:
+    """``erf`` from ``_sorted_stats``' ``fit`` (at least one patch, for an all-zero row)."""
+    return (n - fit).clip(min=1) / n  # a tensor or an array
 
 
-def _gini_of_cumsum(asc: torch.Tensor) -> torch.Tensor:
-    """``gini`` from the ascending running sums of each row: ``sum_j A_j`` counts ``x_(i)``
-    ``N - i + 1`` times, so ``sum_i i * x_(i) = (N + 1) * A_N - sum_j A_j``."""
-    n = asc.shape[-1]
-    return (n + 1) / n - 2.0 * asc.sum(dim=-1) / (n * asc[..., -1])
+def _gini_of_ratio(ratio: torch.Tensor, n: int) -> torch.Tensor:
+    """``gini`` from ``_sorted_stats``' ``ratio`` (see there for the identity)."""
+    return (n + 1) / n - (2.0 / n) * ratio
 
 
 def head_diversity(p: torch.Tensor) -> torch.Tensor:
@@ -288,10 +397,13 @@ def head_diversity(p: torch.Tensor) -> torch.Tensor:
     h = x.shape[-2]
     if h < 2:
         return torch.zeros(x.shape[:-2], dtype=x.dtype, device=x.device)
-    unit = F.normalize(x, dim=-1)
-    gram = unit @ unit.transpose(-1, -2)  # [..., H, H] cosine similarities
-    rows, cols = torch.triu_indices(h, h, offset=1, device=x.device)
-    return 1.0 - gram[..., rows, cols].mean(dim=-1)
+    # With unit maps u_i (zero maps stay zero, as in F.normalize), the sum over pairs i < j of
+    # u_i . u_j is (|sum_i u_i|^2 - sum_i |u_i|^2) / 2: no Gram matrix. (Elementwise ops only,
+    # too: a batched matmul or F.normalize here wakes torch's OpenMP threads, which then spin
+    # for ~20 ms on the cores that summarize's sorting threads need next.)
+    unit = x / x.square().sum(dim=-1, keepdim=True).sqrt().clamp(min=1e-12)
+    pairs = unit.sum(dim=-2).square().sum(dim=-1) - unit.square().sum(dim=(-2, -1))
+    return 1.0 - pairs / (h * (h - 1))
 
 
 def renormalize_patches(cls_row: torch.Tensor) -> torch.Tensor:
@@ -333,26 +445,36 @@ def summarize(cls_patch: torch.Tensor) -> dict[str, Any]:
     if cls_patch.shape[0] == 0:
         raise ValueError("cls_patch has no images")
     x = _as_float(cls_patch.detach())
-    scratch = _scratch(x)
-    per_image_head_entropy = _entropy_into(x, scratch)  # [n, L, H]; then scratch is free
-    cum = _ascending_cumsum(x, scratch)  # one sort serves ERF and Gini
+    n_patches = x.shape[-1]
     names = ("entropy", "erf", "gini")
     # float64 means: a float32 mean of thousands of values ~3.6 is off by ~1e-6. Every
     # (layer, head) has n images, so the per-layer mean is the mean of the per-head means.
     # The small per-image tables go to the host for that (some devices, e.g. MPS, have no
     # float64; the table ends up on the host anyway).
-    per_image_head = torch.stack((per_image_head_entropy, _erf_of_cumsum(cum, 0.95),
-                                  _gini_of_cumsum(cum))).to("cpu", torch.float64)  # [3, n, L, H]
-    per_head = per_image_head.mean(dim=1)  # [3, L, H]
-    per_layer = per_head.mean(dim=-1)  # [3, L]
-    diversity = head_diversity(x.mean(dim=0).to("cpu", torch.float64))  # [L]
+    if _kernel_applies(x):
+        # One kernel pass gives all three per-row values, and the image-mean maps come from
+        # numpy: no parallel torch op, whose idle OpenMP threads would spin on the cores the
+        # kernel's threads need (for ~20 ms after every such op).
+        fit, ratio, ent = _kernel_stats(x, 1.0 - 0.95 * (1.0 - ERF_RTOL), with_entropy=True)
+        maps = torch.from_numpy(x.contiguous().view(x.shape[0], -1).numpy().mean(axis=0))
+    else:
+        scratch = _scratch(x)
+        ent = _entropy_into(x, scratch)  # [n, L, H]; then scratch is free
+        fit, ratio = _sorted_stats(x, 0.95, scratch)  # one sort serves ERF and Gini
+        maps = x.mean(dim=0)
+    per_image_head = np.stack([t.to("cpu", torch.float64).numpy() for t in (ent, fit, ratio)])
+    per_image_head[1] = _erf_of_fit(per_image_head[1], n_patches)
+    per_image_head[2] = _gini_of_ratio(per_image_head[2], n_patches)  # [3, n, L, H]
+    per_head = per_image_head.mean(axis=1)  # [3, L, H]
+    per_layer = per_head.mean(axis=-1)  # [3, L]
+    diversity = head_diversity(maps.view(x.shape[1:]).to("cpu", torch.float64))  # [L]
     out: dict[str, Any] = {
         name: {"layers": layers, "heads": heads}
         for name, layers, heads in zip(names, per_layer.tolist(), per_head.tolist(), strict=True)
     }
     out["head_diversity"] = {"layers": diversity.tolist()}
     out["mean"] = dict(zip((*names, "head_diversity"),
-                           torch.cat((per_layer.mean(dim=-1), diversity.mean().view(1))).tolist(),
+                           [*per_layer.mean(axis=-1).tolist(), diversity.mean().item()],
                            strict=True))
     return out
 
