@@ -373,7 +373,7 @@ def test_kernel_matches_float64_and_torch(n: int) -> None:
     x[3, -1] = 1e-40
     x[4] = x[4].round(decimals=1)
     keep = 1.0 - 0.95 * (1.0 - metrics.ERF_RTOL)
-    fit, ratio, ent = metrics._kernel_stats(x, keep, with_entropy=True)
+    fit, ratio, ent = metrics._kernel_stats(x, 0.95, with_entropy=True)
     asc = torch.sort(x, dim=-1).values.cumsum(dim=-1)  # float32 sums of a double accumulator
     expected_fit = torch.searchsorted(asc, asc[:, -1:] * keep, right=True).squeeze(-1)
     assert torch.equal(fit.long(), expected_fit)

@@ -39,8 +39,8 @@
 #define VECS 2 /* vectors per group (measured: 1, 2, 4 and 8 cost within 20 %) */
 #define GROUP (LANES * VECS) /* rows per group */
 #define PARTS (GROUP / HALF)
-/* Lanes h * HALF .. h * HALF + HALF - 1 of a block of VECS vectors, as floats. */
 #define FLT_MIN_VEC ((vf8){FLT_MIN, FLT_MIN, FLT_MIN, FLT_MIN, FLT_MIN, FLT_MIN, FLT_MIN, FLT_MIN})
+/* Lanes h * HALF .. h * HALF + HALF - 1 of a block of VECS vectors, as floats. */
 #define PART(block, h) (*(const vf8 *)((const int32_t *)(block) + (h) * HALF))
 
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));

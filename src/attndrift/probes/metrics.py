@@ -230,12 +230,11 @@ def _sorted_stats(x: torch.Tensor, mass: float, scratch: torch.Tensor | None = N
     sums as ``torch.cumsum`` does on the CPU (double accumulator, one float32 rounding per sum),
     so ``fit`` is the same either way.
     """
-    keep = 1.0 - mass * (1.0 - ERF_RTOL)
     if _kernel_applies(x):
-        fit, ratio, _ = _kernel_stats(x, keep)
+        fit, ratio, _ = _kernel_stats(x, mass)
         return fit, ratio
     asc = _ascending_cumsum(x, scratch)
-    spare = asc[..., -1:] * keep
+    spare = asc[..., -1:] * _keep(mass)
     fit = torch.searchsorted(asc.contiguous(), spare.contiguous(), right=True).squeeze(-1)
     return fit, asc.sum(dim=-1) / asc[..., -1]
 
@@ -247,7 +246,12 @@ def _kernel_applies(x: torch.Tensor) -> bool:
             and not (x.requires_grad and torch.is_grad_enabled()))
 
 
-def _kernel_stats(x: torch.Tensor, keep: float, with_entropy: bool = False
+def _keep(mass: float) -> float:
+    """The spare fraction of a row's total that the smallest weights may fill for ERF."""
+    return 1.0 - mass * (1.0 - ERF_RTOL)
+
+
+def _kernel_stats(x: torch.Tensor, mass: float, with_entropy: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``fit`` (int32), ``ratio`` (float64) and, if asked, the entropy (float64, clamped like
     ``entropy``) of every row of ``x``, by the compiled kernel, rows split over the sorting
@@ -261,7 +265,7 @@ def _kernel_stats(x: torch.Tensor, keep: float, with_entropy: bool = False
     coef = _log1p_coefficients() if with_entropy else None
 
     def rows(lo: int, hi: int) -> None:
-        _rowstats.row_stats(bits[lo:hi], n, first, second, keep, fit[lo:hi], ratio[lo:hi],
+        _rowstats.row_stats(bits[lo:hi], n, first, second, _keep(mass), fit[lo:hi], ratio[lo:hi],
                             None if ent is None else ent[lo:hi], coef)
 
     _split_rows(bits.shape[0], x.numel(), rows)
@@ -455,8 +459,9 @@ def summarize(cls_patch: torch.Tensor) -> dict[str, Any]:
         # One kernel pass gives all three per-row values, and the image-mean maps come from
         # numpy: no parallel torch op, whose idle OpenMP threads would spin on the cores the
         # kernel's threads need (for ~20 ms after every such op).
-        fit, ratio, ent = _kernel_stats(x, 1.0 - 0.95 * (1.0 - ERF_RTOL), with_entropy=True)
-        maps = torch.from_numpy(x.contiguous().view(x.shape[0], -1).numpy().mean(axis=0))
+        x = x.contiguous()  # once, for the kernel and the maps
+        fit, ratio, ent = _kernel_stats(x, 0.95, with_entropy=True)
+        maps = torch.from_numpy(x.view(x.shape[0], -1).numpy().mean(axis=0))
     else:
         scratch = _scratch(x)
         ent = _entropy_into(x, scratch)  # [n, L, H]; then scratch is free
