@@ -136,12 +136,53 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "accuracy", real)
     resumed = train.run(cfg, tmp_path / "cut", progress=False)
     assert resumed["status"] == "completed" and resumed["timing"]["resumed"] == 1
+    assert "error" not in resumed and "traceback" not in resumed  # the crash's, now stale
     for key in ("final", "zeroshot", "baseline", "history"):
         assert resumed[key] == ref[key], key
     a, b = load_file(tmp_path / "ref" / "final.safetensors"), load_file(
         tmp_path / "cut" / "final.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "cut" / "resume.pt").exists()
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it reaches the disk."""
+
+
+def test_kill_between_resume_state_and_record_still_resumes(tmp_path, monkeypatch):
+    # SIGKILL right after resume.pt landed, before the record was rewritten: record.json is
+    # then still the one written when the run started (no baseline yet). The resume state
+    # alone must be enough.
+    import attndrift.train as train
+    from attndrift.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "runs" / "tiny_full_ft.yaml",
+                      [f"{k}={json.dumps(v)}" for k, v in TINY.items()] + ["train.epochs=3"])
+    ref = train.run(cfg, tmp_path / "ref", progress=False)
+    real_save, real_write = train.save_resume, train.write_record
+    killed = {"now": False}
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        killed["now"] = True
+        raise _Killed
+
+    def write_unless_dead(*args, **kwargs):
+        if not killed["now"]:
+            real_write(*args, **kwargs)
+
+    monkeypatch.setattr(train, "save_resume", save_then_die)
+    monkeypatch.setattr(train, "write_record", write_unless_dead)
+    with pytest.raises(_Killed):
+        train.run(cfg, tmp_path / "cut", progress=False)
+    assert read_record(tmp_path / "cut")["status"] == "running"
+    assert read_record(tmp_path / "cut")["baseline"] == {}
+    monkeypatch.setattr(train, "save_resume", real_save)
+    monkeypatch.setattr(train, "write_record", real_write)
+    resumed = train.run(cfg, tmp_path / "cut", progress=False)
+    assert resumed["status"] == "completed" and resumed["timing"]["resumed"] == 1
+    for key in ("final", "zeroshot", "baseline", "history", "sanity"):
+        assert resumed[key] == ref[key], key
 
 
 def _worker(store_root: str, study: str, out: str) -> None:

@@ -6,13 +6,14 @@ Kept apart from `attndrift.train` so that the loop itself reads top to bottom.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from attndrift.probes.metrics import METRICS, delta_pct
-from attndrift.records import RecordError, atomic_write_bytes, read_record
+from attndrift.records import RecordError, atomic_write_bytes, jsonable, read_record
 
 RESUME_FILE = "resume.pt"
 
@@ -82,7 +83,23 @@ def load_resume(out_dir: Path, run_id: str) -> tuple[dict[str, Any], dict[str, A
     if record["run_id"] != run_id or record["status"] not in ("running", "failed"):
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if "record" in state:
+        # The record as of the checkpoint: record.json may be older (a kill between the two
+        # writes) or carry a failed attempt's error. Only the attempt counters are newer there.
+        snapshot = json.loads(state.pop("record"))
+        for key in ("resumed", "total_s"):
+            if key in record["timing"]:
+                snapshot["timing"][key] = max(record["timing"][key],
+                                              snapshot["timing"].get(key, 0))
+        record = {**snapshot, "history": state["history"]}
     return state, record
+
+
+def resume_blob(state: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """``state`` plus the record as of now (as JSON text, history aside: the state holds it),
+    so that ``resume.pt`` alone is enough to go on, whatever ``record.json`` holds."""
+    rest = {k: v for k, v in record.items() if k != "history"}
+    return {**state, "record": json.dumps(jsonable(rest), allow_nan=False)}
 
 
 def save_resume(out_dir: Path, state: dict[str, Any]) -> None:

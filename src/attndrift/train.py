@@ -68,6 +68,7 @@ from attndrift.runtime import (
     load_resume,
     open_board,
     progress_bar,
+    resume_blob,
     save_resume,
     save_weights,
     select_device,
@@ -313,7 +314,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                 "history": history}
         if device.type == "cuda":
             blob["cuda_rng"] = torch.cuda.get_rng_state(device)
-        save_resume(out_dir, blob)
+        save_resume(out_dir, resume_blob(blob, record))
         write_record(out_dir / RECORD_FILE, record)
 
     # --- training -----------------------------------------------------------------------
