@@ -91,19 +91,17 @@ def load_resume(out_dir: Path, run_id: str) -> tuple[dict[str, Any], dict[str, A
             if key in record["timing"]:
                 snapshot["timing"][key] = max(record["timing"][key],
                                               snapshot["timing"].get(key, 0))
-        record = {**snapshot, "history": state["history"]}
+        record = snapshot
+    record["history"] = state["history"]  # the partial history goes on from the checkpoint
     return state, record
 
 
-def resume_blob(state: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
-    """``state`` plus the record as of now (as JSON text, history aside: the state holds it),
-    so that ``resume.pt`` alone is enough to go on, whatever ``record.json`` holds."""
+def save_resume(out_dir: Path, state: dict[str, Any], record: dict[str, Any]) -> None:
+    """Write the loop's state and the record as of now atomically (torch.save; read back with
+    weights_only=True), so that ``resume.pt`` alone is enough to go on, whatever
+    ``record.json`` holds. The record goes in as JSON text, less its history: the state holds
+    that."""
     rest = {k: v for k, v in record.items() if k != "history"}
-    return {**state, "record": json.dumps(jsonable(rest), allow_nan=False)}
-
-
-def save_resume(out_dir: Path, state: dict[str, Any]) -> None:
-    """Write the loop's state atomically (torch.save; read back with weights_only=True)."""
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, "record": json.dumps(jsonable(rest), allow_nan=False)}, buffer)
     atomic_write_bytes(out_dir / RESUME_FILE, buffer.getvalue())

@@ -68,7 +68,6 @@ from attndrift.runtime import (
     load_resume,
     open_board,
     progress_bar,
-    resume_blob,
     save_resume,
     save_weights,
     select_device,
@@ -287,7 +286,6 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         loss_sum += state["loss_sum"].to(device)
         reg_sum += state["reg_sum"].to(device)
-        record["history"] = state["history"]
     history = record["history"]
     tau = None
     if reg.name == "entropy_floor":
@@ -314,7 +312,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
                 "history": history}
         if device.type == "cuda":
             blob["cuda_rng"] = torch.cuda.get_rng_state(device)
-        save_resume(out_dir, resume_blob(blob, record))
+        save_resume(out_dir, blob, record)
         write_record(out_dir / RECORD_FILE, record)
 
     # --- training -----------------------------------------------------------------------
