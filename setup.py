@@ -1,6 +1,6 @@
 """Build hook for the one optional C extension; all other metadata lives in pyproject.toml.
 
-``attndrift.probes._rowstats`` speeds up ERF and Gini on the CPU (see probes/metrics.py). It is
+``attndrift.probes._rowstats`` speeds up ERF, Gini and entropy on the CPU (see probes/metrics.py). It is
 ``optional``: where no C compiler is available the install goes on without it, and metrics.py
 computes the same values with numpy and torch.
 """
