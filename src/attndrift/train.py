@@ -1,8 +1,10 @@
 """The one explicit training loop: config -> fine-tuned classifier -> run record.
 
-Reads top to bottom: load model and data, measure the pretrained baseline (attention metrics,
-zero-shot), train with AdamW + warmup/cosine while probing attention on a fixed validation
-subset, then measure again and write the record and checkpoints.
+`_run` is the sequence of phases, one function each, read top to bottom: prepare data and
+model, prepare the optimisation, take the pretrained references, measure the baseline (or
+restore a checkpoint), train with AdamW + warmup/cosine while probing attention on a fixed
+validation subset, then the final evaluation, which writes the weights and fills in the record.
+What the phases set up and the loop only reads lives on a `_Run`.
 
 Everything the loop mutates lives in one dict, ``state``, which is saved atomically to
 ``resume.pt`` at the first epoch end ``train.checkpoint_minutes`` after the previous save (and
@@ -144,8 +146,41 @@ def run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
     return record
 
 
+class _Run:
+    """What one run reads while it trains, filled in by the set-up phases in order. The loop's
+    mutable state is apart from it: ``state``, one dict, the thing ``resume.pt`` holds."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, record: dict[str, Any],
+                 device: torch.device, progress: bool) -> None:
+        self.cfg, self.out_dir, self.record = cfg, out_dir, record
+        self.device, self.progress = device, progress
+        self.timing: dict[str, Any] = record["timing"]
+        self.history: dict[str, list] = record["history"]
+        self.reg = cfg.regularizer
+        self.aux_which = list(cfg.probe.aux)
+        self.best: dict[str, Any] = {}  # improved trainable state not yet on disk + its epoch
+        self.perm_at: torch.Tensor | None = None  # the epoch's order where the images are
+        self.tau: torch.Tensor | None = None  # entropy floors, once the baseline is known
+
+    def probe_of(self, images: torch.Tensor) -> torch.Tensor:
+        """The attention probe, as configured, summarized on the device."""
+        return probe_attention(self.model, images, self.preprocess, self.device,
+                               self.cfg.probe.batch_size, self.cfg.probe.precision,
+                               on_device=True)
+
+    def aux_of(self, reference=None, weights=None) -> tuple[dict[str, Any], dict[str, Any]]:
+        return auxiliary_metrics(self.model, self.probe_images, self.preprocess, self.device,
+                                 self.cfg.probe.batch_size, self.aux_which, reference, weights,
+                                 self.cfg.probe.precision)
+
+    def zeroshot(self, weights: dict[str, torch.Tensor], tasks: dict) -> dict[str, float]:
+        return zeroshot_all(self.model, weights, tasks, self.preprocess, self.device,
+                            self.cfg.data.eval_batch_size, self.cfg.train.precision)
+
+
 def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str, Any] | None,
          *, progress: bool) -> None:
+    """The run's phases, in order."""
     timing = record["timing"]
     t0 = time.perf_counter()
     device = select_device(cfg.device)
@@ -155,298 +190,387 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
     else:
         timing["resumed"] = timing.get("resumed", 0) + 1
     torch.manual_seed(cfg.seed)
+    r = _Run(cfg, out_dir, record, device, progress)
+    _prepare_data(r)
+    _prepare_model(r)
+    timing["setup_s"] = timing.get("setup_s", 0.0) + time.perf_counter() - t0
+    _prepare_optimisation(r)
+    _pretrained_references(r)
+    state = _baseline(r) if saved is None else _restore(r, saved)
+    last_attn = _train(r, state)
+    _final_evaluation(r, state, last_attn)
 
-    # --- model and data -----------------------------------------------------------------
-    loaded = load_clip(cfg.model)
-    clip = loaded.model.to(device)
-    clip.requires_grad_(False)  # text tower, logit scale: always frozen
-    preprocess = loaded.preprocessor()
-    size = loaded.image_size
+
+# --- set-up -------------------------------------------------------------------------------
+
+
+def _prepare_data(r: _Run) -> None:
+    """Load the CLIP model, the fine-tuning task (train / validation / probe subsets) and the
+    zero-shot tasks with their text classifiers; record where each came from."""
+    cfg, device, progress = r.cfg, r.device, r.progress
+    r.loaded = loaded = load_clip(cfg.model)
+    r.clip = loaded.model.to(device)
+    r.clip.requires_grad_(False)  # text tower, logit scale: always frozen
+    r.preprocess = loaded.preprocessor()
+    r.image_size = size = loaded.image_size
     source = load_task(cfg.data.dataset, "train", image_size=size, progress=progress)
     train_idx, val_idx = stratified_split(source.labels, cfg.data.val_frac, cfg.data.split_seed)
     if cfg.data.train_limit is not None:
         train_idx = train_idx[balanced_subset(source.labels[train_idx], cfg.data.train_limit,
                                               cfg.data.split_seed)]
-    train_set = source.subset(train_idx, f"{source.name}/train")
-    val_set = source.subset(val_idx, f"{source.name}/val")
-    subsets = probe_subsets(val_set.labels, cfg.probe.images, cfg.probe.subsets, cfg.probe.seed)
-    probe_idx = subsets[0]  # probed during training too
-    probe_images = val_set.images[probe_idx]
-    zs_tasks = {name: load_task(name, "test", image_size=size, progress=progress)
-                for name in cfg.data.zeroshot}
-    zs_weights = {name: text_classifier(clip, loaded.tokenizer, t.class_names, t.templates,
-                                        device) for name, t in zs_tasks.items()}
+    r.source = source
+    r.train_set = source.subset(train_idx, f"{source.name}/train")
+    r.val_set = source.subset(val_idx, f"{source.name}/val")
+    r.subsets = probe_subsets(r.val_set.labels, cfg.probe.images, cfg.probe.subsets,
+                              cfg.probe.seed)
+    r.probe_idx = r.subsets[0]  # probed during training too
+    r.probe_images = r.val_set.images[r.probe_idx]
+    r.zs_tasks = {name: load_task(name, "test", image_size=size, progress=progress)
+                  for name in cfg.data.zeroshot}
+    r.zs_weights = {name: text_classifier(r.clip, loaded.tokenizer, t.class_names, t.templates,
+                                          device) for name, t in r.zs_tasks.items()}
     weights_file = Path(loaded.source) / "model.safetensors"
-    record["provenance"].update({
+    r.record["provenance"].update({
         "model_source": loaded.source,
         "model_sha256": file_sha256(weights_file, 16) if weights_file.is_file() else None,
         "data": {"dataset": cfg.data.dataset, "content": source.fingerprint(),
                  "train_ids": index_fingerprint(train_idx), "val_ids": index_fingerprint(val_idx),
-                 "probe_ids": [index_fingerprint(val_idx[s]) for s in subsets],
-                 "sizes": {"train": len(train_set), "val": len(val_set),
-                           "probe": len(probe_idx)}},
-        "zeroshot_data": {n: t.fingerprint() for n, t in zs_tasks.items()},
+                 "probe_ids": [index_fingerprint(val_idx[s]) for s in r.subsets],
+                 "sizes": {"train": len(r.train_set), "val": len(r.val_set),
+                           "probe": len(r.probe_idx)}},
+        "zeroshot_data": {n: t.fingerprint() for n, t in r.zs_tasks.items()},
     })
 
+
+def _prepare_model(r: _Run) -> None:
+    """The classifier on the CLIP image tower, adapted as ``cfg.method`` says."""
+    cfg = r.cfg
     torch.manual_seed(cfg.seed)  # head init and LoRA init depend only on the seed
-    model = CLIPClassifier.from_clip(clip, source.num_classes).to(device)
+    model = CLIPClassifier.from_clip(r.clip, r.source.num_classes).to(r.device)
     adapted = adapt(model, cfg.method,
                     **method_kwargs(cfg.method, cfg.lora.model_dump(), cfg.freeze_layers))
-    model = adapted.model.to(device)
-    n_trainable, n_total = count_parameters(model)
-    record["provenance"]["parameters"] = {"trainable": n_trainable, "total": n_total}
-    timing["setup_s"] = timing.get("setup_s", 0.0) + time.perf_counter() - t0
+    r.model = adapted.model.to(r.device)
+    n_trainable, n_total = count_parameters(r.model)
+    r.record["provenance"]["parameters"] = {"trainable": n_trainable, "total": n_total}
+    r.meta = {"run_id": r.record["run_id"], "method": cfg.method, "model": cfg.model}
 
-    # --- optimisation set-up ------------------------------------------------------------
-    params = [p for p in model.parameters() if p.requires_grad]
+
+def _prepare_optimisation(r: _Run) -> None:
+    """Optimizer, schedule, step counts, probe points, data order generators, accumulators."""
+    cfg, device, train_set = r.cfg, r.device, r.train_set
+    r.params = [p for p in r.model.parameters() if p.requires_grad]
     # Training images small enough live on the device: a batch is then gathered there, with the
     # epoch's order copied over once, instead of on the host and copied from pageable memory on
     # every step (on the CPU, the same tensor).
     resident = (train_set.images.numel() * train_set.images.element_size()
                 <= cfg.data.resident_mb * 2**20)
-    train_images = train_set.images.to(device) if resident else train_set.images
-    train_labels = train_set.labels.to(device) if resident else train_set.labels
-    record["provenance"]["data"]["train_resident"] = resident
+    r.train_images = train_set.images.to(device) if resident else train_set.images
+    r.train_labels = train_set.labels.to(device) if resident else train_set.labels
+    r.record["provenance"]["data"]["train_resident"] = resident
     # the training forward only: probes and evaluation hook into the plain module
-    forward = torch.compile(model, backend=cfg.train.compile) if cfg.train.compile else model
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    bs = min(cfg.train.batch_size, len(train_set))
-    steps_per_epoch = len(train_set) // bs  # drop the ragged last batch, as the study did
-    total_steps = steps_per_epoch * cfg.train.epochs
+    r.forward = (torch.compile(r.model, backend=cfg.train.compile) if cfg.train.compile
+                 else r.model)
+    r.optimizer = torch.optim.AdamW(r.params, lr=cfg.train.lr,
+                                    weight_decay=cfg.train.weight_decay)
+    r.bs = min(cfg.train.batch_size, len(train_set))
+    r.steps_per_epoch = len(train_set) // r.bs  # drop the ragged last batch, as the study did
+    r.total_steps = r.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, cfg.train.warmup_frac))
-    probe_at = set(probe_steps(steps_per_epoch, total_steps, cfg.probe.per_epoch))
-    order_gen = torch.Generator().manual_seed(cfg.seed)
-    flip_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    loss_sum = torch.zeros((), device=device)
-    reg_sum = torch.zeros((), device=device)
-    meta = {"run_id": record["run_id"], "method": cfg.method, "model": cfg.model}
+        r.total_steps = min(r.total_steps, cfg.train.max_steps)
+    r.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        r.optimizer, warmup_cosine(r.total_steps, cfg.train.warmup_frac))
+    r.probe_at = set(probe_steps(r.steps_per_epoch, r.total_steps, cfg.probe.per_epoch))
+    r.order_gen = torch.Generator().manual_seed(cfg.seed)
+    r.flip_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    r.loss_sum = torch.zeros((), device=device)
+    r.reg_sum = torch.zeros((), device=device)
 
-    # --- references to the pretrained model: taken before any update, also on resume ----
-    reg, aux_which = cfg.regularizer, list(cfg.probe.aux)
-    pretrained_weights = vision_weight_snapshot(model) if "drift" in aux_which else None
-    l2sp_ref = {n: p.detach().clone() for n, p in model.named_parameters()
-                if p.requires_grad and not n.startswith("head.")} if reg.name == "l2sp" else {}
-    apr_ref = None
+
+def _pretrained_references(r: _Run) -> None:
+    """What the regularizers and drift metrics compare with: taken from the pretrained model
+    before any update, also on resume (the resumed weights are loaded after this)."""
+    model, reg, cfg = r.model, r.reg, r.cfg
+    r.pretrained_weights = vision_weight_snapshot(model) if "drift" in r.aux_which else None
+    r.l2sp_ref = {n: p.detach().clone() for n, p in model.named_parameters()
+                  if p.requires_grad and not n.startswith("head.")} if reg.name == "l2sp" else {}
+    r.apr_ref = None
     if reg.name == "apr":
         t = time.perf_counter()
-        apr_ref = attention_cache(model, train_set.images, preprocess, device,
-                                  cfg.probe.batch_size, reg.layers, cfg.probe.precision)
-        timing["apr_cache_s"] = time.perf_counter() - t
-        timing["apr_cache_mb"] = apr_ref.numel() * apr_ref.element_size() / 2**20
-    grab = (AttentionProbe(model.vision_model, reg.layers, detach=False)
-            if reg.name in ("apr", "entropy_floor") else None)
+        r.apr_ref = attention_cache(model, r.train_set.images, r.preprocess, r.device,
+                                    cfg.probe.batch_size, reg.layers, cfg.probe.precision)
+        r.timing["apr_cache_s"] = time.perf_counter() - t
+        r.timing["apr_cache_mb"] = r.apr_ref.numel() * r.apr_ref.element_size() / 2**20
+    r.grab = (AttentionProbe(model.vision_model, reg.layers, detach=False)
+              if reg.name in ("apr", "entropy_floor") else None)
 
-    def probe_of(images: torch.Tensor) -> torch.Tensor:  # the attention probe, as configured
-        return probe_attention(model, images, preprocess, device, cfg.probe.batch_size,
-                               cfg.probe.precision, on_device=True)  # summarized there
 
-    def aux_of(reference=None, weights=None) -> tuple[dict[str, Any], dict[str, Any]]:
-        return auxiliary_metrics(model, probe_images, preprocess, device, cfg.probe.batch_size,
-                                 aux_which, reference, weights, cfg.probe.precision)
+def _baseline(r: _Run) -> dict[str, Any]:
+    """Measure the pretrained model (attention on every probe subset, zero-shot, sanity of the
+    class names, auxiliary metrics) and return the loop's initial state."""
+    record, val_set = r.record, r.val_set
+    t = time.perf_counter()
+    base_attn = r.probe_of(r.probe_images)
+    record["baseline"] = summarize(base_attn)
+    record["baseline"]["subsets"] = [record["baseline"]["mean"]] + [
+        summarize(r.probe_of(val_set.images[s]))["mean"] for s in r.subsets[1:]]
+    probe_s = time.perf_counter() - t
+    t = time.perf_counter()
+    zs_before = r.zeroshot(r.zs_weights, r.zs_tasks)
+    own = text_classifier(r.clip, r.loaded.tokenizer, val_set.class_names, val_set.templates,
+                          r.device)
+    own_acc = r.zeroshot({"task": own}, {"task": val_set})["task"]
+    record["sanity"], record["warnings"] = sanity_check(
+        {f"{r.cfg.data.dataset} (validation)": (own_acc, val_set.num_classes),
+         **{n: (zs_before[n], t.num_classes) for n, t in r.zs_tasks.items()}})
+    zeroshot_s = time.perf_counter() - t
+    t = time.perf_counter()
+    record["baseline"]["aux"], aux_ref = r.aux_of()
+    return {"step": 0, "epoch": 0, "batch": 0, "perm": torch.empty(0, dtype=torch.long),
+            "loss_count": 0, "best_val": -1.0, "best_epoch": 0, "train_s": 0.0,
+            "probe_s": probe_s, "zeroshot_s": zeroshot_s,
+            "aux_s": time.perf_counter() - t, "aux_ref": aux_ref,
+            "zs_before": zs_before, "base_attn": base_attn[:ATTENTION_SAMPLES].cpu()}
 
-    if saved is None:
-        # --- pretrained baseline --------------------------------------------------------
-        t = time.perf_counter()
-        base_attn = probe_of(probe_images)
-        record["baseline"] = summarize(base_attn)
-        record["baseline"]["subsets"] = [record["baseline"]["mean"]] + [
-            summarize(probe_of(val_set.images[s]))["mean"] for s in subsets[1:]]
-        probe_s = time.perf_counter() - t
-        t = time.perf_counter()
-        zs_before = zeroshot_all(model, zs_weights, zs_tasks, preprocess, device,
-                                 cfg.data.eval_batch_size, cfg.train.precision)
-        own = text_classifier(clip, loaded.tokenizer, val_set.class_names, val_set.templates,
-                              device)
-        own_acc = zeroshot_all(model, {"task": own}, {"task": val_set}, preprocess, device,
-                               cfg.data.eval_batch_size, cfg.train.precision)["task"]
-        record["sanity"], record["warnings"] = sanity_check(
-            {f"{cfg.data.dataset} (validation)": (own_acc, val_set.num_classes),
-             **{n: (zs_before[n], t.num_classes) for n, t in zs_tasks.items()}})
-        zeroshot_s = time.perf_counter() - t
-        t = time.perf_counter()
-        record["baseline"]["aux"], aux_ref = aux_of()
-        state = {"step": 0, "epoch": 0, "batch": 0, "perm": torch.empty(0, dtype=torch.long),
-                 "loss_count": 0, "best_val": -1.0, "best_epoch": 0, "train_s": 0.0,
-                 "probe_s": probe_s, "zeroshot_s": zeroshot_s,
-                 "aux_s": time.perf_counter() - t, "aux_ref": aux_ref,
-                 "zs_before": zs_before, "base_attn": base_attn[:ATTENTION_SAMPLES].cpu()}
-    else:
-        # --- resume: every tensor and counter the loop reads, exactly as it was saved ---
-        state = saved
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        order_gen.set_state(state["order_gen"])
-        flip_gen.set_state(state["flip_gen"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        loss_sum += state["loss_sum"].to(device)
-        reg_sum += state["reg_sum"].to(device)
-    history = record["history"]
-    tau = None
-    if reg.name == "entropy_floor":
-        layers = reg.layers if reg.layers is not None else range(
-            len(record["baseline"]["entropy"]["layers"]))
-        tau = entropy_floor_targets([record["baseline"]["entropy"]["layers"][i] for i in layers],
-                                    reg.ratio).to(device)
-    board = open_board(out_dir, state["step"]) if cfg.tensorboard else None
 
-    best: dict[str, Any] = {}  # improved trainable state not yet on disk (CPU copy) + its epoch
+def _restore(r: _Run, saved: dict[str, Any]) -> dict[str, Any]:
+    """Resume: every tensor and counter the loop reads, exactly as it was saved."""
+    r.model.load_state_dict(saved["model"], strict=False)
+    r.optimizer.load_state_dict(saved["optimizer"])
+    r.scheduler.load_state_dict(saved["scheduler"])
+    r.order_gen.set_state(saved["order_gen"])
+    r.flip_gen.set_state(saved["flip_gen"])
+    torch.set_rng_state(saved["torch_rng"])
+    if r.device.type == "cuda" and "cuda_rng" in saved:
+        torch.cuda.set_rng_state(saved["cuda_rng"], r.device)
+    r.loss_sum += saved["loss_sum"].to(r.device)
+    r.reg_sum += saved["reg_sum"].to(r.device)
+    return saved
 
-    def write_best() -> None:
-        if best:
-            save_weights(out_dir / "best.safetensors", best.pop("state"),
-                         {**meta, "epoch": str(best.pop("epoch"))})
 
-    def checkpoint() -> None:
-        write_best()  # the resume state may name a best epoch: its weights must be on disk
-        blob = {**{k: v for k, v in state.items() if k not in ("model", "optimizer")},
-                "model": trainable_state(model, "cpu"), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "order_gen": order_gen.get_state(),
-                "flip_gen": flip_gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "loss_sum": loss_sum.detach().cpu(), "reg_sum": reg_sum.detach().cpu(),
-                "history": history}
-        if device.type == "cuda":
-            blob["cuda_rng"] = torch.cuda.get_rng_state(device)
-        save_resume(out_dir, blob, record)
-        write_record(out_dir / RECORD_FILE, record)
+def _write_best(r: _Run) -> None:
+    if r.best:
+        save_weights(r.out_dir / "best.safetensors", r.best.pop("state"),
+                     {**r.meta, "epoch": str(r.best.pop("epoch"))})
 
-    # --- training -----------------------------------------------------------------------
-    model.train()
-    bar, task_id = progress_bar(progress, total_steps, state["step"], f"{cfg.name} ({cfg.method})")
+
+def _checkpoint(r: _Run, state: dict[str, Any]) -> None:
+    """Save the loop state (+ weights, optimizer, RNGs, history) and the record, atomically."""
+    _write_best(r)  # the resume state may name a best epoch: its weights must be on disk
+    blob = {**{k: v for k, v in state.items() if k not in ("model", "optimizer")},
+            "model": trainable_state(r.model, "cpu"), "optimizer": r.optimizer.state_dict(),
+            "scheduler": r.scheduler.state_dict(), "order_gen": r.order_gen.get_state(),
+            "flip_gen": r.flip_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "loss_sum": r.loss_sum.detach().cpu(), "reg_sum": r.reg_sum.detach().cpu(),
+            "history": r.history}
+    if r.device.type == "cuda":
+        blob["cuda_rng"] = torch.cuda.get_rng_state(r.device)
+    save_resume(r.out_dir, blob, r.record)
+    write_record(r.out_dir / RECORD_FILE, r.record)
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+def _train(r: _Run, state: dict[str, Any]) -> torch.Tensor:
+    """The loop: step, log, probe, validate at epoch ends, checkpoint. Returns the last
+    probe's attention (the final step is always a probe point)."""
+    cfg, total_steps = r.cfg, r.total_steps
+    if r.reg.name == "entropy_floor":
+        layers = r.reg.layers if r.reg.layers is not None else range(
+            len(r.record["baseline"]["entropy"]["layers"]))
+        r.tau = entropy_floor_targets(
+            [r.record["baseline"]["entropy"]["layers"][i] for i in layers],
+            r.reg.ratio).to(r.device)
+    r.board = open_board(r.out_dir, state["step"]) if cfg.tensorboard else None
+    r.model.train()
+    bar, task_id = progress_bar(r.progress, total_steps, state["step"],
+                                f"{cfg.name} ({cfg.method})")
     last_attn = None  # set by every probe; a run always ends on one
-    segment_start, segment_probe_s = time.perf_counter(), state["probe_s"]
+    r.segment = (time.perf_counter(), state["probe_s"])  # training time excludes probes
     last_checkpoint = time.monotonic()
-    perm_at = None  # the epoch's order where the training images are, copied once per epoch
     with bar:
         while state["step"] < total_steps:
-            if state["batch"] == 0:
-                state["perm"] = torch.randperm(len(train_set), generator=order_gen)
-                perm_at = None
-            if perm_at is None:
-                perm_at = state["perm"].to(train_images.device)
-            perm, b = state["perm"], state["batch"]
-            idx = perm[b * bs : (b + 1) * bs]
-            at = perm_at[b * bs : (b + 1) * bs]
-            flips = preprocess.draw_flips(len(idx), flip_gen) if cfg.train.flip else None
-            x = preprocess(train_images[at].to(device, non_blocking=True), flip_mask=flips)
-            y = train_labels[at].to(device, non_blocking=True)
-            with autocast(device, cfg.train.precision), grab or contextlib.nullcontext():
-                loss = F.cross_entropy(forward(x).float(), y)
-            if reg.name != "none":
-                # the gradient-carrying attention path; monitoring probes stay detached
-                if reg.name == "apr":
-                    ref = apr_ref[idx, flips.long() if flips is not None else 0]
-                    penalty = apr_loss(renormalize_patches(grab.pop()),
-                                       ref.to(device, torch.float32, non_blocking=True))
-                elif reg.name == "entropy_floor":
-                    penalty = entropy_floor_loss(renormalize_patches(grab.pop()), tau)
-                else:
-                    penalty = l2sp_loss({n: p for n, p in model.named_parameters()
-                                         if n in l2sp_ref}, l2sp_ref)
-                loss = loss + reg.lam * penalty
-                reg_sum += penalty.detach()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            loss = _train_step(r, state)
             state["step"] += 1
             state["batch"] += 1
             step = state["step"]
             # Accumulate on the device; the host reads the loss only at log and probe points.
-            loss_sum += loss.detach()
+            r.loss_sum += loss.detach()
             state["loss_count"] += 1
-            if step % cfg.train.log_every == 0 or step in probe_at or step == total_steps:
-                mean_loss = float(loss_sum) / state["loss_count"]
-                if not math.isfinite(mean_loss):
-                    history["loss"].append({"step": step, "loss": None})
-                    raise Diverged(f"training loss became {mean_loss} at step {step} "
-                                   f"(lr={cfg.train.lr}); lower train.lr or check the data")
-                entry = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
-                if reg.name != "none":
-                    entry["reg"] = float(reg_sum) / state["loss_count"]
-                    reg_sum.zero_()
-                history["loss"].append(entry)
-                if board is not None:
-                    for key in ("loss", "lr", "reg"):
-                        if key in entry:
-                            board.add_scalar(f"train/{key}", entry[key], step)
-                loss_sum.zero_()
-                state["loss_count"] = 0
-                bar.update(task_id, info=f"loss {mean_loss:.3f}")
-            if step in probe_at:
-                t = time.perf_counter()
-                last_attn = probe_of(probe_images)
-                probe = {"step": step, "epoch": step / steps_per_epoch,
-                         "fraction": step / total_steps, "metrics": summarize(last_attn)}
-                every = cfg.probe.aux_every
-                if every and (len(history["probes"]) + 1) % every == 0:
-                    probe["aux"] = aux_of(state["aux_ref"], pretrained_weights)[0]
-                history["probes"].append(probe)
-                if board is not None:
-                    board_metrics(board, probe["metrics"], record["baseline"], step)
-                state["probe_s"] += time.perf_counter() - t
+            if step % cfg.train.log_every == 0 or step in r.probe_at or step == total_steps:
+                bar.update(task_id, info=f"loss {_log_loss(r, state):.3f}")
+            if step in r.probe_at:
+                last_attn = _probe(r, state)
             bar.advance(task_id)
-            epoch_done = state["batch"] == steps_per_epoch or step == total_steps
+            epoch_done = state["batch"] == r.steps_per_epoch or step == total_steps
             if epoch_done:
-                state["epoch"] += 1
-                state["batch"] = 0
-                val_acc = accuracy(model, val_set, preprocess, device,
-                                   cfg.data.eval_batch_size, cfg.train.precision)
-                history["epochs"].append({"epoch": state["epoch"], "step": step,
-                                          "val_acc": val_acc})
-                if board is not None:
-                    board.add_scalar("val/accuracy", val_acc, step)
-                bar.update(task_id, info=f"val {val_acc:.3f}")
-                if val_acc > state["best_val"]:
-                    state["best_val"], state["best_epoch"] = val_acc, state["epoch"]
-                    if cfg.save_checkpoints:  # written at the next checkpoint or the end
-                        best.update(state=trainable_state(model, "cpu"), epoch=state["epoch"])
+                bar.update(task_id, info=f"val {_end_epoch(r, state):.3f}")
             every, minutes = cfg.train.checkpoint_every, cfg.train.checkpoint_minutes
             if step < total_steps and ((every and step % every == 0) or (
                     epoch_done and time.monotonic() - last_checkpoint >= 60 * minutes)):
-                now = time.perf_counter()
-                state["train_s"] += now - segment_start - (state["probe_s"] - segment_probe_s)
-                segment_start, segment_probe_s = now, state["probe_s"]
-                checkpoint()
+                _add_train_time(r, state)
+                _checkpoint(r, state)
                 last_checkpoint = time.monotonic()
-    state["train_s"] += time.perf_counter() - segment_start - (state["probe_s"] - segment_probe_s)
+    _add_train_time(r, state)
+    return last_attn
 
-    # --- after training -----------------------------------------------------------------
+
+def _add_train_time(r: _Run, state: dict[str, Any]) -> None:
+    """Add the wall time since the last call, less the probes' share, to ``train_s``."""
+    now = time.perf_counter()
+    start, probe_s = r.segment
+    state["train_s"] += now - start - (state["probe_s"] - probe_s)
+    r.segment = (now, state["probe_s"])
+
+
+def _train_step(r: _Run, state: dict[str, Any]) -> torch.Tensor:
+    """One optimizer step on the next batch of the epoch's order; returns the loss."""
+    cfg, device, reg, grab = r.cfg, r.device, r.reg, r.grab
+    if state["batch"] == 0:
+        state["perm"] = torch.randperm(len(r.train_set), generator=r.order_gen)
+        r.perm_at = None
+    if r.perm_at is None:
+        r.perm_at = state["perm"].to(r.train_images.device)
+    b, bs = state["batch"], r.bs
+    idx = state["perm"][b * bs : (b + 1) * bs]
+    at = r.perm_at[b * bs : (b + 1) * bs]
+    flips = r.preprocess.draw_flips(len(idx), r.flip_gen) if cfg.train.flip else None
+    x = r.preprocess(r.train_images[at].to(device, non_blocking=True), flip_mask=flips)
+    y = r.train_labels[at].to(device, non_blocking=True)
+    with autocast(device, cfg.train.precision), grab or contextlib.nullcontext():
+        loss = F.cross_entropy(r.forward(x).float(), y)
+    if reg.name != "none":
+        # the gradient-carrying attention path; monitoring probes stay detached
+        if reg.name == "apr":
+            ref = r.apr_ref[idx, flips.long() if flips is not None else 0]
+            penalty = apr_loss(renormalize_patches(grab.pop()),
+                               ref.to(device, torch.float32, non_blocking=True))
+        elif reg.name == "entropy_floor":
+            penalty = entropy_floor_loss(renormalize_patches(grab.pop()), r.tau)
+        else:
+            penalty = l2sp_loss({n: p for n, p in r.model.named_parameters()
+                                 if n in r.l2sp_ref}, r.l2sp_ref)
+        loss = loss + reg.lam * penalty
+        r.reg_sum += penalty.detach()
+    r.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(r.params, cfg.train.grad_clip)
+    r.optimizer.step()
+    r.scheduler.step()
+    return loss
+
+
+def _log_loss(r: _Run, state: dict[str, Any]) -> float:
+    """Append the mean loss (and penalty) since the last log to the history; raise
+    `Diverged` on a NaN/inf. Returns the mean loss."""
+    step, history = state["step"], r.history
+    mean_loss = float(r.loss_sum) / state["loss_count"]
+    if not math.isfinite(mean_loss):
+        history["loss"].append({"step": step, "loss": None})
+        raise Diverged(f"training loss became {mean_loss} at step {step} "
+                       f"(lr={r.cfg.train.lr}); lower train.lr or check the data")
+    entry = {"step": step, "loss": mean_loss, "lr": r.scheduler.get_last_lr()[0]}
+    if r.reg.name != "none":
+        entry["reg"] = float(r.reg_sum) / state["loss_count"]
+        r.reg_sum.zero_()
+    history["loss"].append(entry)
+    if r.board is not None:
+        for key in ("loss", "lr", "reg"):
+            if key in entry:
+                r.board.add_scalar(f"train/{key}", entry[key], step)
+    r.loss_sum.zero_()
+    state["loss_count"] = 0
+    return mean_loss
+
+
+def _probe(r: _Run, state: dict[str, Any]) -> torch.Tensor:
+    """Probe the attention on the fixed probe images (and, every ``aux_every``-th time, the
+    auxiliary metrics); append it to the history. Returns the attention."""
+    t = time.perf_counter()
+    step, history = state["step"], r.history
+    attn = r.probe_of(r.probe_images)
+    probe = {"step": step, "epoch": step / r.steps_per_epoch,
+             "fraction": step / r.total_steps, "metrics": summarize(attn)}
+    every = r.cfg.probe.aux_every
+    if every and (len(history["probes"]) + 1) % every == 0:
+        probe["aux"] = r.aux_of(state["aux_ref"], r.pretrained_weights)[0]
+    history["probes"].append(probe)
+    if r.board is not None:
+        board_metrics(r.board, probe["metrics"], r.record["baseline"], step)
+    state["probe_s"] += time.perf_counter() - t
+    return attn
+
+
+def _end_epoch(r: _Run, state: dict[str, Any]) -> float:
+    """Validation accuracy at an epoch end; keep the best epoch's weights. Returns it."""
+    cfg = r.cfg
+    state["epoch"] += 1
+    state["batch"] = 0
+    val_acc = accuracy(r.model, r.val_set, r.preprocess, r.device, cfg.data.eval_batch_size,
+                       cfg.train.precision)
+    r.history["epochs"].append({"epoch": state["epoch"], "step": state["step"],
+                                "val_acc": val_acc})
+    if r.board is not None:
+        r.board.add_scalar("val/accuracy", val_acc, state["step"])
+    if val_acc > state["best_val"]:
+        state["best_val"], state["best_epoch"] = val_acc, state["epoch"]
+        if cfg.save_checkpoints:  # written at the next checkpoint or the end
+            r.best.update(state=trainable_state(r.model, "cpu"), epoch=state["epoch"])
+    return val_acc
+
+
+# --- after training -----------------------------------------------------------------------
+
+
+def _final_evaluation(r: _Run, state: dict[str, Any], final_attn: torch.Tensor) -> None:
+    """Measure the trained model (probe subsets, zero-shot, auxiliary metrics, the test split
+    read once), write the weights and attention samples, and fill in the record."""
+    cfg, history, val_set = r.cfg, r.history, r.val_set
     step = state["step"]
     # the final step is always a probe point: its probe already measured the final model
-    final_attn, final_metrics = last_attn, history["probes"][-1]["metrics"]
+    final_metrics = history["probes"][-1]["metrics"]
     final_subsets = [final_metrics["mean"]] + [
-        summarize(probe_of(val_set.images[s]))["mean"] for s in subsets[1:]]
+        summarize(r.probe_of(val_set.images[s]))["mean"] for s in r.subsets[1:]]
     t = time.perf_counter()
-    zs_before = state["zs_before"]
-    zs_after = zeroshot_all(model, zs_weights, zs_tasks, preprocess, device,
-                            cfg.data.eval_batch_size, cfg.train.precision)
+    zs_after = r.zeroshot(r.zs_weights, r.zs_tasks)
     zeroshot_s = state["zeroshot_s"] + time.perf_counter() - t
     t = time.perf_counter()
-    final_aux = aux_of(state["aux_ref"], pretrained_weights)[0]
+    final_aux = r.aux_of(state["aux_ref"], r.pretrained_weights)[0]
     aux_s = state["aux_s"] + time.perf_counter() - t
-    test_set = load_task(cfg.data.dataset, "test", image_size=size)  # read once, at the end
-    test_acc = accuracy(model, test_set, preprocess, device, cfg.data.eval_batch_size,
+    test_set = load_task(cfg.data.dataset, "test", image_size=r.image_size)  # read once
+    test_acc = accuracy(r.model, test_set, r.preprocess, r.device, cfg.data.eval_batch_size,
                         cfg.train.precision)
-    write_best()
+    _write_best(r)
     if cfg.save_checkpoints:
-        save_weights(out_dir / "final.safetensors", trainable_state(model, "cpu"),
-                      {**meta, "step": str(step)})
-    save_weights(out_dir / "attention.safetensors",
-                  {"pretrained": state["base_attn"], "final": final_attn[:ATTENTION_SAMPLES],
-                   "labels": val_set.labels[probe_idx][:ATTENTION_SAMPLES],
-                   "images": probe_images[:ATTENTION_SAMPLES]}, meta)
+        save_weights(r.out_dir / "final.safetensors", trainable_state(r.model, "cpu"),
+                     {**r.meta, "step": str(step)})
+    save_weights(r.out_dir / "attention.safetensors",
+                 {"pretrained": state["base_attn"], "final": final_attn[:ATTENTION_SAMPLES],
+                  "labels": val_set.labels[r.probe_idx][:ATTENTION_SAMPLES],
+                  "images": r.probe_images[:ATTENTION_SAMPLES]}, r.meta)
+    _record_final(r, state, final_subsets, final_aux, test_acc)
+    _record_zeroshot(r, state["zs_before"], zs_after)
+    if r.board is not None:
+        board_metrics(r.board, final_metrics, r.record["baseline"], step)
+        for name, z in r.record["zeroshot"].items():
+            r.board.add_scalar(f"zeroshot/{name}", z["after"], step)
+        r.board.add_scalar("test/accuracy", test_acc, step)
+        r.board.close()
+    train_s = state["train_s"]
+    r.timing.update({"train_s": train_s, "probe_s": state["probe_s"],
+                     "zeroshot_s": zeroshot_s, "aux_s": aux_s,
+                     "steps": step, "probes": len(history["probes"]) + 1,
+                     "train_images_per_s": step * r.bs / train_s if train_s > 0 else None})
 
-    base = record["baseline"]
-    record["final"] = {
-        "step": step, "epochs": step / steps_per_epoch,
+
+def _record_final(r: _Run, state: dict[str, Any], final_subsets: list[dict[str, float]],
+                  final_aux: dict[str, Any], test_acc: float) -> None:
+    """``record["final"]``: accuracies, final attention and its drift from the baseline."""
+    history, base = r.history, r.record["baseline"]
+    final_metrics = history["probes"][-1]["metrics"]
+    r.record["final"] = {
+        "step": state["step"], "epochs": state["step"] / r.steps_per_epoch,
         "val_acc": history["epochs"][-1]["val_acc"] if history["epochs"] else None,
         "best_val_acc": state["best_val"], "best_epoch": state["best_epoch"],
         "test_acc": test_acc,
@@ -466,20 +590,11 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
         "aux": {**final_aux, "subset_cv": {
             m: coefficient_of_variation([f[m] for f in final_subsets]) for m in METRICS}},
     }
-    record["zeroshot"] = {
-        name: {"before": zs_before[name], "after": zs_after[name],
-               "retention_pct": 100.0 * zs_after[name] / zs_before[name]
-               if zs_before[name] > 0 else None,
+
+
+def _record_zeroshot(r: _Run, before: dict[str, float], after: dict[str, float]) -> None:
+    r.record["zeroshot"] = {
+        name: {"before": before[name], "after": after[name],
+               "retention_pct": 100.0 * after[name] / before[name] if before[name] > 0 else None,
                "chance": 1.0 / task.num_classes, "classes": task.num_classes}
-        for name, task in zs_tasks.items()}
-    train_s = state["train_s"]
-    if board is not None:
-        board_metrics(board, final_metrics, base, step)
-        for name, z in record["zeroshot"].items():
-            board.add_scalar(f"zeroshot/{name}", z["after"], step)
-        board.add_scalar("test/accuracy", test_acc, step)
-        board.close()
-    timing.update({"train_s": train_s, "probe_s": state["probe_s"], "zeroshot_s": zeroshot_s,
-                   "aux_s": aux_s,
-                   "steps": step, "probes": len(history["probes"]) + 1,
-                   "train_images_per_s": step * bs / train_s if train_s > 0 else None})
+        for name, task in r.zs_tasks.items()}
