@@ -16,6 +16,7 @@ from attndrift.regularizers import (
     entropy_floor_targets,
     l2sp_loss,
     layer_entropy,
+    map_entropy,
 )
 
 
@@ -75,28 +76,55 @@ def test_apr_gradient_reaches_q_proj_through_probe() -> None:
     assert after.item() < loss.item()
 
 
-def test_entropy_floor_values_and_gradient_sign() -> None:
-    p = _maps(2, sharpness=3.0)
+def test_entropy_floor_is_a_hinge_per_map_closed_form() -> None:
+    # maps of known entropy over N = 4 patches: uniform (log 4), uniform on 2 (log 2), one-hot (0)
+    uniform4 = torch.full((4,), 0.25)
+    uniform2 = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    onehot = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    p = torch.empty(2, 2, 2, 4)  # [B, L, H, N]
+    p[:, :] = uniform4
+    p[1, 0, 1] = uniform2  # layer 0: one map of four at log 2
+    p[0, 1, 0] = onehot  # layer 1: one map of four at 0
+    log2 = math.log(2.0)
+    tau = torch.tensor([1.5 * log2, log2])
     h = layer_entropy(p)
-    assert h.shape == (3,)
-    torch.testing.assert_close(h, (-(p * p.log()).sum(-1)).mean(dim=(0, 2)))
-    assert entropy_floor_loss(p, h - 0.1).item() == 0.0  # every layer above its floor
-    tau = h.clone()
-    tau[1] += 0.25
-    tau[2] += 0.5
-    assert entropy_floor_loss(p, tau).item() == pytest.approx(0.75, abs=1e-5)
-    assert entropy_floor_loss(p, tau, reduction="mean").item() == pytest.approx(0.25, abs=1e-5)
-    # gradient descent on the penalty raises the entropy of the layers below the floor only
-    logits = (3.0 * torch.randn(4, 3, 2, 9, generator=torch.Generator().manual_seed(2)))
+    torch.testing.assert_close(h, torch.tensor([1.75 * log2, 1.5 * log2]))
+    assert (h > tau).all()  # every layer mean is above its floor: a layer-mean hinge gives 0
+    # the study's hinge per map: layer 0 falls short by 0.5 log 2 on 1 map of 4, layer 1 by
+    # log 2 on 1 map of 4
+    expected = 0.5 * log2 / 4 + log2 / 4
+    assert entropy_floor_loss(p, tau).item() == pytest.approx(expected, abs=1e-6)
+    assert entropy_floor_loss(p, tau, reduction="mean").item() == pytest.approx(
+        expected / 2, abs=1e-6)
+    assert entropy_floor_loss(p, torch.tensor([0.5 * log2, -0.1])).item() == 0.0  # all above
+    # float64 reference on random maps
+    q = _maps(2, sharpness=3.0)
+    tau_q = layer_entropy(q).detach() + torch.tensor([-0.3, 0.0, 0.2])
+    q64 = q.double()
+    maps = -(q64 * q64.log()).sum(-1)  # [B, L, H]
+    ref = (tau_q.double()[None, :, None] - maps).clamp_min(0).mean(dim=(0, 2)).sum()
+    assert entropy_floor_loss(q, tau_q).item() == pytest.approx(ref.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="one floor per captured layer"):
+        entropy_floor_loss(p, [1.0, 2.0, 3.0])
+
+
+def test_entropy_floor_gradient_raises_only_the_maps_below() -> None:
+    logits = 3.0 * torch.randn(4, 3, 2, 9, generator=torch.Generator().manual_seed(2))
     logits.requires_grad_(True)
+    maps = map_entropy(logits.softmax(-1)).detach()  # [B, L, H]
+    # layer 0: floor under its lowest map; layers 1, 2: floor at the layer mean
+    tau = maps.mean(dim=(0, 2)).clone()
+    tau[0] = maps[:, 0].min() - 0.1
     loss = entropy_floor_loss(logits.softmax(-1), tau)
     loss.backward()
-    assert logits.grad[:, 0].abs().max() == 0  # layer 0 is above its floor: no gradient
+    below = maps < tau[None, :, None]
+    assert below[:, 1:].any() and not below[:, 0].any()
+    # no gradient on any map above its floor, some on every map below it
+    assert logits.grad[~below].abs().max() == 0
+    assert (logits.grad[below].abs().sum(-1) > 0).all()
     with torch.no_grad():
-        stepped = layer_entropy((logits - 0.5 * logits.grad).softmax(-1))
-    assert stepped[1] > h[1] and stepped[2] > h[2]
-    with pytest.raises(ValueError, match="one floor per captured layer"):
-        entropy_floor_loss(p, [1.0, 2.0])
+        stepped = map_entropy((logits - 0.5 * logits.grad).softmax(-1))
+    assert (stepped[below] > maps[below]).all()
 
 
 def test_entropy_floor_targets() -> None:

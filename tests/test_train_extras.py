@@ -20,16 +20,20 @@ def test_apr_is_zero_before_the_first_update_and_positive_after(tmp_path):
     assert rec["timing"]["apr_cache_s"] > 0 and rec["timing"]["apr_cache_mb"] > 0
 
 
-def test_entropy_floor_is_zero_while_every_layer_is_above_its_floor(tmp_path):
-    low = run(tiny_config("tiny_full_ft", *SHORT, "regularizer.name=entropy_floor",
-                          "regularizer.lam=1.0", "regularizer.ratio=0.5"), tmp_path / "a",
-              progress=False)
-    assert all(e["reg"] == 0.0 for e in low["history"]["loss"])
-    # a floor at the pretrained entropy itself is crossed by any step that lowers a layer
-    high = run(tiny_config("tiny_full_ft", *SHORT, "regularizer.name=entropy_floor",
-                           "regularizer.lam=1.0", "regularizer.ratio=1.0", "train.lr=3e-3"),
-               tmp_path / "b", progress=False)
-    assert max(e["reg"] for e in high["history"]["loss"]) > 0
+def test_entropy_floor_acts_at_the_studys_setting(tmp_path):
+    # The study's R2 (ratio 0.7, lambda 0.1) is a hinge per (image, head) map: on the tiny CLIP
+    # a third of the maps lie below 0.7 x their layer's pretrained entropy at step 0, so the
+    # penalty is positive from the first step and the run differs from the unregularized one
+    # (a hinge on the layer mean was 0 throughout and the two runs were bit-identical).
+    ef = ["regularizer.name=entropy_floor", "regularizer.lam=0.1"]
+    plain = run(tiny_config("tiny_full_ft", *SHORT), tmp_path / "none", progress=False)
+    floor = run(tiny_config("tiny_full_ft", *SHORT, *ef, "regularizer.ratio=0.7"),
+                tmp_path / "ef", progress=False)
+    assert floor["baseline"] == plain["baseline"]
+    reg = [e["reg"] for e in floor["history"]["loss"]]
+    assert reg[0] > 0.1
+    assert floor["history"]["loss"][1]["loss"] != plain["history"]["loss"][1]["loss"]
+    assert floor["final"]["metrics"]["mean"] != plain["final"]["metrics"]["mean"]
 
 
 def test_l2sp_grows_from_zero(tmp_path):
