@@ -103,9 +103,13 @@ def test_merged_and_unmerged_lora_give_the_same_logits():
     ("full_ft", {}, ["vision_model.encoder.layers.0.mlp.fc1.weight", "head.weight"], []),
     ("linear_probe", {}, ["head.weight"], ["visual_projection.weight",
                                             "vision_model.encoder.layers.3.mlp.fc1.weight"]),
-    ("freeze", {"layers": 2}, ["vision_model.encoder.layers.2.mlp.fc1.weight", "head.weight"],
-     ["vision_model.encoder.layers.1.mlp.fc1.weight",
-      "vision_model.embeddings.patch_embedding.weight"]),
+    # the study froze the first k encoder layers only: embeddings and pre-layernorm train
+    ("freeze", {"layers": 2}, ["vision_model.encoder.layers.2.mlp.fc1.weight", "head.weight",
+                               "vision_model.embeddings.patch_embedding.weight",
+                               "vision_model.embeddings.position_embedding.weight",
+                               "vision_model.embeddings.class_embedding",
+                               "vision_model.pre_layrnorm.weight"],
+     ["vision_model.encoder.layers.1.mlp.fc1.weight"]),
     ("lora", {"r": 2}, ["visual_projection.weight", "head.weight"],
      ["vision_model.encoder.layers.0.self_attn.q_proj.base_layer.weight"]),
 ])
@@ -115,6 +119,15 @@ def test_methods_choose_trainable_parameters(method, extra, trainable, frozen):
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     assert all(grads[n] for n in trainable)
     assert not any(grads[n] for n in frozen)
+
+
+def test_freeze_freezes_exactly_the_first_k_encoder_layers():
+    loaded = load_clip("tiny")
+    model = adapt(CLIPClassifier.from_clip(loaded.model, 3), "freeze", layers=3).model
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    in_first_3 = {n for n, _ in model.named_parameters()
+                  if n.startswith(tuple(f"vision_model.encoder.layers.{i}." for i in range(3)))}
+    assert frozen == in_first_3 and frozen
 
 
 def test_freeze_rejects_too_many_layers():

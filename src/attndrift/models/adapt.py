@@ -73,16 +73,14 @@ def linear_probe(model: CLIPClassifier) -> Adapted:
 
 @register_method("freeze")
 def freeze(model: CLIPClassifier, *, layers: int) -> Adapted:
-    """Embeddings, pre-layernorm and the first ``layers`` encoder layers are frozen."""
+    """The first ``layers`` encoder layers are frozen; everything else trains, the patch and
+    position embeddings and the pre-layernorm included (the study's A3, 003 §2.4 / §3.5, froze
+    the first k encoder layers only)."""
     n = len(encoder_layers(model))
     if not 1 <= layers <= n:
         raise ValueError(f"freeze_layers={layers} but the vision tower has {n} layers; "
                          f"choose 1..{n}")
     model.requires_grad_(True)
-    vision = model.vision_model
-    vision.embeddings.requires_grad_(False)
-    if hasattr(vision, "pre_layrnorm"):
-        vision.pre_layrnorm.requires_grad_(False)
     for layer in encoder_layers(model)[:layers]:
         layer.requires_grad_(False)
     return Adapted(model, "freeze")
