@@ -47,9 +47,12 @@ class TrainConfig(_Strict):
     weight_decay: Annotated[float, Field(ge=0)] = Field(0.01, description="AdamW weight decay")
     warmup_frac: Fraction = Field(0.05, description="linear warmup share of all steps, then cosine")
     grad_clip: PosFloat | None = Field(1.0, description="max gradient norm (None: no clipping)")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast of training, accuracy and zero-shot forwards: auto = bf16 "
-                            "on CUDA, fp32 elsewhere")
+                            "on CUDA, fp32 elsewhere; fp16 = the study's AMP (float16 autocast "
+                            "+ GradScaler), CUDA only")
+    drop_last: bool = Field(
+        False, description="drop the ragged last batch of each epoch (the study kept it)")
     flip: bool = Field(True, description="random horizontal flip of training images")
     compile: Literal["inductor", "aot_eager", "cudagraphs"] | None = Field(
         None, description="torch.compile backend for the training forward (inductor: fastest, "
@@ -137,6 +140,9 @@ class RunConfig(_Strict):
             raise ValueError("method=freeze needs freeze_layers >= 1")
         if self.method != "freeze" and self.freeze_layers:
             raise ValueError(f"freeze_layers={self.freeze_layers} only applies to method=freeze")
+        if self.train.precision == "fp16" and self.device == "cpu":
+            raise ValueError("train.precision=fp16 (autocast + GradScaler) needs a CUDA device; "
+                             "use train.precision=bf16 or fp32 on the CPU")
         if self.train.compile and self.regularizer.name in ("apr", "entropy_floor"):
             raise ValueError(f"train.compile cannot trace regularizer {self.regularizer.name} "
                              "(it hooks the attention on every step); set train.compile=null")

@@ -19,7 +19,10 @@ from attndrift.zeroshot import zeroshot_accuracy
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast when asked for, or on CUDA under ``auto``; otherwise a no-op."""
+    """bf16 autocast when asked for, or on CUDA under ``auto``; fp16 autocast for ``fp16`` (the
+    study's AMP; the training loop pairs it with a GradScaler); otherwise a no-op."""
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -184,6 +184,9 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
     timing = record["timing"]
     t0 = time.perf_counter()
     device = select_device(cfg.device)
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"train.precision=fp16 (autocast + GradScaler) needs a CUDA device, "
+                         f"got {device}; use train.precision=bf16 or fp32")
     if saved is None:
         record["provenance"] = provenance(str(device))
         write_record(out_dir / RECORD_FILE, record)  # status "running": the run has started
@@ -273,7 +276,10 @@ def _prepare_optimisation(r: _Run) -> None:
     r.optimizer = torch.optim.AdamW(r.params, lr=cfg.train.lr,
                                     weight_decay=cfg.train.weight_decay)
     r.bs = min(cfg.train.batch_size, len(train_set))
-    r.steps_per_epoch = len(train_set) // r.bs  # drop the ragged last batch, as the study did
+    # The study kept the ragged last batch (its loaders' drop_last=False): train.drop_last.
+    r.steps_per_epoch = (len(train_set) // r.bs if cfg.train.drop_last
+                         else math.ceil(len(train_set) / r.bs))
+    r.epoch_images = r.steps_per_epoch * r.bs if cfg.train.drop_last else len(train_set)
     r.total_steps = r.steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         r.total_steps = min(r.total_steps, cfg.train.max_steps)
@@ -284,6 +290,8 @@ def _prepare_optimisation(r: _Run) -> None:
     r.flip_gen = torch.Generator().manual_seed(cfg.seed + 1)
     r.loss_sum = torch.zeros((), device=device)
     r.reg_sum = torch.zeros((), device=device)
+    # fp16 gradients underflow without loss scaling (the study's AMP: autocast + GradScaler)
+    r.scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
 
 
 def _pretrained_references(r: _Run) -> None:
@@ -344,6 +352,8 @@ def _restore(r: _Run, saved: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.set_rng_state(saved["cuda_rng"], r.device)
     r.loss_sum += saved["loss_sum"].to(r.device)
     r.reg_sum += saved["reg_sum"].to(r.device)
+    if r.scaler is not None:
+        r.scaler.load_state_dict(saved["scaler"])
     return saved
 
 
@@ -364,6 +374,8 @@ def _checkpoint(r: _Run, state: dict[str, Any]) -> None:
             "history": r.history}
     if r.device.type == "cuda":
         blob["cuda_rng"] = torch.cuda.get_rng_state(r.device)
+    if r.scaler is not None:
+        blob["scaler"] = r.scaler.state_dict()
     save_resume(r.out_dir, blob, r.record)
     write_record(r.out_dir / RECORD_FILE, r.record)
 
@@ -453,10 +465,18 @@ def _train_step(r: _Run, state: dict[str, Any]) -> torch.Tensor:
         loss = loss + reg.lam * penalty
         r.reg_sum += penalty.detach()
     r.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.train.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(r.params, cfg.train.grad_clip)
-    r.optimizer.step()
+    if r.scaler is None:
+        loss.backward()
+        if cfg.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(r.params, cfg.train.grad_clip)
+        r.optimizer.step()
+    else:  # clip the true gradients; a step with inf/NaN gradients is skipped, scale lowered
+        r.scaler.scale(loss).backward()
+        r.scaler.unscale_(r.optimizer)
+        if cfg.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(r.params, cfg.train.grad_clip)
+        r.scaler.step(r.optimizer)
+        r.scaler.update()
     r.scheduler.step()
     return loss
 
@@ -561,7 +581,8 @@ def _final_evaluation(r: _Run, state: dict[str, Any], final_attn: torch.Tensor) 
     r.timing.update({"train_s": train_s, "probe_s": state["probe_s"],
                      "zeroshot_s": zeroshot_s, "aux_s": aux_s,
                      "steps": step, "probes": len(history["probes"]) + 1,
-                     "train_images_per_s": step * r.bs / train_s if train_s > 0 else None})
+                     "train_images_per_s": step * r.epoch_images / r.steps_per_epoch / train_s
+                     if train_s > 0 else None})
 
 
 def _record_final(r: _Run, state: dict[str, Any], final_subsets: list[dict[str, float]],

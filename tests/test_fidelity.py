@@ -1,0 +1,69 @@
+"""The study's methods as published: fp16 AMP, the ragged last batch, the study presets."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from attndrift.config import ConfigError, load_config
+from attndrift.study.spec import load_study
+from attndrift.train import run
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = ["probe.per_epoch=1", "probe.subsets=1", "probe.images=16", "save_checkpoints=false",
+         "data.zeroshot=[shapes-zs-shape]", "probe.aux=[]"]
+
+
+def test_fp16_is_a_config_error_on_the_cpu():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.precision=fp16", "device=cpu"])
+    assert "\n" not in str(err.value) and "CUDA" in str(err.value)
+    assert load_config(None, ["train.precision=fp16"]).train.precision == "fp16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fp16_run_fails_before_training_without_cuda(tmp_path):
+    with pytest.raises(ValueError, match="fp16.*needs a CUDA device"):
+        run(tiny_config("tiny_full_ft", *SHORT, "train.precision=fp16"), tmp_path,
+            progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_run_trains_with_a_grad_scaler(tmp_path):
+    rec = run(tiny_config("tiny_full_ft", *SHORT, "train.precision=fp16", "device=cuda"),
+              tmp_path, progress=False)
+    assert rec["status"] == "completed"
+    losses = [e["loss"] for e in rec["history"]["loss"]]
+    assert losses[-1] < losses[0]
+
+
+def test_the_ragged_last_batch_is_kept_by_default(tmp_path):
+    # 100 training images in batches of 32: 4 steps an epoch (32, 32, 32, 4), as the study's
+    # loaders did; drop_last=true gives 3
+    common = [*SHORT, "data.train_limit=100", "train.batch_size=32", "train.epochs=2"]
+    kept = run(tiny_config("tiny_full_ft", *common), tmp_path / "kept", progress=False)
+    assert kept["final"]["step"] == 8 and [e["step"] for e in kept["history"]["epochs"]] == [4, 8]
+    dropped = run(tiny_config("tiny_full_ft", *common, "train.drop_last=true"),
+                  tmp_path / "dropped", progress=False)
+    assert dropped["final"]["step"] == 6
+    assert [e["step"] for e in dropped["history"]["epochs"]] == [3, 6]
+
+
+def test_study_presets_train_as_the_study_did():
+    for name in ("paper21", "matched_lr80", "backbone", "followup"):
+        path = ROOT / "configs" / "studies" / f"{name}.yaml"
+        assert "fp16" in path.read_text().split("\nname:")[0], f"{name}: header says fp16"
+        _, planned = load_study(path)
+        for p in planned:
+            assert p.config.train.precision == "fp16", p.run_id
+            assert p.config.train.drop_last is False
+    assert load_config(ROOT / "configs" / "runs" / "tiny_full_ft.yaml").train.precision == "auto"
+
+
+def test_paper21_lora_alpha_is_twice_the_rank():
+    _, planned = load_study(ROOT / "configs" / "studies" / "paper21.yaml")
+    lora = [p.config for p in planned if p.config.method == "lora"]
+    assert {c.lora.r for c in lora} == {4, 8, 16}
+    assert all(c.lora.alpha == 2 * c.lora.r for c in lora)  # scale alpha / r = 2 at every rank
