@@ -67,3 +67,28 @@ def test_paper21_lora_alpha_is_twice_the_rank():
     lora = [p.config for p in planned if p.config.method == "lora"]
     assert {c.lora.r for c in lora} == {4, 8, 16}
     assert all(c.lora.alpha == 2 * c.lora.r for c in lora)  # scale alpha / r = 2 at every rank
+
+
+def test_study_plan_prints_every_run_with_its_distinguishing_keys():
+    import json
+
+    from typer.testing import CliRunner
+
+    from attndrift.cli import app
+    from attndrift.study.spec import distinguishing
+
+    path = ROOT / "configs" / "studies" / "followup.yaml"
+    _, planned = load_study(path)
+    assert len(planned) == 18  # 2 datasets x 2 methods x 3 seeds + APR and floor x 3 seeds
+    keys, values = distinguishing(planned)
+    assert keys == ["seed", "method", "train.epochs", "train.lr", "data.dataset",
+                    "regularizer.name", "regularizer.lam"]
+    assert len({json.dumps(v, sort_keys=True) for v in values}) == 18  # every run told apart
+    result = CliRunner().invoke(app, ["study", "plan", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert [r["run_id"] for r in shown["runs"]] == [p.run_id for p in planned]
+    assert shown["runs"][3]["values"]["method"] == "lora"
+    assert shown["runs"][3]["values"]["train.lr"] == pytest.approx(1e-4)
+    table = CliRunner().invoke(app, ["study", "plan", str(path)], env={"COLUMNS": "250"})
+    assert table.exit_code == 0 and "regularizer.name" in table.output

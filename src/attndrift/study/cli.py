@@ -142,3 +142,32 @@ def status_cmd(
     for r in rows:
         table.add_row(r["run_id"], r["group"], r["status"], r["error"] or "")
     out.print(table)
+
+
+@app.command("plan")
+def plan_cmd(
+    study: Annotated[Path, typer.Argument(help="study YAML (configs/studies/...)")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Print every run STUDY expands to, with the config keys that distinguish it."""
+    from attndrift.config import ConfigError
+    from attndrift.study.spec import distinguishing, load_study
+
+    try:
+        spec, planned = load_study(study)
+    except ConfigError as e:
+        fail(str(e), 2)
+    keys, values = distinguishing(planned)
+    if as_json:
+        print(json.dumps({"study": spec.name, "keys": keys, "runs": [
+            {"run_id": p.run_id, "group": p.group, "values": v}
+            for p, v in zip(planned, values, strict=True)]}, indent=1))
+        return
+    table = Table(title=f"study {spec.name}: {len(planned)} runs")
+    for col in ("run", "group", *keys):
+        table.add_column(col)
+    for p, v in zip(planned, values, strict=True):
+        table.add_row(p.run_id, p.group, *(json.dumps(v[k]) if isinstance(v[k], list)
+                                           else str(v[k]) for k in keys))
+    out.print(table)
+

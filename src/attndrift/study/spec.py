@@ -152,3 +152,23 @@ def expand(spec: StudySpec, base: dict) -> list[PlannedRun]:
 def load_study(path: str | Path) -> tuple[StudySpec, list[PlannedRun]]:
     spec, base = load_spec(path)
     return spec, expand(spec, base)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def distinguishing(planned: list[PlannedRun]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The resolved config keys whose values differ between the runs (the name aside), in
+    config order, and each run's values of them: what ``attndrift study plan`` prints."""
+    flats = [_flatten(p.config.model_dump(mode="json")) for p in planned]
+    keys = [k for k in (flats[0] if flats else {}) if k != "name"
+            and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+    return keys, [{k: f.get(k) for k in keys} for f in flats]
+
