@@ -24,7 +24,7 @@ def test_fp16_is_a_config_error_on_the_cpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_fp16_run_fails_before_training_without_cuda(tmp_path):
-    with pytest.raises(ValueError, match="fp16.*needs a CUDA device"):
+    with pytest.raises(ValueError, match=r"fp16.*needs a CUDA device"):
         run(tiny_config("tiny_full_ft", *SHORT, "train.precision=fp16"), tmp_path,
             progress=False)
 
@@ -92,3 +92,39 @@ def test_study_plan_prints_every_run_with_its_distinguishing_keys():
     assert shown["runs"][3]["values"]["train.lr"] == pytest.approx(1e-4)
     table = CliRunner().invoke(app, ["study", "plan", str(path)], env={"COLUMNS": "250"})
     assert table.exit_code == 0 and "regularizer.name" in table.output
+
+
+def test_cifar10_and_flowers102_are_zero_shot_tasks(tmp_path, monkeypatch):
+    # Written to disk under their hub ids in a data mirror: the registry path of the real ids.
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    from attndrift.data.names import FLOWERS102
+    from attndrift.data.registry import load_task
+
+    monkeypatch.setenv("ATTNDRIFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ATTNDRIFT_DATA_ROOT", str(tmp_path / "mirror"))
+    colour = load_task("shapes-zs-colour", "test")
+    images = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in colour.images[:60]]
+    labels = colour.labels[:60].tolist()
+    cifar = datasets.Features({"img": datasets.Image(),
+                               "label": datasets.ClassLabel(names=colour.class_names)})
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(
+        {"img": images, "label": labels}, features=cifar)}).save_to_disk(
+        str(tmp_path / "mirror" / "uoft-cs" / "cifar10"))
+    numbered = [str(i) for i in range(1, 103)]  # some copies number the flowers
+    flowers = datasets.Features({"image": datasets.Image(),
+                                 "label": datasets.ClassLabel(names=numbered)})
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(
+        {"image": images, "label": labels}, features=flowers)}).save_to_disk(
+        str(tmp_path / "mirror" / "nelorth" / "oxford-flowers"))
+    assert load_task("flowers102", "test").class_names == list(FLOWERS102)
+    rec = run(tiny_config("tiny_full_ft", *SHORT, "train.max_steps=2",
+                          "data.zeroshot=[cifar10, flowers102]"), tmp_path / "run",
+              progress=False)
+    assert set(rec["zeroshot"]) == {"cifar10", "flowers102"}
+    assert rec["zeroshot"]["flowers102"]["classes"] == 102
+    # the tiny CLIP knows colour words: CIFAR-10's slot, holding colour images and names, is
+    # well above chance before fine-tuning
+    assert rec["zeroshot"]["cifar10"]["before"] > 0.5
+    assert rec["sanity"]["cifar10"]["ok"]

@@ -129,6 +129,8 @@ REAL_DATASETS: dict[str, HFSource] = {
     "pets": HFSource("timm/oxford-iiit-pet", templates=TEMPLATES["pets"]),
     "cifar100": HFSource("uoft-cs/cifar100", image="img", label="fine_label",
                          templates=TEMPLATES["cifar100"]),
+    "cifar10": HFSource("uoft-cs/cifar10", image="img", label="label",
+                        templates=TEMPLATES["cifar10"]),
     # Copies of Flowers102 name classes in words or by number; numbers map to the official names.
     "flowers102": HFSource("nelorth/oxford-flowers", canonical=FLOWERS102,
                            templates=TEMPLATES["flowers102"]),

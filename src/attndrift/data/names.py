@@ -47,6 +47,7 @@ TEMPLATES = {
                 "a centered satellite photo of the {}."),
     "pets": ("a photo of a {}, a type of pet.",),
     "cifar100": ("a photo of a {}.",),  # the study's prompt
+    "cifar10": ("a photo of a {}.",),  # the same prompt, for the study code's later protocol
     "flowers102": ("a photo of a {}, a type of flower.",),
     "generic": ("a photo of a {}.",),
 }

@@ -2,8 +2,9 @@
 
 Names resolve, in order: built-in generated datasets registered here (the shapes world); the
 real datasets of the study (`attndrift.data.hf.REAL_DATASETS`: eurosat, pets, cifar100,
-flowers102); ``hf:ID`` for any Hugging Face dataset; ``imagefolder:PATH`` for a local folder.
-Classification tasks provide ``train`` and ``test``; zero-shot transfer tasks ``test``.
+cifar10, flowers102); ``hf:ID`` for any Hugging Face dataset; ``imagefolder:PATH`` for a local
+folder. Classification tasks provide ``train`` and ``test``; zero-shot transfer tasks ``test``
+(every real dataset is usable as either: ``data.zeroshot: [cifar100, cifar10, flowers102]``).
 """
 
 from __future__ import annotations
