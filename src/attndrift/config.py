@@ -96,6 +96,12 @@ class ProbeConfig(_Strict):
     aux_every: Annotated[int, Field(ge=0)] = Field(
         0, description="also measure the auxiliary metrics at every k-th training probe "
                        "(0: only before and after training)")
+    zeroshot_every: Annotated[int, Field(ge=0)] = Field(
+        0, description="zero-shot accuracy on a fixed class-balanced subset of each transfer "
+                       "task at every k-th training probe, into the history (0: only before "
+                       "and after training, on the whole test split)")
+    zeroshot_images: PosInt = Field(
+        1000, description="images per transfer task in that subset (seeded by probe.seed)")
 
 
 class RegularizerConfig(_Strict):

@@ -232,6 +232,10 @@ def _prepare_data(r: _Run) -> None:
                   for name in cfg.data.zeroshot}
     r.zs_weights = {name: text_classifier(r.clip, loaded.tokenizer, t.class_names, t.templates,
                                           device) for name, t in r.zs_tasks.items()}
+    # forgetting during training: the same class-balanced images of each task at every point
+    r.zs_subsets = {name: t.subset(balanced_subset(t.labels, cfg.probe.zeroshot_images,
+                                                   cfg.probe.seed), f"{name}/subset")
+                    for name, t in r.zs_tasks.items()} if cfg.probe.zeroshot_every else {}
     weights_file = Path(loaded.source) / "model.safetensors"
     r.record["provenance"].update({
         "model_source": loaded.source,
@@ -243,6 +247,9 @@ def _prepare_data(r: _Run) -> None:
                            "probe": len(r.probe_idx)}},
         "zeroshot_data": {n: t.fingerprint() for n, t in r.zs_tasks.items()},
     })
+    if r.zs_subsets:
+        r.record["provenance"]["zeroshot_subsets"] = {
+            n: {"images": len(t), "content": t.fingerprint()} for n, t in r.zs_subsets.items()}
 
 
 def _prepare_model(r: _Run) -> None:
@@ -330,6 +337,8 @@ def _baseline(r: _Run) -> dict[str, Any]:
     record["sanity"], record["warnings"] = sanity_check(
         {f"{r.cfg.data.dataset} (validation)": (own_acc, val_set.num_classes),
          **{n: (zs_before[n], t.num_classes) for n, t in r.zs_tasks.items()}})
+    if r.zs_subsets:  # the trajectory's starting point, on the same subsets as the probes
+        record["baseline"]["zeroshot_subset"] = r.zeroshot(r.zs_weights, r.zs_subsets)
     zeroshot_s = time.perf_counter() - t
     t = time.perf_counter()
     record["baseline"]["aux"], aux_ref = r.aux_of()
@@ -398,7 +407,7 @@ def _train(r: _Run, state: dict[str, Any]) -> torch.Tensor:
     bar, task_id = progress_bar(r.progress, total_steps, state["step"],
                                 f"{cfg.name} ({cfg.method})")
     last_attn = None  # set by every probe; a run always ends on one
-    r.segment = (time.perf_counter(), state["probe_s"])  # training time excludes probes
+    r.segment = (time.perf_counter(), _eval_s(state))  # training time excludes probes
     last_checkpoint = time.monotonic()
     with bar:
         while state["step"] < total_steps:
@@ -427,12 +436,17 @@ def _train(r: _Run, state: dict[str, Any]) -> torch.Tensor:
     return last_attn
 
 
+def _eval_s(state: dict[str, Any]) -> float:
+    return state["probe_s"] + state["zeroshot_s"]
+
+
 def _add_train_time(r: _Run, state: dict[str, Any]) -> None:
-    """Add the wall time since the last call, less the probes' share, to ``train_s``."""
+    """Add the wall time since the last call, less the probes' and zero-shot's share, to
+    ``train_s``."""
     now = time.perf_counter()
-    start, probe_s = r.segment
-    state["train_s"] += now - start - (state["probe_s"] - probe_s)
-    r.segment = (now, state["probe_s"])
+    start, eval_s = r.segment
+    state["train_s"] += now - start - (_eval_s(state) - eval_s)
+    r.segment = (now, _eval_s(state))
 
 
 def _train_step(r: _Run, state: dict[str, Any]) -> torch.Tensor:
@@ -512,13 +526,20 @@ def _probe(r: _Run, state: dict[str, Any]) -> torch.Tensor:
     attn = r.probe_of(r.probe_images)
     probe = {"step": step, "epoch": step / r.steps_per_epoch,
              "fraction": step / r.total_steps, "metrics": summarize(attn)}
-    every = r.cfg.probe.aux_every
-    if every and (len(history["probes"]) + 1) % every == 0:
+    every, number = r.cfg.probe.aux_every, len(history["probes"]) + 1
+    if every and number % every == 0:
         probe["aux"] = r.aux_of(state["aux_ref"], r.pretrained_weights)[0]
+    state["probe_s"] += time.perf_counter() - t
+    every = r.cfg.probe.zeroshot_every  # and at the last probe: the trajectory's end
+    if every and (number % every == 0 or step == r.total_steps):
+        t = time.perf_counter()
+        probe["zeroshot"] = r.zeroshot(r.zs_weights, r.zs_subsets)
+        state["zeroshot_s"] += time.perf_counter() - t
     history["probes"].append(probe)
     if r.board is not None:
         board_metrics(r.board, probe["metrics"], r.record["baseline"], step)
-    state["probe_s"] += time.perf_counter() - t
+        for name, acc in probe.get("zeroshot", {}).items():
+            r.board.add_scalar(f"zeroshot_subset/{name}", acc, step)
     return attn
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from attndrift.analysis import inference, supplementary, tables
+from attndrift.analysis import forgetting, inference, supplementary, tables
 from attndrift.analysis.runs import Run, discover_run_dirs, load_run, load_store
 from attndrift.analysis.table import Column, Table, to_markdown, write_csv
 
@@ -27,6 +27,7 @@ TABLES: tuple[Callable[[Sequence[Run]], Table], ...] = (
     tables.zeroshot,
     tables.per_layer_delta,
     supplementary.collapse_onsets,
+    forgetting.forgetting_dynamics, forgetting.early_drift_vs_retention,
     inference.run_level,
     inference.corrected_inference,
     inference.metric_correlations,

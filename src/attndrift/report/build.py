@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from attndrift.analysis import Run, Table, all_tables, load_store, write_csv
 from attndrift.analysis.runs import lr_of
-from attndrift.report import dynamics, figures, overlay
+from attndrift.report import dynamics, figures, forgetting, overlay
 from attndrift.report.render import render_html, render_markdown, report_context
 
 DPI = 100
@@ -72,6 +72,7 @@ FIGURES: tuple[FigureSpec, ...] = (
                "to where they stopped, marked ×); ▼ marks the collapse onset, the first probe "
                "below -1% (dotted line). Colour = learning rate.",
                dynamics.training_dynamics),
+    FigureSpec("forgetting", forgetting.TITLE, forgetting.CAPTION, forgetting.forgetting_dynamics),
     FigureSpec("metric_correlations", "Cross-metric correlations",
                "Pearson r across completed runs between drifts, best validation accuracy and "
                "zero-shot retention (descriptive).",
