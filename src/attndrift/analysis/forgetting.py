@@ -4,14 +4,14 @@ whether early drift predicts the final retention.
 A run with ``probe.zeroshot_every > 0`` measures zero-shot accuracy on a fixed class-balanced
 subset of each transfer task at the start (``baseline.zeroshot_subset``) and at every k-th probe
 (``history.probes[i].zeroshot``). Retention at a point is 100 x accuracy / the subset's
-pretrained accuracy; Δ entropy is the study's drift of the layer-mean CLS entropy (003 §2.5),
+pretrained accuracy; Δ entropy is the study's drift of the layer-mean CLS entropy (003 §1.4),
 both read at the same probes, so which one moves first can be seen.
 
 Early drift is Δ entropy over 10-20% of training (the mean of the probes in that window, or the
 value interpolated at 15% where no probe falls in it); final retention is the record's
 ``zeroshot[task].retention_pct`` (the whole test split). Their association is a Spearman rank
-correlation with a permutation p (exact over all n! pairings for n <= 8; 000 §2.4 replaced
-small-sample p-values by exact permutation tests). Settings are never pooled as if they were
+correlation with a permutation p (exact over all n! pairings for n <= 8; 000 replaced
+small-sample p-values by exact permutation tests, §3.5). Settings are never pooled as if they were
 replicates (`attndrift.analysis.runs.setting_key`): within a setting the units are its seeds;
 across the settings of one dataset, model and task each setting is one point, its seed mean.
 
