@@ -129,7 +129,7 @@ def test_report_runs_without_torch(fake_store, tmp_path):
                           cwd=ROOT, timeout=120, check=False,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split()[0] == "10"  # every figure, the attention overlay included
+    assert proc.stdout.split()[0] == "11"  # every figure, the attention overlay included
     assert "('failed', 1)" in proc.stdout and "('corrupt', 1)" in proc.stdout
     assert (tmp_path / "tables" / "regularization.csv").is_file()
 

@@ -83,6 +83,10 @@ def fake_record(*, name: str = "run", method: str = "full_ft", lr: float = 1e-3,
     record["zeroshot"] = {"shapes-zs-shape": {"before": 0.8, "after": zs_after,
                                               "retention_pct": 100 * zs_after / 0.8,
                                               "chance": 1 / 6, "classes": 6}}
+    # zero-shot tracked during training (probe.zeroshot_every), falling linearly to zs_after
+    baseline["zeroshot_subset"] = {"shapes-zs-shape": 0.8}
+    for p in history["probes"]:
+        p["zeroshot"] = {"shapes-zs-shape": 0.8 + (zs_after - 0.8) * p["fraction"]}
     return record
 
 
