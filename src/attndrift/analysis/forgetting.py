@@ -154,8 +154,9 @@ def forgetting_dynamics(runs: Sequence[Run]) -> Table:
 
 def _corr_row(base: dict[str, Any], unit: str, x: list[float], y: list[float]) -> dict:
     res = permutation_corr_test(x, y, "spearman")
+    how = "exact" if "exact" in res.test else "Monte Carlo" if "Monte" in res.test else "—"
     return {**base, "unit": unit, "n": res.n, "rho": res.statistic, "p": res.pvalue,
-            "test": res.test}
+            "test": how}
 
 
 def early_drift_vs_retention(runs: Sequence[Run]) -> Table:
@@ -186,7 +187,7 @@ def early_drift_vs_retention(runs: Sequence[Run]) -> Table:
             Column("unit", "units"), Column("method", "method"),
             Column("regularizer", "regularizer"), Column("lr", "lr", "lr"),
             Column("n", "n", "int"), Column("rho", "Spearman ρ", "num"), Column("p", "p", "p"),
-            Column("test", "test"))
+            Column("test", "permutations"))
     return make_table(
         "early_drift_vs_retention", "Does early attention drift predict forgetting?",
         f"Spearman ρ between Δ entropy early in training ({EARLY_WINDOW[0]:.0%}-"
