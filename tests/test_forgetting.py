@@ -122,3 +122,28 @@ def test_early_drift_vs_retention_is_spearman_with_exact_permutation_p():
     expected = sum(abs(v) >= 0.5 - 1e-12 for v in null) / len(null)
     assert within[0]["p"] == pytest.approx(expected)
     assert not math.isnan(across[0]["rho"])
+
+
+def test_a_resumed_run_tracks_zero_shot_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    import attndrift.train as train
+
+    cfg = tiny_config("tiny_full_ft", *TRACK, "train.epochs=2", "train.checkpoint_minutes=0",
+                      "probe.zeroshot_every=1", "save_checkpoints=false")
+    ref = run(cfg, tmp_path / "ref", progress=False)
+    real, calls = train.accuracy, {"n": 0}
+
+    def crash_at_second_epoch_end(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "accuracy", crash_at_second_epoch_end)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(train, "accuracy", real)
+    resumed = run(cfg, tmp_path / "cut", progress=False)
+    assert resumed["timing"]["resumed"] == 1
+    assert sum("zeroshot" in p for p in resumed["history"]["probes"]) == 6
+    for key in ("baseline", "history", "final", "zeroshot"):
+        assert resumed[key] == ref[key], key
