@@ -166,3 +166,101 @@ def test_study_never_reports_success_with_a_run_unfinished(tmp_path):
         result = runner.invoke(app, ["study", "run", str(study), "--store", str(store.root)])
     assert result.exit_code == 1
     assert "not completed" in lines_of(result.output)[-1]
+
+
+# --- 5. image folders: every mode decoded, bad folders refused before training ------------
+
+def _reopened(tmp_path: Path, image, name: str):
+    from PIL import Image
+
+    path = tmp_path / name
+    image.save(path)
+    return Image.open(path)
+
+
+def test_every_pil_mode_decodes_to_the_rgb_it_shows(tmp_path):
+    from PIL import Image
+
+    from attndrift.data.base import rgb_image
+
+    def check(image, expected, tol=0):
+        got = np.asarray(rgb_image(image), dtype=np.int64)
+        assert got.shape == (*image.size[::-1], 3)
+        assert np.abs(got - np.asarray(expected)).max() <= tol, (image.mode, got[0, 0])
+
+    wide = np.full((4, 5), 40000, dtype=np.uint16)
+    wide[0, 0] = 65535
+    sixteen = _reopened(tmp_path, Image.fromarray(wide), "g16.png")
+    assert sixteen.mode in ("I;16", "I")
+    expected = np.repeat(np.rint(wide.astype(np.float64) * 255 / 65535)[..., None], 3, -1)
+    check(sixteen, expected)  # was all white: PIL clips 40000 to 255
+    assert expected[1, 1, 0] == 156
+
+    pal = Image.new("P", (5, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    check(_reopened(tmp_path, pal, "p.png"), np.broadcast_to([10, 200, 30], (4, 5, 3)))
+
+    check(_reopened(tmp_path, Image.new("L", (5, 4), 77), "l.png"),
+          np.full((4, 5, 3), 77))
+
+    rgba = _reopened(tmp_path, Image.new("RGBA", (5, 4), (200, 100, 50, 128)), "a.png")
+    a = 128 / 255  # over white, as a viewer shows it
+    check(rgba, np.broadcast_to([a * c + (1 - a) * 255 for c in (200, 100, 50)], (4, 5, 3)),
+          tol=1)
+
+    cmyk = _reopened(tmp_path, Image.new("CMYK", (5, 4), (55, 0, 255, 0)), "c.tif")
+    assert cmyk.mode == "CMYK"
+    check(cmyk, np.broadcast_to([200, 255, 0], (4, 5, 3)))
+
+
+def _folder(root: Path, splits: dict[str, list[str]], n: int = 3, size: int = 8) -> Path:
+    from PIL import Image
+
+    for split, classes in splits.items():
+        for c, cls in enumerate(classes):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                value = np.full((size, size), 10000 * (c + 1) + i, dtype=np.uint16)
+                Image.fromarray(value).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_imagefolder_decodes_16_bit_and_lines_up_labels(tmp_path, monkeypatch):
+    from attndrift.data.imagefolder import load_imagefolder
+
+    monkeypatch.setenv("ATTNDRIFT_CACHE", str(tmp_path / "cache"))
+    root = _folder(tmp_path / "f", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    task = load_imagefolder(f"imagefolder:{root}", "test", image_size=8, progress=False)
+    assert task.class_names == ["cat", "dog"] and task.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    expected = [round((10000 * (label + 1) + i) * 255 / 65535)
+                for label in (0, 1) for i in range(3)]
+    assert task.images[:, :, 0, 0].tolist() == [[v] * 3 for v in expected]
+
+
+@pytest.mark.parametrize(("splits", "needle"), [
+    ({"train": ["cat", "dog"], "test": ["cat", "cow"]}, "different classes"),
+    ({"train": ["cat"], "test": ["cat"]}, "needs >= 2"),
+    ({"train": ["cat", "dog"]}, "no test/ directory"),
+])
+def test_bad_image_folders_fail_validation(tmp_path, splits, needle):
+    from attndrift.config import ConfigError, load_config
+
+    root = _folder(tmp_path / "f", splits, n=1)
+    with pytest.raises(ConfigError, match=needle) as info:
+        load_config(TINY_FT, [f"data.dataset=imagefolder:{root}"])
+    assert "\n" not in str(info.value)
+    result = runner.invoke(app, ["run", TINY_FT, f"data.dataset=imagefolder:{root}",
+                                 "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and not (tmp_path / "r").exists()
+
+
+def test_a_corrupt_image_is_named_in_one_line(tmp_path, monkeypatch):
+    from attndrift.data.imagefolder import ImageFolderError, load_imagefolder
+
+    monkeypatch.setenv("ATTNDRIFT_CACHE", str(tmp_path / "cache"))
+    root = _folder(tmp_path / "f", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    bad = root / "train" / "dog" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    with pytest.raises(ImageFolderError) as info:
+        load_imagefolder(f"imagefolder:{root}", "train", image_size=8, progress=False)
+    assert str(info.value).startswith(str(bad)) and "\n" not in str(info.value)

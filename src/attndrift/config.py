@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -75,6 +82,50 @@ class DataConfig(_Strict):
                           "this many MB, and gather each batch there (0: gather on the host)")
 
 
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        check_dataset_name(name, "classification")
+        return name
+
+    @field_validator("zeroshot")
+    @classmethod
+    def _known_zeroshot(cls, names: list[str]) -> list[str]:
+        for name in names:
+            check_dataset_name(name, "zeroshot")
+        return names
+
+
+def check_dataset_name(name: str, role: str) -> None:
+    """Raise `ValueError` (one line) unless ``name`` is a dataset a run can read in ``role``
+    (classification: train and test splits; zeroshot: test). Local folders are checked on
+    disk now (`attndrift.data.imagefolder.check_imagefolder`), so a bad one stops a run at
+    validation, before anything is recorded; hub datasets are checked when loaded."""
+    from attndrift.data.hf import REAL_DATASETS, parse_hf_name
+    from attndrift.data.registry import available_tasks, known_names
+
+    tasks = available_tasks()
+    if name in tasks:
+        if role == "classification" and tasks[name].kind != "classification":
+            raise ValueError(f"{name} is a zero-shot task (test split only); fine-tune on one of "
+                             + ", ".join(n for n, t in tasks.items() if t.kind == role))
+        return
+    if name in REAL_DATASETS:
+        return
+    if name.startswith("hf:"):
+        parse_hf_name(name)
+        return
+    if name.startswith("imagefolder:"):
+        from attndrift.data.imagefolder import check_imagefolder
+
+        try:
+            check_imagefolder(name, ("train", "test") if role == "classification" else ("test",))
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
+        return
+    raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(known_names())}")
+
+
 class ProbeConfig(_Strict):
     per_epoch: Annotated[int, Field(ge=0)] = Field(5, description="attention probes per epoch")
     images: PosInt = Field(200, description="class-balanced probe images from the validation split")
@@ -130,6 +181,14 @@ class RunConfig(_Strict):
                                                  "(needs attndrift[tensorboard])")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     save_checkpoints: bool = Field(True, description="write final and best safetensors")
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, name: str) -> str:
+        from attndrift.models.clip import check_model_name
+
+        check_model_name(name)
+        return name
 
     @model_validator(mode="after")
     def _method_args(self) -> RunConfig:
@@ -215,6 +274,8 @@ def _describe(err: ValidationError) -> str:
         return f"unknown key {loc!r}; remove it or fix its spelling (see docs/config.md)"
     if isinstance(got, float) and not math.isfinite(got):
         return f"{loc}: {got} is not allowed; give a finite number"
+    if first["type"] == "value_error":  # our validators' messages say what they got
+        return f"{loc}: {first['msg'].removeprefix('Value error, ')}"
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
     return f"{loc}: {first['msg']}{shown}{more}"
