@@ -101,7 +101,7 @@ def test_sigterm_of_run_records_interrupted_and_exits_130(tmp_path):
     while time.time() < deadline and not (out / "resume.pt").is_file():
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert read_record(out)["status"] == "interrupted"
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -264,3 +264,121 @@ def test_a_corrupt_image_is_named_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(ImageFolderError) as info:
         load_imagefolder(f"imagefolder:{root}", "train", image_size=8, progress=False)
     assert str(info.value).startswith(str(bad)) and "\n" not in str(info.value)
+
+
+# --- 9. run ids are one safe path component -------------------------------------------------
+
+def test_grid_values_never_make_paths_outside_the_store(tmp_path):
+    from attndrift.models.clip import TINY_CLIP_DIR
+    from attndrift.study.spec import StudySpec, expand
+    from attndrift.study.store import Store
+
+    sneaky = f"{TINY_CLIP_DIR}/../tiny_clip"  # a real model, reached through ../
+    spec = StudySpec.model_validate({"name": "s", "grids": [
+        {"name": "g", "axes": {"model": [sneaky, "tiny"]}}]})
+    store = Store(tmp_path / "store")
+    for p in expand(spec, {}):
+        assert "/" not in p.run_id and not p.run_id.startswith(".") and ".." not in p.run_id
+        run_dir = store.run_dir(p.run_id)
+        assert run_dir.parent == store.root / "runs"
+    assert expand(spec, {})[1].run_id.startswith("g-model=tiny-")  # safe ids stay as they were
+    for bad in ("../../evil", "a/b", ".hidden", ".."):
+        with pytest.raises(ValueError, match="not a safe directory name"):
+            store.run_dir(bad)
+    assert not (tmp_path / "evil").exists()
+
+
+# --- 12. a full disk or read-only filesystem: one line, nothing partial, record intact -----
+
+def _disk_full_for(monkeypatch, name_part: str) -> None:
+    """Writes of files whose name contains ``name_part`` fail as on a full disk (ENOSPC)."""
+    import attndrift.records as records
+
+    real = records.os.fsync
+    paths: dict[int, str] = {}
+    real_mkstemp = records.tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        fd, tmp = real_mkstemp(*args, **kwargs)
+        paths[fd] = tmp
+        return fd, tmp
+
+    def fsync(fd):
+        if name_part in paths.get(fd, ""):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(records.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(records.os, "fsync", fsync)
+
+
+def test_full_disk_leaves_the_old_record_and_no_temp_file(tmp_path, monkeypatch):
+    from attndrift.records import new_record, write_record
+
+    path = tmp_path / "record.json"
+    write_record(path, new_record("a-1", {}))
+    before = path.read_bytes()
+    _disk_full_for(monkeypatch, "record.json")
+    with pytest.raises(OSError) as info:
+        write_record(path, {**new_record("a-1", {}), "status": "completed"})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_full_disk_in_run_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    _disk_full_for(monkeypatch, "final.safetensors")
+    result = runner.invoke(app, ["run", TINY_FT, *SHORT, "train.max_steps=2", "--out", str(out),
+                                 "--quiet"])
+    assert result.exit_code == 1
+    (line,) = lines_of(result.output)
+    assert f"cannot write {out / 'final.safetensors'}: No space left on device" in line
+    assert not list(out.glob(".*.tmp"))
+    assert read_record(out)["status"] == "failed"  # the small record still fitted
+
+
+def test_unwritable_report_and_store_are_one_line(tmp_path, full_ft_run, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = runner.invoke(app, ["report", str(full_ft_run.parent), "--out",
+                                 str(blocker / "report")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = lines_of(result.output)
+    assert str(blocker) in line
+    study = tmp_path / "s.yaml"
+    study.write_text(json.dumps({"name": "s", "base": TINY_FT, "runs": [{"name": "a"}]}))
+    _disk_full_for(monkeypatch, "study.json")
+    result = runner.invoke(app, ["study", "run", str(study), "--store", str(tmp_path / "st")])
+    assert result.exit_code == 1
+    (line,) = lines_of(result.output)
+    assert "cannot write" in line and "study.json: No space left on device" in line
+
+
+# --- 13. wrong-typed record fields: corrupt, with the field named --------------------------
+
+@pytest.mark.parametrize(("edit", "field"), [
+    ({"final": "oops"}, "final"),
+    ({"zeroshot": {"t": 5}}, "zeroshot.t"),
+    ({"final": {"test_acc": "high"}}, "final.test_acc"),
+])
+def test_wrong_typed_records_are_corrupt_and_the_rest_is_reported(tmp_path, full_ft_run, edit,
+                                                                  field):
+    import shutil
+
+    from attndrift.analysis.runs import load_run
+
+    store = tmp_path / "store"
+    shutil.copytree(full_ft_run, store / "good")
+    bad = store / "bad"
+    bad.mkdir()
+    record = json.loads((full_ft_run / "record.json").read_text())
+    record.update(edit)
+    (bad / "record.json").write_text(json.dumps(record))
+    run = load_run(bad)
+    assert run.status == "corrupt" and field in run.error
+    result = runner.invoke(app, ["compare", str(store / "good"), str(bad)])
+    assert result.exit_code == 0, result.output
+    assert "corrupt" in result.output and field in result.output and "good" in result.output
+    result = runner.invoke(app, ["report", str(store), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    assert "1 corrupt" in result.output and (tmp_path / "rep" / "report.md").is_file()

@@ -146,9 +146,11 @@ def compare(run_dirs: Annotated[list[Path], typer.Argument(help="run directories
     from attndrift.records import RecordError
 
     try:
-        print_comparison(run_dirs, out)
+        problems = print_comparison(run_dirs, out)
     except RecordError as e:
         fail(str(e), 1)
+    for problem in problems:  # listed, not fatal: the readable runs are compared
+        err.print(f"[yellow]corrupt, left out:[/] {problem}", highlight=False, soft_wrap=True)
 
 
 @app.command("pretrain-tiny")

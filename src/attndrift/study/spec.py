@@ -17,13 +17,16 @@ grids:                            # products over any config keys
 ```
 
 A run's id is ``<readable slug>-<8 hex of its resolved config>``: the same config always gets
-the same id, and any change to it gets a new one.
+the same id, and any change to it gets a new one. The id is one safe path component
+(`safe_component`): a value such as ``openai/clip-vit-b-16`` or ``../x`` in a grid never makes a
+nested directory or one outside the store.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +80,16 @@ class PlannedRun:
     group: str
     axes: dict[str, Any]
     config: RunConfig
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.=+,@-]+")
+
+
+def safe_component(text: str) -> str:
+    """``text`` as one path component that cannot leave its directory: every run of characters
+    outside ``[A-Za-z0-9_.=+,@-]`` (``/``, ``\\``, spaces, ...) and every ``..`` becomes ``_``,
+    and leading dots go (no hidden names). Safe text is returned unchanged."""
+    return re.sub(r"\.\.+", "_", _UNSAFE.sub("_", text)).lstrip(".") or "_"
 
 
 def _short(key: str) -> str:
@@ -138,7 +151,8 @@ def expand(spec: StudySpec, base: dict) -> list[PlannedRun]:
             axes = dict(zip(keys, values, strict=True))
             extra = [c.set for c in grid.where
                      if all(axes.get(k) == v for k, v in c.if_.items())]
-            slug = "-".join([grid.name, *(f"{_short(k)}={_fmt(v)}" for k, v in axes.items())])
+            slug = safe_component(
+                "-".join([grid.name, *(f"{_short(k)}={_fmt(v)}" for k, v in axes.items())]))
             cfg = _resolve(base, [spec.set, grid.set, axes, *extra], slug,
                            f"{spec.name}/{slug}")
             planned.append(PlannedRun(f"{slug}-{config_hash(cfg)}", grid.name, axes, cfg))
