@@ -382,3 +382,81 @@ def test_wrong_typed_records_are_corrupt_and_the_rest_is_reported(tmp_path, full
     result = runner.invoke(app, ["report", str(store), "--out", str(tmp_path / "rep")])
     assert result.exit_code == 0, result.output
     assert "1 corrupt" in result.output and (tmp_path / "rep" / "report.md").is_file()
+
+
+# --- 7, 8. typos, empty studies and empty configs are errors -------------------------------
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    ({"name": "s"}, "no runs and no grids"),
+    ({"name": "s", "grids": [{"name": "g", "axes": {"seed": []}}]}, "axis seed has no values"),
+    ({"name": "s", "grids": [{"name": "g", "axes": {"method": ["full_ft", "lora"]},
+                              "where": [{"if": {"metod": "lora"}, "set": {"lora.r": 4}}]}]},
+     "if key 'metod' is not an axis"),
+    ({"name": "s", "grids": [{"name": "g", "axes": {"method": ["full_ft", "lora"]},
+                              "where": [{"if": {"method": "LoRA"}, "set": {"lora.r": 4}}]}]},
+     "matches no value"),
+])
+def test_study_typos_and_empty_studies_are_errors(tmp_path, spec, needle):
+    path = tmp_path / "s.yaml"
+    path.write_text(json.dumps(spec))
+    result = runner.invoke(app, ["study", "run", str(path), "--store", str(tmp_path / "st")])
+    assert result.exit_code == 2
+    (line,) = lines_of(result.output)
+    assert needle in line and "Value error" not in line
+    assert not (tmp_path / "st").exists()
+
+
+def test_empty_config_is_an_error_and_layout_flip_is_off(tmp_path):
+    from attndrift.config import ConfigError, load_config
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    result = runner.invoke(app, ["validate", str(empty)])
+    assert result.exit_code == 2 and "is empty" in result.output
+    assert load_config(None).train.flip is False  # shapes-layout: left/right labels
+    assert load_config(None, ["data.dataset=shapes-objects"]).train.flip is True
+    with pytest.raises(ConfigError, match="swaps the labels of shapes-layout"):
+        load_config(None, ["train.flip=true"])
+
+
+# --- 10. files respect the umask --------------------------------------------------------------
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    from attndrift.records import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a", b"x")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "b", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o644  # was 0600 (mkstemp)
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o600
+
+
+# --- 4. workers exit when their parent dies ----------------------------------------------------
+
+def test_a_worker_exits_when_its_parent_dies(tmp_path):
+    # parent: a shell that starts the "worker" (python watching it), then is killed with -9
+    code = ("import os, sys, time; from attndrift.study.executor import exit_with_parent, "
+            "_interrupt_on_sigterm; _interrupt_on_sigterm(); exit_with_parent(os.getppid(), "
+            "poll_s=0.05, grace_s=5)\n"
+            "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+            f"    open({str(tmp_path / 'interrupted')!r}, 'w').close()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    pidfile = tmp_path / "pid"
+    parent = subprocess.Popen(["sh", "-c", f'{sys.executable} -c "$0" & echo $! > {pidfile}; '
+                               "wait", code], env=env)
+    deadline = time.time() + 30
+    while time.time() < deadline and not (pidfile.exists() and pidfile.read_text().strip()):
+        time.sleep(0.05)
+    worker = int(pidfile.read_text())
+    time.sleep(1.5)  # the worker has imported and started watching
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and os.path.exists(f"/proc/{worker}"):
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{worker}"), "the worker outlived its parent"
+    assert (tmp_path / "interrupted").exists()  # SIGTERM first: the run records itself

@@ -164,6 +164,10 @@ class RegularizerConfig(_Strict):
         return self
 
 
+# datasets whose labels a horizontal flip changes (shapes-layout: left/right positions)
+FLIP_CHANGES_LABELS = frozenset({"shapes-layout"})
+
+
 class RunConfig(_Strict):
     name: str = Field("run", description="a label for the run")
     seed: int = Field(42, description="model head init, data order, dropout, augmentation")
@@ -182,6 +186,19 @@ class RunConfig(_Strict):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     save_checkpoints: bool = Field(True, description="write final and best safetensors")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flip_default(cls, data: Any) -> Any:
+        # train.flip defaults to on, except on datasets whose labels a flip changes
+        if isinstance(data, dict):
+            section = data.get("data", {})
+            dataset = (section.get("dataset", "shapes-layout") if isinstance(section, dict)
+                       else getattr(section, "dataset", None))
+            train = data.get("train", {})
+            if dataset in FLIP_CHANGES_LABELS and isinstance(train, dict) and "flip" not in train:
+                data = {**data, "train": {**train, "flip": False}}
+        return data
+
     @field_validator("model")
     @classmethod
     def _model_exists(cls, name: str) -> str:
@@ -196,6 +213,9 @@ class RunConfig(_Strict):
             raise ValueError("method=freeze needs freeze_layers >= 1")
         if self.method != "freeze" and self.freeze_layers:
             raise ValueError(f"freeze_layers={self.freeze_layers} only applies to method=freeze")
+        if self.train.flip and self.data.dataset in FLIP_CHANGES_LABELS:
+            raise ValueError(f"train.flip=true swaps the labels of {self.data.dataset} (its "
+                             "classes are left/right positions); set train.flip=false")
         if self.train.compile and self.regularizer.name in ("apr", "entropy_floor"):
             raise ValueError(f"train.compile cannot trace regularizer {self.regularizer.name} "
                              "(it hooks the attention on every step); set train.compile=null")
@@ -275,7 +295,8 @@ def _describe(err: ValidationError) -> str:
     if isinstance(got, float) and not math.isfinite(got):
         return f"{loc}: {got} is not allowed; give a finite number"
     if first["type"] == "value_error":  # our validators' messages say what they got
-        return f"{loc}: {first['msg'].removeprefix('Value error, ')}"
+        msg = first["msg"].removeprefix("Value error, ")
+        return f"{loc}: {msg}" if first["loc"] else msg
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
     return f"{loc}: {first['msg']}{shown}{more}"
@@ -300,11 +321,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
         try:
-            data = parse_yaml(path.read_text()) or {}
+            data = parse_yaml(path.read_text())
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}:{where} is not valid YAML") from None
+        if data is None:  # every default is rarely what anyone meant
+            raise ConfigError(f"{path} is empty; a run config names at least its method and "
+                              "data (see configs/runs/tiny_full_ft.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of config keys")
     return validate(apply_overrides(data, overrides or []), source)

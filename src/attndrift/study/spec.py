@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from attndrift.config import (
     ConfigError,
@@ -64,6 +64,22 @@ class GridEntry(_Spec):
     set: dict[str, Any] = {}
     where: list[Conditional] = []
 
+    @model_validator(mode="after")
+    def _conditions_name_axes(self) -> GridEntry:
+        # a typo in an `if` key or value would silently never match: refuse it
+        empty = [k for k, v in self.axes.items() if not v]
+        if empty:
+            raise ValueError(f"axis {', '.join(empty)} has no values")
+        for c in self.where:
+            for key, value in c.if_.items():
+                if key not in self.axes:
+                    raise ValueError(f"where: if key {key!r} is not an axis of this grid "
+                                     f"({', '.join(self.axes)})")
+                if value not in self.axes[key]:
+                    raise ValueError(f"where: if {key}={value!r} matches no value of that axis "
+                                     f"({self.axes[key]})")
+        return self
+
 
 class StudySpec(_Spec):
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
@@ -72,6 +88,12 @@ class StudySpec(_Spec):
     set: dict[str, Any] = {}
     runs: list[RunEntry] = []
     grids: list[GridEntry] = []
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> StudySpec:
+        if not self.runs and not self.grids:
+            raise ValueError("the study has no runs and no grids")
+        return self
 
 
 @dataclass(frozen=True)
@@ -129,7 +151,7 @@ def load_spec(path: str | Path) -> tuple[StudySpec, dict]:
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "study"
-        raise ConfigError(f"{path}: {loc}: {first['msg']}") from None
+        raise ConfigError(f"{path}: {loc}: {first['msg'].removeprefix('Value error, ')}") from None
     base: dict = {}
     if spec.base:
         base_path = (path.parent / spec.base).resolve()
