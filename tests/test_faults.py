@@ -460,3 +460,32 @@ def test_a_worker_exits_when_its_parent_dies(tmp_path):
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{worker}"), "the worker outlived its parent"
     assert (tmp_path / "interrupted").exists()  # SIGTERM first: the run records itself
+
+
+# --- 15. counters stay within bounds under --retry-failed ----------------------------------
+
+def test_retry_failed_counters_stay_within_bounds(tmp_path):
+    import re
+
+    study = tmp_path / "s.yaml"
+    study.write_text(json.dumps({"name": "s", "base": TINY_FT, "runs": [{"name": "boom", "set": {
+        "train.lr": 1e30, "train.grad_clip": None, "train.max_steps": 2, "train.log_every": 1,
+        "data.train_limit": 64, "probe.images": 16, "data.zeroshot": ["shapes-zs-shape"]}}]}))
+    args = ["study", "run", str(study), "--store", str(tmp_path / "st")]
+    assert runner.invoke(app, args).exit_code == 1
+    result = runner.invoke(app, [*args, "--retry-failed"])
+    assert result.exit_code == 1
+    (progress,) = [line for line in lines_of(result.output) if line.startswith("[")]
+    done, total = map(int, re.match(r"\[(\d+)/(\d+)\]", progress).groups())
+    assert (done, total) == (1, 1) and "left 0," in progress  # was [2/1] ... left -1
+
+
+# --- 11. the Markdown report does not embed run strings raw ----------------------------------
+
+def test_markdown_escaping_of_run_strings():
+    from attndrift.report.render import md_escape, md_no_html
+
+    assert md_escape("a|b<img src=x onerror=alert(1)>[l](u)`c`\nd") == (
+        "a\\|b\\<img src=x onerror=alert(1)\\>\\[l\\](u)\\`c\\` d")
+    assert md_escape("tiny_full_ft") == "tiny_full_ft"  # ordinary names unchanged
+    assert md_no_html("| <b>x</b> |") == "| &lt;b&gt;x&lt;/b&gt; |"
