@@ -1,7 +1,5 @@
 """The CLI in-process (typer's runner): exit codes and one-line messages."""
 
-import json
-
 import pytest
 from typer.testing import CliRunner
 
@@ -34,11 +32,20 @@ def test_validate(tmp_path):
     assert result.exit_code == 2 and "train.lr" in result.output
 
 
-def test_unknown_dataset_is_a_clear_error(tmp_path):
-    result = runner.invoke(app, ["run", TINY_FT, "data.dataset=nope", "--out", str(tmp_path)])
-    assert result.exit_code == 1
-    assert "unknown dataset 'nope'" in result.output and "shapes-layout" in result.output
-    assert json.loads((tmp_path / "record.json").read_text())["status"] == "failed"
+@pytest.mark.parametrize(("override", "needle"), [
+    ("data.dataset=nope", "unknown dataset 'nope'"),
+    ("data.zeroshot=[shapes-zs-shape, nope]", "unknown dataset 'nope'"),
+    ("model=./no/such/model", "does not exist"),
+])
+def test_unknown_names_and_paths_fail_validation_with_no_record(tmp_path, override, needle):
+    # checked at validation: exit 2, one line, nothing written (was: a failed run 11 s later)
+    for args in (["run", TINY_FT, override, "--out", str(tmp_path / "r")],
+                 ["validate", TINY_FT, "--set", override]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.strip().splitlines() if line.strip()]
+        assert len(lines) == 1 and needle in lines[0], lines
+    assert not (tmp_path / "r").exists()
 
 
 def test_run_then_compare(tmp_path, full_ft_run, lora_run):
@@ -49,7 +56,8 @@ def test_run_then_compare(tmp_path, full_ft_run, lora_run):
     assert "completed" in result.output and (out / "record.json").is_file()
     result = runner.invoke(app, ["compare", str(full_ft_run), str(lora_run)])
     assert result.exit_code == 0, result.output
-    for needle in ("tiny_full_ft", "tiny_lora", "shapes-zs-shape", "Per-layer change"):
+    # labelled by run directory (config names need not differ), not by config name
+    for needle in (full_ft_run.name, lora_run.name, "shapes-zs-shape", "Per-layer change"):
         assert needle in result.output
     result = runner.invoke(app, ["compare", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "no record" in result.output

@@ -24,9 +24,10 @@ def test_yaml_reads_exponent_floats_as_numbers():
 
 
 def test_overrides_apply_dotted_keys():
-    cfg = load_config(None, ["train.lr=3e-5", "method=lora", "lora.r=4", "data.zeroshot=[a, b]"])
+    cfg = load_config(None, ["train.lr=3e-5", "method=lora", "lora.r=4",
+                             "data.zeroshot=[eurosat, pets]"])
     assert cfg.train.lr == pytest.approx(3e-5)
-    assert cfg.method == "lora" and cfg.lora.r == 4 and cfg.data.zeroshot == ["a", "b"]
+    assert cfg.method == "lora" and cfg.lora.r == 4 and cfg.data.zeroshot == ["eurosat", "pets"]
 
 
 @pytest.mark.parametrize(("override", "field", "needle"), [

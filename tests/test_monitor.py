@@ -139,7 +139,9 @@ def test_callback_in_a_real_trainer(tmp_path: Path) -> None:
         assert "loss" in entry  # the callback made the Trainer log at its steps
         assert entry["attn/entropy_mean"] == h["metrics"]["mean"]["entropy"]
         assert entry["attn/entropy_delta_pct"] == h["drift"]["entropy"]
-        assert {f"attn/entropy_L{i}" for i in range(N_LAYERS)} <= set(entry)
+        # layers counted from 1, as TensorBoard and the report do
+        assert {f"attn/entropy_L{i}" for i in range(1, N_LAYERS + 1)} <= set(entry)
+        assert "attn/entropy_L0" not in entry
     # callbacks after it (reporting integrations once attached first) saw the scalars too
     assert sum("attn/entropy_delta_pct" in log for log in recorder.logs) == 3
     assert model.training  # the Trainer's mode is untouched by the probes

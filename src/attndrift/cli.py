@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -24,26 +26,80 @@ app.add_typer(_study_app(), name="study")
 
 
 
+WRITE_ERRNOS = {13, 28, 30, 122}  # EACCES, ENOSPC, EROFS, EDQUOT
+
+
+def os_error_line(e: OSError) -> str:
+    """An `OSError` as one line naming the path and the cause (full disk, read-only, ...)."""
+    if e.filename is None:
+        return str(e)
+    verb = "cannot write " if e.errno in WRITE_ERRNOS else ""
+    return f"{verb}{e.filename}: {e.strerror}"
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (kill, a scheduler's preemption) stops a run as Ctrl-C does: resumable."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="run config YAML (configs/runs/...)")],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="key=value overrides, dotted keys, e.g. train.lr=1e-4 method=lora")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="run directory")] = Path("runs/run"),
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="run directory (default: runs/<run id>)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="replace a completed run of another config in --out")] = False,
 ) -> None:
-    """Fine-tune once and write OUT/record.json plus final/best checkpoints."""
-    from attndrift.config import ConfigError, load_config
+    """Fine-tune once and write OUT/record.json plus final/best checkpoints.
+
+    A completed run is never redone or overwritten: the same config in OUT is reported as
+    already completed; another config's completed run in OUT is refused unless --force. An
+    interrupted or killed run in OUT resumes from its last checkpoint."""
+    from attndrift.config import ConfigError, identity, load_config
+    from attndrift.records import run_id_for
 
     try:
         cfg = load_config(config, overrides or [])
     except ConfigError as e:
         fail(str(e), 2)
-    from attndrift import train
+    from attndrift import runtime, train
 
+    run_id = run_id_for(identity(cfg.model_dump(mode="json")))
+    out_dir = out_dir if out_dir is not None else Path("runs") / run_id
     try:
-        record = train.run(cfg, out_dir, progress=not quiet and sys.stderr.isatty())
-    except (KeyError, FileNotFoundError, ValueError, RuntimeError) as e:
+        done = runtime.completed_record(out_dir, run_id, force=force)
+    except runtime.OutDirTaken as e:
+        fail(str(e), 2)
+    if done is not None:
+        out.print(f"already completed: {run_id} in {out_dir} (nothing to do; another --out "
+                  "runs it again)", highlight=False, soft_wrap=True)
+        return
+    progress = not quiet and sys.stderr.isatty()
+    runtime.log_lines = not quiet and not progress
+    try:
+        with sigterm_interrupts():
+            record = train.run(cfg, out_dir, progress=progress)
+    except KeyboardInterrupt:
+        fail(f"interrupted: {run_id} in {out_dir} is resumable; run the same command again to "
+             "resume it from its last checkpoint", 130)
+    except OSError as e:
+        fail(f"{os_error_line(e)} (record: {out_dir / 'record.json'})", 1)
+    except (KeyError, ValueError, RuntimeError) as e:
         fail(f"{e} (record: {out_dir / 'record.json'})", 1)
     for warning in record.get("warnings", []):
         err.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
@@ -90,9 +146,11 @@ def compare(run_dirs: Annotated[list[Path], typer.Argument(help="run directories
     from attndrift.records import RecordError
 
     try:
-        print_comparison(run_dirs, out)
+        problems = print_comparison(run_dirs, out)
     except RecordError as e:
         fail(str(e), 1)
+    for problem in problems:  # listed, not fatal: the readable runs are compared
+        err.print(f"[yellow]corrupt, left out:[/] {problem}", highlight=False, soft_wrap=True)
 
 
 @app.command("pretrain-tiny")
@@ -120,7 +178,10 @@ def report(
         fail(f"run store {store} is not a directory", 2)
     from attndrift.report import build_report
 
-    result = build_report(store, out_dir)
+    try:
+        result = build_report(store, out_dir)
+    except OSError as e:
+        fail(os_error_line(e), 1)
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))
     if not result.counts:
         err.print(f"[yellow]warning:[/] no run directories (with a record.json) under {store}",

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from attndrift.records import read_record
+from attndrift.records import RecordError, read_record
 
 CORE = ("entropy", "erf", "gini", "head_diversity")
 
@@ -25,8 +25,28 @@ def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
     return [read_record(Path(d)) for d in run_dirs]
 
 
-def comparison_tables(records: list[dict[str, Any]]) -> list[Table]:
-    labels = [r["config"].get("name", r["run_id"]) for r in records]
+def load_readable(run_dirs: list[Path]) -> tuple[list[tuple[Path, dict[str, Any]]], list[str]]:
+    """``(directory, record)`` of every readable run and one line per unreadable one (corrupt,
+    missing, wrong-typed: `read_record` names the file and the field)."""
+    runs, problems = [], []
+    for d in run_dirs:
+        try:
+            runs.append((Path(d), read_record(Path(d))))
+        except RecordError as err:
+            problems.append(str(err))
+    return runs, problems
+
+
+def run_labels(dirs: list[Path]) -> list[str]:
+    """Column and row labels: the run directories' names, unique where config names
+    (``tiny_lora`` twice) need not be; full paths when two names clash."""
+    names = [d.name or str(d) for d in dirs]
+    return names if len(set(names)) == len(names) else [str(d) for d in dirs]
+
+
+def comparison_tables(records: list[dict[str, Any]],
+                      labels: list[str] | None = None) -> list[Table]:
+    labels = labels or [r["run_id"] for r in records]
     summary = Table(title="Runs: accuracy and layer-mean attention drift vs pretrained")
     for col in ("run", "method", "lr", "status", "val acc", "test acc",
                 *(f"Δ {m}" for m in CORE)):
@@ -64,7 +84,14 @@ def comparison_tables(records: list[dict[str, Any]]) -> list[Table]:
     return [summary, zeroshot, layers]
 
 
-def print_comparison(run_dirs: list[Path], console: Console | None = None) -> None:
+def print_comparison(run_dirs: list[Path], console: Console | None = None) -> list[str]:
+    """Print the tables of the readable runs; returns the lines on the unreadable ones. Raises
+    `RecordError` when none is readable."""
     console = console or Console()
-    for table in comparison_tables(load_runs(run_dirs)):
+    runs, problems = load_readable(run_dirs)
+    if not runs:
+        raise RecordError("; ".join(problems) or "no run directories given")
+    labels = run_labels([d for d, _ in runs])
+    for table in comparison_tables([r for _, r in runs], labels):
         console.print(table)
+    return problems

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -78,6 +85,50 @@ class DataConfig(_Strict):
                           "this many MB, and gather each batch there (0: gather on the host)")
 
 
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        check_dataset_name(name, "classification")
+        return name
+
+    @field_validator("zeroshot")
+    @classmethod
+    def _known_zeroshot(cls, names: list[str]) -> list[str]:
+        for name in names:
+            check_dataset_name(name, "zeroshot")
+        return names
+
+
+def check_dataset_name(name: str, role: str) -> None:
+    """Raise `ValueError` (one line) unless ``name`` is a dataset a run can read in ``role``
+    (classification: train and test splits; zeroshot: test). Local folders are checked on
+    disk now (`attndrift.data.imagefolder.check_imagefolder`), so a bad one stops a run at
+    validation, before anything is recorded; hub datasets are checked when loaded."""
+    from attndrift.data.hf import REAL_DATASETS, parse_hf_name
+    from attndrift.data.registry import available_tasks, known_names
+
+    tasks = available_tasks()
+    if name in tasks:
+        if role == "classification" and tasks[name].kind != "classification":
+            raise ValueError(f"{name} is a zero-shot task (test split only); fine-tune on one of "
+                             + ", ".join(n for n, t in tasks.items() if t.kind == role))
+        return
+    if name in REAL_DATASETS:
+        return
+    if name.startswith("hf:"):
+        parse_hf_name(name)
+        return
+    if name.startswith("imagefolder:"):
+        from attndrift.data.imagefolder import check_imagefolder
+
+        try:
+            check_imagefolder(name, ("train", "test") if role == "classification" else ("test",))
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
+        return
+    raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(known_names())}")
+
+
 class ProbeConfig(_Strict):
     per_epoch: Annotated[int, Field(ge=0)] = Field(5, description="attention probes per epoch")
     images: PosInt = Field(200, description="class-balanced probe images from the validation split")
@@ -122,6 +173,10 @@ class RegularizerConfig(_Strict):
         return self
 
 
+# datasets whose labels a horizontal flip changes (shapes-layout: left/right positions)
+FLIP_CHANGES_LABELS = frozenset({"shapes-layout"})
+
+
 class RunConfig(_Strict):
     name: str = Field("run", description="a label for the run")
     seed: int = Field(42, description="model head init, data order, dropout, augmentation")
@@ -140,6 +195,27 @@ class RunConfig(_Strict):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     save_checkpoints: bool = Field(True, description="write final and best safetensors")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flip_default(cls, data: Any) -> Any:
+        # train.flip defaults to on, except on datasets whose labels a flip changes
+        if isinstance(data, dict):
+            section = data.get("data", {})
+            dataset = (section.get("dataset", "shapes-layout") if isinstance(section, dict)
+                       else getattr(section, "dataset", None))
+            train = data.get("train", {})
+            if dataset in FLIP_CHANGES_LABELS and isinstance(train, dict) and "flip" not in train:
+                data = {**data, "train": {**train, "flip": False}}
+        return data
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, name: str) -> str:
+        from attndrift.models.clip import check_model_name
+
+        check_model_name(name)
+        return name
+
     @model_validator(mode="after")
     def _method_args(self) -> RunConfig:
         if self.method == "freeze" and self.freeze_layers == 0:
@@ -149,6 +225,9 @@ class RunConfig(_Strict):
         if self.train.precision == "fp16" and self.device == "cpu":
             raise ValueError("train.precision=fp16 (autocast + GradScaler) needs a CUDA device; "
                              "use train.precision=bf16 or fp32 on the CPU")
+        if self.train.flip and self.data.dataset in FLIP_CHANGES_LABELS:
+            raise ValueError(f"train.flip=true swaps the labels of {self.data.dataset} (its "
+                             "classes are left/right positions); set train.flip=false")
         if self.train.compile and self.regularizer.name in ("apr", "entropy_floor"):
             raise ValueError(f"train.compile cannot trace regularizer {self.regularizer.name} "
                              "(it hooks the attention on every step); set train.compile=null")
@@ -227,6 +306,9 @@ def _describe(err: ValidationError) -> str:
         return f"unknown key {loc!r}; remove it or fix its spelling (see docs/config.md)"
     if isinstance(got, float) and not math.isfinite(got):
         return f"{loc}: {got} is not allowed; give a finite number"
+    if first["type"] == "value_error":  # our validators' messages say what they got
+        msg = first["msg"].removeprefix("Value error, ")
+        return f"{loc}: {msg}" if first["loc"] else msg
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
     return f"{loc}: {first['msg']}{shown}{more}"
@@ -251,11 +333,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
         try:
-            data = parse_yaml(path.read_text()) or {}
+            data = parse_yaml(path.read_text())
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}:{where} is not valid YAML") from None
+        if data is None:  # every default is rarely what anyone meant
+            raise ConfigError(f"{path} is empty; a run config names at least its method and "
+                              "data (see configs/runs/tiny_full_ft.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of config keys")
     return validate(apply_overrides(data, overrides or []), source)

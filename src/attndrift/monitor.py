@@ -10,7 +10,7 @@ transformers >= 5 ViTModel / ViTForImageClassification).
 
 ``AttnDriftCallback`` plugs the monitor into a ``transformers.Trainer``: baseline at
 ``on_train_begin``, a measurement every ``every_n_steps`` optimizer steps (and at the last step),
-and scalars such as ``attn/entropy_mean``, ``attn/entropy_delta_pct``, ``attn/entropy_L0`` in
+and scalars such as ``attn/entropy_mean``, ``attn/entropy_delta_pct``, ``attn/entropy_L1`` in
 the Trainer's logs. See docs/probe_api.md for a runnable example.
 """
 
@@ -33,7 +33,8 @@ __all__ = ["AttentionMonitor", "AttnDriftCallback", "flat_scalars"]
 def flat_scalars(metrics: dict[str, Any], drift: dict[str, float] | None = None,
                  prefix: str = "attn/", per_layer: bool = True) -> dict[str, float]:
     """Loggable scalars of a ``summarize`` dict: ``{prefix}{m}_mean``, ``{prefix}{m}_L{i}``
-    (per layer) and, given ``drift``, ``{prefix}{m}_delta_pct``, for every metric ``m``."""
+    (per layer, counted from 1 as in TensorBoard and the report) and, given ``drift``,
+    ``{prefix}{m}_delta_pct``, for every metric ``m``."""
     out: dict[str, float] = {}
     for m in METRICS:
         out[f"{prefix}{m}_mean"] = float(metrics["mean"][m])
@@ -41,7 +42,7 @@ def flat_scalars(metrics: dict[str, Any], drift: dict[str, float] | None = None,
             out[f"{prefix}{m}_delta_pct"] = float(drift[m])
         if per_layer:
             for i, value in enumerate(metrics[m]["layers"]):
-                out[f"{prefix}{m}_L{i}"] = float(value)
+                out[f"{prefix}{m}_L{i + 1}"] = float(value)
     return out
 
 
@@ -133,7 +134,7 @@ class AttnDriftCallback(TrainerCallback):
         every_n_steps: measure after every this many optimizer steps, and after the last one.
         layers, batch_size: as for `AttentionMonitor`.
         prefix: prefix of the logged scalar names.
-        per_layer: also log ``{prefix}{metric}_L{i}`` for every layer.
+        per_layer: also log ``{prefix}{metric}_L{i}`` for every layer i = 1, 2, ...
 
     The baseline is measured on ``on_train_begin`` from the Trainer's model. At a measuring
     step the callback asks the Trainer to log (``control.should_log``) and adds its scalars to

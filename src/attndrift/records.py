@@ -1,7 +1,10 @@
 """The run record: one self-describing JSON per run, the only on-disk format downstream code reads.
 
 Writes are atomic (temp file in the same directory, fsync, os.replace), so a reader sees either
-the previous complete record or the new one, never a half-written file.
+the previous complete record or the new one, never a half-written file; a failed write (full
+disk, read-only filesystem) leaves no temp file behind and raises an `OSError` naming the
+target. Files get the permissions the umask allows (0644 under the usual 022), as ``open`` would
+give them, so a shared store stays readable by colleagues.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ SCHEMA_VERSION = 1
 RECORD_FILE = "record.json"
 TOP_LEVEL_KEYS = ("schema_version", "run_id", "status", "config", "provenance", "baseline",
                   "history", "final", "zeroshot", "timing")
-STATUSES = ("running", "completed", "diverged", "failed")
+# interrupted: stopped by Ctrl-C or SIGTERM; resumable, like a killed run ("running")
+STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 
 
 class RecordError(ValueError):
@@ -59,19 +63,41 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS tells (Linux /proc)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_error(err: OSError, path: Path) -> OSError:
+    """``err`` as an `OSError` naming ``path`` (the file meant, not a temp file) and the cause:
+    ``str()`` reads ``[Errno 28] No space left on device: 'runs/x/record.json'``."""
+    return OSError(err.errno, err.strerror or str(err), str(path))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; respect the umask
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise write_error(err, path) from None
         raise
 
 
@@ -104,7 +130,53 @@ def read_record(path: Path) -> dict[str, Any]:
         raise RecordError(f"{path}: corrupt record, missing {', '.join(missing)}")
     if record["status"] not in STATUSES:
         raise RecordError(f"{path}: unknown status {record['status']!r}")
+    problem = _type_problem(record)
+    if problem:
+        raise RecordError(f"{path}: corrupt record, {problem}")
     return record
+
+
+_NUMBER = (int, float, type(None))
+# fields of "final" and of each "zeroshot" task that readers format as numbers
+_FINAL_NUMBERS = ("step", "epochs", "val_acc", "best_val_acc", "best_epoch", "test_acc",
+                  "train_loss")
+_ZEROSHOT_NUMBERS = ("before", "after", "retention_pct", "chance", "classes")
+
+
+def _type_problem(record: dict[str, Any]) -> str | None:
+    """The first field of ``record`` whose type downstream readers could not use, described;
+    None if all are usable. Checks the structure every reader relies on, not every value."""
+    def kind(value: Any) -> str:
+        return type(value).__name__
+
+    for key in ("run_id", "status"):
+        if not isinstance(record[key], str):
+            return f"{key} is {kind(record[key])}, not a string"
+    for key in ("config", "provenance", "baseline", "history", "final", "zeroshot", "timing"):
+        if not isinstance(record[key], dict):
+            return f"{key} is {kind(record[key])} {record[key]!r:.40}, not an object"
+    final = record["final"]
+    for key in _FINAL_NUMBERS:
+        value = final.get(key)
+        if isinstance(value, bool) or not isinstance(value, _NUMBER):
+            return f"final.{key} is {kind(value)} {value!r:.40}, not a number"
+    for key in ("metrics", "delta_pct", "delta_pct_layers", "aux"):
+        if key in final and not isinstance(final[key], dict):
+            return f"final.{key} is {kind(final[key])}, not an object"
+    for key, value in final.get("delta_pct", {}).items():
+        if isinstance(value, bool) or not isinstance(value, _NUMBER):
+            return f"final.delta_pct.{key} is {kind(value)} {value!r:.40}, not a number"
+    for task, z in record["zeroshot"].items():
+        if not isinstance(z, dict):
+            return f"zeroshot.{task} is {kind(z)} {z!r:.40}, not an object"
+        for key in _ZEROSHOT_NUMBERS:
+            value = z.get(key)
+            if isinstance(value, bool) or not isinstance(value, _NUMBER):
+                return f"zeroshot.{task}.{key} is {kind(value)} {value!r:.40}, not a number"
+    for key in ("probes", "epochs", "loss"):
+        if key in record["history"] and not isinstance(record["history"][key], list):
+            return f"history.{key} is {kind(record['history'][key])}, not a list"
+    return None
 
 
 def _git_commit() -> str | None:

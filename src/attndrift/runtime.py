@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,17 @@ from attndrift.probes.metrics import METRICS, delta_pct
 from attndrift.records import RecordError, atomic_write_bytes, jsonable, read_record
 
 RESUME_FILE = "resume.pt"
+# what every resume state holds; one without them is treated as corrupt
+RESUME_KEYS = ("step", "epoch", "batch", "model", "optimizer", "scheduler", "history")
+RESUMABLE = ("running", "failed", "interrupted")  # killed, crashed, Ctrl-C / SIGTERM
+# set by the CLI when stderr is not a terminal: the disabled progress bar prints a line per
+# epoch and per loss log point instead (log files, nohup, CI)
+log_lines = False
+
+
+def say(message: str) -> None:
+    """One line on stderr (what a library tells a user who would otherwise be left guessing)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def select_device(name: str) -> torch.device:
@@ -33,7 +46,37 @@ def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str,
                                   metadata=metadata))
 
 
+class LineProgress:
+    """The progress bar's interface, printing plain lines instead of a live bar: one per epoch
+    end (``info`` "val ..."), and a loss line when the last line is ``every_s`` old."""
+
+    def __init__(self, total: int, done: int, description: str, every_s: float = 30.0) -> None:
+        self.total, self.done, self.description = total, done, description
+        self.t0 = self.last = time.monotonic()
+        self.every_s = every_s
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def advance(self, _task: int, amount: int = 1) -> None:
+        self.done += amount
+
+    def update(self, _task: int, info: str = "", **_kw) -> None:
+        epoch_end = info.startswith("val")  # set after the step's advance; loss lines before
+        now = time.monotonic()
+        if epoch_end or now - self.last >= self.every_s:
+            step = self.done if epoch_end else self.done + 1
+            say(f"{self.description}: step {step}/{self.total}, {info}, {now - self.t0:.0f}s")
+            self.last = now
+
+
 def progress_bar(enabled: bool, total: int, done: int, description: str):
+    if not enabled and log_lines:
+        bar = LineProgress(total, done, description)
+        return bar, 0
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -69,8 +112,47 @@ def board_metrics(board, metrics: dict[str, Any], baseline: dict[str, Any], step
             board.add_scalar(f"attention_layers/{m}/L{i + 1}", value, step)
 
 
+class OutDirTaken(ValueError):
+    """The run directory holds a completed run of another config."""
+
+
+def completed_record(out_dir: Path, run_id: str, *, force: bool = False) -> dict[str, Any] | None:
+    """The completed record of run ``run_id`` in ``out_dir``, if there is one (nothing to do).
+
+    Raises `OutDirTaken` when ``out_dir`` holds a completed run of another config, unless
+    ``force``: a finished run is never overwritten by accident. Unfinished runs of another
+    config are replaced (their record says they did not finish)."""
+    try:
+        record = read_record(out_dir)
+    except RecordError:
+        return None
+    if record["status"] != "completed":
+        return None
+    if record["run_id"] == run_id:
+        return record
+    if force:
+        return None
+    raise OutDirTaken(f"{out_dir} holds the completed run {record['run_id']} of another config "
+                      f"(this one is {run_id}); choose another --out, or pass --force to "
+                      "replace it")
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a corrupt ``path`` to ``path.corrupt-<time>`` (kept for inspection, never read
+    again) and say so in one line."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.replace(aside)
+    say(f"warning: {path} is corrupt ({why}); moved it to {aside.name} and starting the run "
+        "from scratch")
+    return aside
+
+
 def load_resume(out_dir: Path, run_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The saved loop state and record of an interrupted run of the same config, if any."""
+    """The saved loop state and record of an interrupted run of the same config, if any.
+
+    A ``resume.pt`` that does not load (truncated, overwritten, not a torch file) or lacks the
+    loop's keys is moved aside (`set_aside`) and the run starts from scratch: its state is
+    only read with ``weights_only=True``, never unpickled."""
     path = out_dir / RESUME_FILE
     if not path.is_file():
         return None
@@ -78,11 +160,21 @@ def load_resume(out_dir: Path, run_id: str) -> tuple[dict[str, Any], dict[str, A
         record = read_record(out_dir)
     except RecordError:
         return None
-    # "running": killed; "failed": crashed or interrupted. A diverged run is not resumed: it
-    # would diverge again from its last checkpoint.
-    if record["run_id"] != run_id or record["status"] not in ("running", "failed"):
+    # A diverged run is not resumed: it would diverge again from its last checkpoint.
+    if record["run_id"] != run_id or record["status"] not in RESUMABLE:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch/pickle/zip raise many types for a bad file
+        first = (str(err).splitlines() or [""])[0][:120]
+        # torch's own message advises weights_only=False: never pass that advice on
+        set_aside(path, type(err).__name__ + ("" if not first or "weights_only" in first
+                                              else f": {first}"))
+        return None
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        set_aside(path, f"no {', '.join(missing)}")
+        return None
     if "record" in state:
         # The record as of the checkpoint: record.json may be older (a kill between the two
         # writes) or carry a failed attempt's error. Only the attempt counters are newer there.

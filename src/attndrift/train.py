@@ -132,11 +132,14 @@ def run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
         record["status"] = "diverged"
         record["error"] = str(err)
     except BaseException as err:
-        record["status"] = "failed"
-        record["error"] = f"{type(err).__name__}: {err}"
-        record["traceback"] = traceback.format_exc()
+        # Ctrl-C / SIGTERM (the CLI turns it into KeyboardInterrupt): resumable, not a failure
+        stopped = isinstance(err, KeyboardInterrupt)
+        record["status"] = "interrupted" if stopped else "failed"
+        record["error"] = "interrupted" if stopped else f"{type(err).__name__}: {err}"
+        record["traceback"] = "" if stopped else traceback.format_exc()
         timing["total_s"] = timing.get("total_s", 0.0) + time.perf_counter() - t_start
-        write_record(out_dir / RECORD_FILE, record)
+        with contextlib.suppress(OSError):  # a full disk: the original error is the one to see
+            write_record(out_dir / RECORD_FILE, record)
         raise
     else:
         record["status"] = "completed"
@@ -217,6 +220,8 @@ def _prepare_data(r: _Run) -> None:
     r.preprocess = loaded.preprocessor()
     r.image_size = size = loaded.image_size
     source = load_task(cfg.data.dataset, "train", image_size=size, progress=progress)
+    # decoded (and cached) now, read at the end: a bad test image stops the run before training
+    load_task(cfg.data.dataset, "test", image_size=size, progress=progress)
     train_idx, val_idx = stratified_split(source.labels, cfg.data.val_frac, cfg.data.split_seed)
     if cfg.data.train_limit is not None:
         train_idx = train_idx[balanced_subset(source.labels[train_idx], cfg.data.train_limit,

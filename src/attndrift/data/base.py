@@ -9,8 +9,37 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+# PIL modes holding more than 8 bits per sample: PIL's own convert("RGB") clips them at 255
+# (a 16-bit image turns all white), so they are scaled to 8 bits here.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def rgb_image(image):
+    """A PIL image of any mode -> an 8-bit RGB PIL image with the colours it shows.
+
+    16-bit grayscale (``I;16*``, and ``I`` as 16-bit PNGs open) is scaled by 255/65535;
+    transparency (``RGBA``, ``LA``, ``PA``, palette with a transparent entry) is composited
+    over white, as viewers show it; palette, grayscale, 1-bit and CMYK go through PIL's
+    conversion."""
+    from PIL import Image
+
+    if image.mode in WIDE_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        gray = np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "F":  # float samples: taken as 0..1
+        gray = np.clip(np.rint(np.asarray(image, dtype=np.float64) * 255.0), 0, 255)
+        return Image.fromarray(gray.astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+            image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,9 @@ def to_rgb_array(image, size: int | None, native: tuple[int, int] | None) -> np.
     ``size`` x ``size``."""
     from PIL import Image
 
-    image = image.convert("RGB")
+    from attndrift.data.base import rgb_image
+
+    image = rgb_image(image)  # 16-bit, palette, alpha, CMYK: the colours shown, not clipped
     if native is not None:
         if (image.height, image.width) != native:
             image = image.resize((native[1], native[0]), Image.Resampling.BICUBIC)

@@ -1,8 +1,14 @@
 """Local image folders: ``imagefolder:PATH`` with ``PATH/<split>/<class name>/<image>``.
 
 Class names are the folder names (humanised: ``golden_retriever`` -> ``golden retriever``),
-in sorted order. Decoded images go through the uint8 cache, keyed by the file list, sizes and
-modification times, so an edited folder is decoded again.
+in sorted order. Every split must hold the same class folders (labels are positions in that
+sorted list, so a class missing from one split would shift every label after it), at least two
+of them, each with at least one image; `check_imagefolder` checks this for every split a run
+reads when its config is validated, before anything is decoded. Images of any PIL mode are
+decoded to the RGB they show (`attndrift.data.base.rgb_image`: 16-bit, palette, grayscale,
+alpha, CMYK); a file that does not decode stops the load with one line naming it. Decoded
+images go through the uint8 cache, keyed by the file list, sizes and modification times, so
+an edited folder is decoded again.
 """
 
 from __future__ import annotations
@@ -19,35 +25,92 @@ from attndrift.data.names import TEMPLATES, prompt_names
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def load_imagefolder(name: str, split: str, image_size: int = 224,
-                     progress: bool = True) -> ImageTask:
-    root = Path(name.removeprefix("imagefolder:")).expanduser()
+class ImageFolderError(ValueError):
+    """A folder that cannot be read as labelled images; ``str()`` is one line."""
+
+
+def _root(name: str) -> Path:
+    return Path(name.removeprefix("imagefolder:")).expanduser()
+
+
+def _scan(root: Path, split: str) -> tuple[list[str], list[Path], list[int]]:
+    """Class folders (sorted), image files and labels of one split, without decoding."""
     split_dir = root / split
     if not split_dir.is_dir():
         have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise FileNotFoundError(f"image folder {root} has no {split}/ directory (found: "
                                 f"{have or 'nothing'}); expected {root}/{split}/<class>/<image>")
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"{split_dir} has no class sub-directories")
-    files, labels = [], []
+    if len(classes) < 2:
+        raise ImageFolderError(f"{split_dir} has {len(classes)} class sub-directories "
+                               f"({', '.join(classes) or 'none'}); classification needs >= 2")
+    files, labels, empty = [], [], []
     for label, cls in enumerate(classes):
-        for f in sorted((split_dir / cls).iterdir()):
-            if f.suffix.lower() in EXTENSIONS:
-                files.append(f)
-                labels.append(label)
-    if not files:
-        raise FileNotFoundError(f"{split_dir} holds no images ({', '.join(sorted(EXTENSIONS))})")
+        found = [f for f in sorted((split_dir / cls).iterdir())
+                 if f.suffix.lower() in EXTENSIONS and f.is_file()]
+        if not found:
+            empty.append(cls)
+        files += found
+        labels += [label] * len(found)
+    if empty:
+        raise ImageFolderError(f"{split_dir}: class folder(s) {', '.join(empty)} hold no images "
+                               f"({', '.join(sorted(EXTENSIONS))})")
+    return classes, files, labels
+
+
+def _same_classes(root: Path, split: str, classes: list[str]) -> None:
+    """Raise unless ``split`` has the class folders of ``train`` (when there is a train/)."""
+    if split == "train" or not (root / "train").is_dir():
+        return
+    train = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if classes != train:
+        only_here = sorted(set(classes) - set(train))
+        only_train = sorted(set(train) - set(classes))
+        raise ImageFolderError(
+            f"{root}: {split}/ and train/ hold different classes (only in {split}/: "
+            f"{', '.join(only_here) or '-'}; only in train/: {', '.join(only_train) or '-'}); "
+            "labels would not line up: give both splits the same class folders")
+
+
+def check_imagefolder(name: str, splits: tuple[str, ...] = ("train", "test")) -> None:
+    """Check ``imagefolder:PATH`` for the ``splits`` a run reads, without decoding: each
+    exists, has >= 2 class folders, each with images, the same classes as ``train``."""
+    root = _root(name)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    for split in splits:
+        classes, _, _ = _scan(root, split)
+        _same_classes(root, split, classes)
+
+
+def _open(path: Path):
+    """Open and decode one image (PIL), or raise one line naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()  # decode now: a truncated file fails here, with its name known
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        why = str(err).replace(str(path), "").strip(" '\"") or type(err).__name__
+        raise ImageFolderError(f"{path}: not a readable image ({why})") from None
+    return image
+
+
+def load_imagefolder(name: str, split: str, image_size: int = 224,
+                     progress: bool = True) -> ImageTask:
+    root = _root(name)
+    classes, files, labels = _scan(root, split)
+    _same_classes(root, split, classes)
     class_names = prompt_names(classes, source=str(root))
-    h = hashlib.sha256(f"{root.resolve()}|{split}|{image_size}".encode())
+    split_dir = root / split
+    # "rgb2": the decoding of 16-bit/alpha/CMYK images changed; never reuse older caches
+    h = hashlib.sha256(f"{root.resolve()}|{split}|{image_size}|rgb2".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.relative_to(split_dir)}|{st.st_size}|{st.st_mtime_ns}".encode())
 
     def build() -> ImageTask:
-        from PIL import Image
-
-        images = decode_all((Image.open(f) for f in files), len(files), image_size,
+        images = decode_all((_open(f) for f in files), len(files), image_size,
                             f"{root.name}/{split}", progress)
         return ImageTask(name, images, torch.tensor(labels), class_names,
                          list(TEMPLATES["generic"]))

@@ -46,6 +46,31 @@ def resolve_source(name: str) -> str:
     return name
 
 
+def looks_local(name: str) -> bool:
+    """Whether ``name`` reads as a filesystem path rather than a hub id (``org/model``)."""
+    return (Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+            or "\\" in name)
+
+
+def check_model_name(name: str) -> None:
+    """Raise `ValueError` (one line) for a local model path that cannot be a CLIP checkpoint:
+    missing, or a directory without ``config.json``. Hub ids are checked when loaded."""
+    if name in TINY_NAMES:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model directory {path} has no config.json; give a directory "
+                             "written by save_pretrained")
+        return
+    if path.exists():
+        raise ValueError(f"model {name} is a file; give a directory written by save_pretrained")
+    if looks_local(name):
+        raise ValueError(f"model directory {name} does not exist; give 'tiny', a hub id such as "
+                         "openai/clip-vit-base-patch16, or a directory written by "
+                         "save_pretrained")
+
+
 def _image_stats(source: str) -> tuple[tuple, tuple]:
     """Mean and std from the checkpoint's own preprocessor config (OpenAI's if absent)."""
     path = Path(source) / "preprocessor_config.json"

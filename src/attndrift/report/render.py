@@ -130,11 +130,27 @@ def report_context(runs: Sequence[Run], tables: Sequence[Table], figures: Sequen
     }
 
 
+def md_escape(value: Any) -> str:
+    """A run name or config string as Markdown text: no raw HTML, links, code spans or table
+    cell breaks (emphasis characters are left: they only change the look)."""
+    text = str(value).replace("\r", " ").replace("\n", " ")
+    for ch in "\\`[]<>|":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def md_no_html(markdown: str) -> str:
+    """Prebuilt Markdown (tables) with any raw HTML a run name carried made inert."""
+    return markdown.replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.PackageLoader("attndrift.report", "templates"),
-                              autoescape=jinja2.select_autoescape(["html", "html.j2"]),
-                              trim_blocks=True, lstrip_blocks=True,
-                              undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(loader=jinja2.PackageLoader("attndrift.report", "templates"),
+                             autoescape=jinja2.select_autoescape(["html", "html.j2"]),
+                             trim_blocks=True, lstrip_blocks=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters.update(md=md_escape, md_no_html=md_no_html)
+    return env
 
 
 def render_html(ctx: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ def status_rows(store) -> list[dict]:
     for entry in manifest["runs"]:
         state = store.state(entry["run_id"])
         status = state.status
-        if status in ("running", "pending") and store.is_locked(entry["run_id"]):
+        if status in ("running", "pending", "interrupted") and store.is_locked(entry["run_id"]):
             status = "running"
         elif status == "running":
             status = "interrupted"  # started, nobody holds it: the next study run resumes it
@@ -76,14 +76,20 @@ def run_cmd(
         for p in planned:
             out.print(p.run_id, highlight=False)
         return
+    from attndrift.cli import os_error_line, sigterm_interrupts
+
     store = Store(store_dir)
-    store.root.mkdir(parents=True, exist_ok=True)
-    store.write_manifest(spec.name, planned)
+    try:
+        store.root.mkdir(parents=True, exist_ok=True)
+        store.write_manifest(spec.name, planned)
+    except OSError as e:
+        fail(os_error_line(e), 1)
     total = len(planned)
     counts = {"completed": 0, "failed": 0, "diverged": 0}
     for p in planned:
         s = store.state(p.run_id).status
-        if s in counts:
+        # failed/diverged runs count as done only when they are not run again
+        if s == "completed" or (s in counts and not retry_failed):
             counts[s] += 1
     t0, durations = time.perf_counter(), []
     out.print(f"study [bold]{spec.name}[/]: {total} runs, {counts['completed']} already "
@@ -92,9 +98,11 @@ def run_cmd(
     def report(o) -> None:
         if o.status in counts:
             counts[o.status] += 1
+        elif o.status == "skipped-done":  # completed by another worker while we looked
+            counts["completed"] += 1
         if o.status not in ("skipped-done", "skipped-busy"):
             durations.append(o.seconds)
-        done = sum(counts.values())
+        done = min(total, sum(counts.values()))
         left = total - done
         eta = (sum(durations) / len(durations)) * left / max(1, workers) if durations else 0
         colour = {"completed": "green", "failed": "red", "diverged": "yellow"}.get(o.status, "")
@@ -104,18 +112,38 @@ def run_cmd(
                   f"failed {counts['failed']}, diverged {counts['diverged']}, "
                   f"left {left}, ETA {eta:.0f}s", highlight=False, soft_wrap=True)
 
-    outcomes = execute(store, planned, workers=workers, backend=backend,
-                       retry_failed=retry_failed, progress=sys.stderr.isatty() and workers == 1,
-                       on_outcome=report, ray_address=ray_address, gpus_per_run=gpus_per_run,
-                       cpus_per_run=cpus_per_run, gpus=gpu_ids)
+    resume = f"attndrift study run {study} --store {store_dir}"
+    try:
+        with sigterm_interrupts():
+            outcomes = execute(store, planned, workers=workers, backend=backend,
+                               retry_failed=retry_failed,
+                               progress=sys.stderr.isatty() and workers == 1,
+                               on_outcome=report, ray_address=ray_address,
+                               gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run,
+                               gpus=gpu_ids)
+    except KeyboardInterrupt:
+        fail(f"interrupted: unfinished runs are resumable; `{resume}` resumes them", 130)
+    except OSError as e:
+        fail(os_error_line(e), 1)
     busy = [o.run_id for o in outcomes if o.status == "skipped-busy"]
-    bad = [r for r in status_rows(store) if r["status"] in ("failed", "diverged", "corrupt")]
-    out.print(f"study {spec.name}: {counts['completed']}/{total} completed, "
+    rows = status_rows(store)
+    done = sum(r["status"] == "completed" for r in rows)
+    bad = [r for r in rows if r["status"] in ("failed", "diverged", "corrupt")]
+    unfinished = [r for r in rows if r["status"] not in ("completed", "failed", "diverged",
+                                                          "corrupt")]
+    out.print(f"study {spec.name}: {done}/{total} completed, "
               f"{len(bad)} failed or diverged, {len(busy)} held by other workers, "
               f"{time.perf_counter() - t0:.1f}s", highlight=False)
+    # never report success while a run is not completed
     if bad:
         fail(f"{len(bad)} run(s) did not complete: {', '.join(r['run_id'] for r in bad)}; "
               "see `attndrift study status` and rerun with --retry-failed", 1)
+    if unfinished:
+        held = [r["run_id"] for r in unfinished if r["status"] == "running"]
+        fail(f"{len(unfinished)} run(s) not completed yet: "
+             f"{', '.join(r['run_id'] + ' (' + r['status'] + ')' for r in unfinished)}; "
+             + ("another worker holds " + ", ".join(held) + "; " if held else "")
+             + f"`{resume}` runs or resumes them", 1)
 
 
 @app.command("status")

@@ -8,6 +8,7 @@ they never stop the other runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from attndrift.study.store import Store
 @dataclass(frozen=True)
 class Outcome:
     run_id: str
-    status: str  # completed | diverged | failed | skipped-busy | skipped-done
+    status: str  # completed | diverged | failed | interrupted | skipped-busy | skipped-done
     seconds: float
     error: str | None = None
 
@@ -75,10 +76,49 @@ def visible_gpus() -> list[str]:
     return listed[:count] if listed else [str(i) for i in range(count)]
 
 
-def _pin_gpu(queue) -> None:
-    """Pool worker initializer: see only the next GPU of the round-robin ``queue``. Runs before
-    the worker touches CUDA, so ``cuda`` in the run's config means that GPU."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = queue.get()
+def _interrupt_on_sigterm() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt  # the run records itself interrupted (resumable)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def exit_with_parent(parent: int, poll_s: float = 0.5, grace_s: float = 20.0) -> None:
+    """Watch (in a daemon thread) for process ``parent`` to die, e.g. kill -9 of `study run`;
+    then stop this process: SIGTERM first (the run records itself interrupted and releases its
+    lock), a hard exit ``grace_s`` later whatever the run is doing."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _worker_init(parent: int, queue=None) -> None:
+    """Pool worker initializer: SIGTERM interrupts the run, the worker exits when its parent
+    dies, and with a ``queue`` it sees only the next GPU of that round robin. Runs before the
+    worker touches CUDA, so ``cuda`` in the run's config means that GPU."""
+    _interrupt_on_sigterm()
+    exit_with_parent(parent)
+    if queue is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = queue.get()
+
+
+def _pool_task(*args) -> Outcome:
+    """`execute_one` in a pool worker: a SIGTERM/SIGINT of the worker ends its run as
+    ``interrupted`` (recorded, resumable) instead of raising in the parent."""
+    try:
+        return execute_one(*args)
+    except KeyboardInterrupt:
+        return Outcome(args[1], "interrupted", 0.0, "interrupted")
 
 
 def _ray_task(*args, **kwargs) -> Outcome:  # module-level so Ray can ship it by reference
@@ -114,20 +154,33 @@ def execute(store: Store, planned: list[PlannedRun], *, workers: int = 1,
         # spawn, not fork: forking a process that already holds torch threads can deadlock.
         ctx = multiprocessing.get_context("spawn")
         gpus = visible_gpus() if gpus is None else gpus
-        placement = {}
+        queue = None
         if gpus:
             queue = ctx.Queue()
             for i in range(workers):
                 queue.put(gpus[i % len(gpus)])
-            placement = {"initializer": _pin_gpu, "initargs": (queue,)}
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **placement) as pool:
-            pending = {pool.submit(execute_one, *job, False, threads) for job in jobs}
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                   initializer=_worker_init, initargs=(os.getpid(), queue))
+        try:
+            pending = {pool.submit(_pool_task, *job, False, threads) for job in jobs}
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     outcome = fut.result()
                     report(outcome)
                     outcomes.append(outcome)
+        except BaseException:
+            # Ctrl-C or SIGTERM here: the workers record their runs interrupted and exit, instead
+            # of the pool waiting for them to finish (ProcessPoolExecutor has no public handle
+            # on its processes)
+            import signal
+
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(OSError):
+                    os.kill(proc.pid, signal.SIGTERM)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
     return outcomes
 
 

@@ -17,18 +17,21 @@ grids:                            # products over any config keys
 ```
 
 A run's id is ``<readable slug>-<8 hex of its resolved config>``: the same config always gets
-the same id, and any change to it gets a new one.
+the same id, and any change to it gets a new one. The id is one safe path component
+(`safe_component`): a value such as ``openai/clip-vit-b-16`` or ``../x`` in a grid never makes a
+nested directory or one outside the store.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from attndrift.config import (
     ConfigError,
@@ -61,6 +64,22 @@ class GridEntry(_Spec):
     set: dict[str, Any] = {}
     where: list[Conditional] = []
 
+    @model_validator(mode="after")
+    def _conditions_name_axes(self) -> GridEntry:
+        # a typo in an `if` key or value would silently never match: refuse it
+        empty = [k for k, v in self.axes.items() if not v]
+        if empty:
+            raise ValueError(f"axis {', '.join(empty)} has no values")
+        for c in self.where:
+            for key, value in c.if_.items():
+                if key not in self.axes:
+                    raise ValueError(f"where: if key {key!r} is not an axis of this grid "
+                                     f"({', '.join(self.axes)})")
+                if value not in self.axes[key]:
+                    raise ValueError(f"where: if {key}={value!r} matches no value of that axis "
+                                     f"({self.axes[key]})")
+        return self
+
 
 class StudySpec(_Spec):
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
@@ -70,6 +89,12 @@ class StudySpec(_Spec):
     runs: list[RunEntry] = []
     grids: list[GridEntry] = []
 
+    @model_validator(mode="after")
+    def _not_empty(self) -> StudySpec:
+        if not self.runs and not self.grids:
+            raise ValueError("the study has no runs and no grids")
+        return self
+
 
 @dataclass(frozen=True)
 class PlannedRun:
@@ -77,6 +102,16 @@ class PlannedRun:
     group: str
     axes: dict[str, Any]
     config: RunConfig
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.=+,@-]+")
+
+
+def safe_component(text: str) -> str:
+    """``text`` as one path component that cannot leave its directory: every run of characters
+    outside ``[A-Za-z0-9_.=+,@-]`` (``/``, ``\\``, spaces, ...) and every ``..`` becomes ``_``,
+    and leading dots go (no hidden names). Safe text is returned unchanged."""
+    return re.sub(r"\.\.+", "_", _UNSAFE.sub("_", text)).lstrip(".") or "_"
 
 
 def _short(key: str) -> str:
@@ -116,7 +151,7 @@ def load_spec(path: str | Path) -> tuple[StudySpec, dict]:
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "study"
-        raise ConfigError(f"{path}: {loc}: {first['msg']}") from None
+        raise ConfigError(f"{path}: {loc}: {first['msg'].removeprefix('Value error, ')}") from None
     base: dict = {}
     if spec.base:
         base_path = (path.parent / spec.base).resolve()
@@ -138,7 +173,8 @@ def expand(spec: StudySpec, base: dict) -> list[PlannedRun]:
             axes = dict(zip(keys, values, strict=True))
             extra = [c.set for c in grid.where
                      if all(axes.get(k) == v for k, v in c.if_.items())]
-            slug = "-".join([grid.name, *(f"{_short(k)}={_fmt(v)}" for k, v in axes.items())])
+            slug = safe_component(
+                "-".join([grid.name, *(f"{_short(k)}={_fmt(v)}" for k, v in axes.items())]))
             cfg = _resolve(base, [spec.set, grid.set, axes, *extra], slug,
                            f"{spec.name}/{slug}")
             planned.append(PlannedRun(f"{slug}-{config_hash(cfg)}", grid.name, axes, cfg))

@@ -41,6 +41,12 @@ class Store:
         self.root = Path(root)
 
     def run_dir(self, run_id: str) -> Path:
+        """``STORE/runs/<run_id>``; refuses an id that is not one safe path component, so
+        nothing (run directory, lock, temp clean-up) ever happens outside the store."""
+        from attndrift.study.spec import safe_component
+
+        if safe_component(run_id) != run_id:
+            raise ValueError(f"run id {run_id!r} is not a safe directory name")
         return self.root / "runs" / run_id
 
     def write_manifest(self, name: str, planned: list[PlannedRun]) -> None:
