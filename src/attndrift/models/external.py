@@ -41,14 +41,33 @@ FORMATS = ("run", "clip", "peft", "open_clip")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 # open_clip's OpenAI-style ViTs: (patch size, width, layers, image size).
-OPEN_CLIP_VITS = {"ViT-B-32": (32, 768, 12, 224), "ViT-B-16": (16, 768, 12, 224),
-                  "ViT-L-14": (14, 1024, 24, 224), "ViT-L-14-336": (14, 1024, 24, 336)}
+OPEN_CLIP_VITS = {
+    "ViT-B-32": (32, 768, 12, 224),
+    "ViT-B-16": (16, 768, 12, 224),
+    "ViT-L-14": (14, 1024, 24, 224),
+    "ViT-L-14-336": (14, 1024, 24, 336),
+}
 
 # Config fields that must agree between a fine-tuned checkpoint and its reference.
-_VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "patch_size", "image_size", "num_channels", "hidden_act")
-_TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "vocab_size", "max_position_embeddings", "hidden_act")
+_VISION_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "patch_size",
+    "image_size",
+    "num_channels",
+    "hidden_act",
+)
+_TEXT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "hidden_act",
+)
 
 
 class ExternalModelError(ValueError):
@@ -95,13 +114,16 @@ def detect_format(source: str) -> str:
         raise ExternalModelError(
             f"{source}: unknown format (a directory without record.json, adapter_config.json "
             "or config.json); give an attndrift run directory, a save_pretrained CLIP "
-            "directory, a PEFT adapter directory or an open_clip checkpoint file")
+            "directory, a PEFT adapter directory or an open_clip checkpoint file"
+        )
     if path.is_file():
         if path.suffix in WEIGHT_SUFFIXES:
             return "open_clip"
-        raise ExternalModelError(f"{source}: unknown format (a {path.suffix or 'suffix-less'} "
-                                 f"file; open_clip checkpoints end in "
-                                 f"{', '.join(WEIGHT_SUFFIXES)})")
+        raise ExternalModelError(
+            f"{source}: unknown format (a {path.suffix or 'suffix-less'} "
+            f"file; open_clip checkpoints end in "
+            f"{', '.join(WEIGHT_SUFFIXES)})"
+        )
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith("."):
         return "clip"  # a hub id such as openai/clip-vit-base-patch32
     raise FileNotFoundError(f"{source}: no such file or directory")
@@ -114,8 +136,11 @@ def checkpoint_sha256(source: str) -> str | None:
     if path.is_file():
         return file_sha256(path, 16)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
-                       and p.name != "attention.safetensors")
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.suffix in WEIGHT_SUFFIXES and p.name != "attention.safetensors"
+        )
         if not files:
             return None
         h = hashlib.sha256()
@@ -125,8 +150,9 @@ def checkpoint_sha256(source: str) -> str | None:
     try:
         from transformers.utils import cached_file
 
-        found = cached_file(source, "model.safetensors",
-                            _raise_exceptions_for_missing_entries=False)
+        found = cached_file(
+            source, "model.safetensors", _raise_exceptions_for_missing_entries=False
+        )
     except OSError:
         return None
     return file_sha256(Path(found), 16) if found else None
@@ -135,8 +161,9 @@ def checkpoint_sha256(source: str) -> str | None:
 def check_architecture(reference: Any, finetuned: Any, what: str) -> None:
     """Raise `ArchitectureMismatch` naming the first config field where the CLIP configs
     ``finetuned`` and ``reference`` differ."""
-    pairs = [("vision", f, reference.vision_config, finetuned.vision_config)
-             for f in _VISION_FIELDS]
+    pairs = [
+        ("vision", f, reference.vision_config, finetuned.vision_config) for f in _VISION_FIELDS
+    ]
     pairs += [("text", f, reference.text_config, finetuned.text_config) for f in _TEXT_FIELDS]
     pairs.append(("", "projection_dim", reference, finetuned))
     for tower, name, ref, ft in pairs:
@@ -144,13 +171,13 @@ def check_architecture(reference: Any, finetuned: Any, what: str) -> None:
         if a != b:
             raise ArchitectureMismatch(
                 f"{what} does not match the reference's architecture: {tower} {name} is "
-                f"{b} there and {a} in the reference".replace("  ", " "))
+                f"{b} there and {a} in the reference".replace("  ", " ")
+            )
 
 
 def _tower_differs(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
-    return set(sa) != set(sb) or any(not torch.equal(sa[k], sb[k].to(sa[k].device))
-                                     for k in sa)
+    return set(sa) != set(sb) or any(not torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa)
 
 
 def text_tower_changed(finetuned: nn.Module, reference: nn.Module) -> bool:
@@ -159,8 +186,9 @@ def text_tower_changed(finetuned: nn.Module, reference: nn.Module) -> bool:
     ft = finetuned
     if any(".lora_" in n for n, _ in ft.text_model.named_parameters()):
         ft = _merged_copy(ft)
-    return (_tower_differs(ft.text_model, reference.text_model)
-            or _tower_differs(ft.text_projection, reference.text_projection))
+    return _tower_differs(ft.text_model, reference.text_model) or _tower_differs(
+        ft.text_projection, reference.text_projection
+    )
 
 
 def _merged_copy(clip: nn.Module) -> nn.Module:
@@ -178,22 +206,31 @@ def _merged_copy(clip: nn.Module) -> nn.Module:
 
 # --- open_clip -> transformers CLIPModel -----------------------------------------------------
 
-_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-          "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-_FIXED = {"visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-          "visual.class_embedding": "vision_model.embeddings.class_embedding",
-          "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-          "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
-          "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
-          "visual.ln_post.weight": "vision_model.post_layernorm.weight",
-          "visual.ln_post.bias": "vision_model.post_layernorm.bias",
-          "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-          "positional_embedding": "text_model.embeddings.position_embedding.weight",
-          "ln_final.weight": "text_model.final_layer_norm.weight",
-          "ln_final.bias": "text_model.final_layer_norm.bias",
-          "logit_scale": "logit_scale"}
-_TRANSPOSED = {"visual.proj": "visual_projection.weight",
-               "text_projection": "text_projection.weight"}
+_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+_FIXED = {
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "logit_scale": "logit_scale",
+}
+_TRANSPOSED = {
+    "visual.proj": "visual_projection.weight",
+    "text_projection": "text_projection.weight",
+}
 _IGNORED = ("attn_mask",)  # open_clip's causal-mask buffer: CLIPModel builds its own
 
 
@@ -240,7 +277,8 @@ def open_clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if unknown:
         raise ExternalModelError(
             f"not an OpenAI-style open_clip ViT checkpoint: {len(unknown)} tensors have no "
-            f"CLIPModel counterpart, e.g. {', '.join(unknown[:3])}")
+            f"CLIPModel counterpart, e.g. {', '.join(unknown[:3])}"
+        )
     if "vision_model.embeddings.patch_embedding.weight" not in out:
         raise ExternalModelError("not an open_clip ViT checkpoint: no visual.conv1.weight")
     return out
@@ -260,11 +298,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except Exception as err:  # pickle of a whole module, corrupt file, ...
             raise ExternalModelError(
                 f"{path}: not a loadable state dict ({type(err).__name__}); save "
-                "model.state_dict() (only tensors are read from torch files)") from None
+                "model.state_dict() (only tensors are read from torch files)"
+            ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ExternalModelError(f"{path}: not a state dict of tensors")
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -277,8 +315,10 @@ def check_open_clip_name(name: str, reference: Any) -> None:
     the reference's activation (open_clip itself forces QuickGELU for OpenAI weights)."""
     base = name.removesuffix("-quickgelu")
     if base not in OPEN_CLIP_VITS:
-        raise ExternalModelError(f"open_clip model {name!r} is not supported; OpenAI-style ViTs "
-                                 f"only: {', '.join(OPEN_CLIP_VITS)} (optionally -quickgelu)")
+        raise ExternalModelError(
+            f"open_clip model {name!r} is not supported; OpenAI-style ViTs "
+            f"only: {', '.join(OPEN_CLIP_VITS)} (optionally -quickgelu)"
+        )
     vision = reference.vision_config
     patch, width, layers, size = OPEN_CLIP_VITS[base]
     have = (vision.patch_size, vision.hidden_size, vision.num_hidden_layers, vision.image_size)
@@ -286,14 +326,17 @@ def check_open_clip_name(name: str, reference: Any) -> None:
         raise ArchitectureMismatch(
             f"open_clip model {name} (patch {patch}, width {width}, {layers} layers, {size} px) "
             f"is not the reference's architecture (patch {have[0]}, width {have[1]}, "
-            f"{have[2]} layers, {have[3]} px)")
+            f"{have[2]} layers, {have[3]} px)"
+        )
     if name.endswith("-quickgelu") and vision.hidden_act != "quick_gelu":
-        raise ArchitectureMismatch(f"open_clip model {name} uses QuickGELU, the reference "
-                                   f"{vision.hidden_act}")
+        raise ArchitectureMismatch(
+            f"open_clip model {name} uses QuickGELU, the reference {vision.hidden_act}"
+        )
 
 
-def load_open_clip(path: Path, reference: LoadedCLIP,
-                   model_name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_open_clip(
+    path: Path, reference: LoadedCLIP, model_name: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of the reference CLIPModel holding the open_clip checkpoint's weights, and
     details (which towers the checkpoint held)."""
     if model_name is not None:
@@ -303,17 +346,22 @@ def load_open_clip(path: Path, reference: LoadedCLIP,
     own = clip.state_dict()
     for key, value in mapped.items():
         if key not in own:
-            raise ArchitectureMismatch(f"{path.name} does not match the reference's "
-                                       f"architecture: {key} does not exist there")
+            raise ArchitectureMismatch(
+                f"{path.name} does not match the reference's "
+                f"architecture: {key} does not exist there"
+            )
         if own[key].shape != value.shape:
             raise ArchitectureMismatch(
                 f"{path.name} does not match the reference's architecture: {key} has shape "
-                f"{tuple(value.shape)}, the reference {tuple(own[key].shape)}")
+                f"{tuple(value.shape)}, the reference {tuple(own[key].shape)}"
+            )
     vision = [k for k in own if k.startswith(("vision_model.", "visual_projection."))]
     missing = [k for k in vision if k not in mapped]
     if missing:
-        raise ArchitectureMismatch(f"{path.name} does not match the reference's architecture: "
-                                   f"it lacks {len(missing)} vision tensors, e.g. {missing[0]}")
+        raise ArchitectureMismatch(
+            f"{path.name} does not match the reference's architecture: "
+            f"it lacks {len(missing)} vision tensors, e.g. {missing[0]}"
+        )
     clip.load_state_dict(mapped, strict=False)
     has_text = any(k.startswith("text_model.") for k in mapped)
     return clip, {"open_clip_model": model_name, "text_tower_in_checkpoint": has_text}
@@ -337,22 +385,30 @@ def load_peft(path: Path, reference: LoadedCLIP) -> tuple[nn.Module, dict[str, A
     try:
         wrapped = PeftModel.from_pretrained(clip, str(path), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
-        raise ArchitectureMismatch(f"{path} does not fit the reference: "
-                                   f"{str(err).splitlines()[0][:300]}") from None
+        raise ArchitectureMismatch(
+            f"{path} does not fit the reference: {str(err).splitlines()[0][:300]}"
+        ) from None
     loaded = get_peft_model_state_dict(wrapped)
     stray = [k for k in saved if k not in loaded]
     if stray:
-        raise ArchitectureMismatch(f"{path}: {len(stray)} adapter tensors address modules the "
-                                   f"reference does not have, e.g. {stray[0]}")
+        raise ArchitectureMismatch(
+            f"{path}: {len(stray)} adapter tensors address modules the "
+            f"reference does not have, e.g. {stray[0]}"
+        )
     for key, value in saved.items():
         if loaded[key].shape != value.shape:
-            raise ArchitectureMismatch(f"{path}: {key} has shape {tuple(value.shape)}, the "
-                                       f"reference's module {tuple(loaded[key].shape)}")
+            raise ArchitectureMismatch(
+                f"{path}: {key} has shape {tuple(value.shape)}, the "
+                f"reference's module {tuple(loaded[key].shape)}"
+            )
     model = wrapped.base_model.model  # the CLIPModel, LoRA layers injected in place
     model.eval()
-    return model, {"peft_type": config.get("peft_type"), "r": config.get("r"),
-                   "target_modules": config.get("target_modules"),
-                   "base_model": config.get("base_model_name_or_path")}
+    return model, {
+        "peft_type": config.get("peft_type"),
+        "r": config.get("r"),
+        "target_modules": config.get("target_modules"),
+        "base_model": config.get("base_model_name_or_path"),
+    }
 
 
 def _load_clip_checkpoint(source: str, reference: LoadedCLIP):
@@ -366,20 +422,23 @@ def _load_clip_checkpoint(source: str, reference: LoadedCLIP):
     if path.is_dir() and not (path / "config.json").is_file():
         raise ExternalModelError(f"{source}: no config.json (not a save_pretrained directory)")
     try:
-        clip = CLIPModel.from_pretrained(source, attn_implementation="sdpa",
-                                         dtype=torch.float32)
+        clip = CLIPModel.from_pretrained(source, attn_implementation="sdpa", dtype=torch.float32)
     except OSError as err:
         if path.is_dir():
-            raise ExternalModelError(f"{source}: not a loadable CLIP checkpoint "
-                                     f"({type(err).__name__})") from None
-        raise FileNotFoundError(f"{source}: no such directory, and not a hub id available "
-                                f"here ({type(err).__name__})") from None
+            raise ExternalModelError(
+                f"{source}: not a loadable CLIP checkpoint ({type(err).__name__})"
+            ) from None
+        raise FileNotFoundError(
+            f"{source}: no such directory, and not a hub id available here ({type(err).__name__})"
+        ) from None
     except (ValueError, KeyError, TypeError) as err:
-        raise ExternalModelError(f"{source}: not a CLIPModel checkpoint "
-                                 f"({str(err).splitlines()[0][:200]})") from None
+        raise ExternalModelError(
+            f"{source}: not a CLIPModel checkpoint ({str(err).splitlines()[0][:200]})"
+        ) from None
     tokenizer = reference.tokenizer
-    has_files = not path.is_dir() or any((path / n).is_file() for n in (
-        "tokenizer.json", "vocab.json", "tokenizer_config.json"))
+    has_files = not path.is_dir() or any(
+        (path / n).is_file() for n in ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+    )
     if has_files:
         try:
             own = AutoTokenizer.from_pretrained(source)
@@ -400,8 +459,9 @@ def _vision_classifier(clip: nn.Module) -> CLIPClassifier:
     return CLIPClassifier(clip.vision_model, clip.visual_projection, 1)
 
 
-def load_finetuned(source: str, reference: LoadedCLIP, fmt: str = "auto",
-                   open_clip_model: str | None = None) -> Finetuned:
+def load_finetuned(
+    source: str, reference: LoadedCLIP, fmt: str = "auto", open_clip_model: str | None = None
+) -> Finetuned:
     """Load FINETUNED ``source`` of format ``fmt`` (``auto``: `detect_format`) for measuring
     against ``reference``; float32, eval mode, on the CPU.
 
@@ -412,8 +472,9 @@ def load_finetuned(source: str, reference: LoadedCLIP, fmt: str = "auto",
     if fmt == "auto":
         fmt = detect_format(source)
     elif fmt not in FORMATS:
-        raise ExternalModelError(f"unknown format {fmt!r}; choose auto or one of "
-                                 f"{', '.join(FORMATS)}")
+        raise ExternalModelError(
+            f"unknown format {fmt!r}; choose auto or one of {', '.join(FORMATS)}"
+        )
     path = Path(source)
     if fmt != "clip" and not path.exists():
         raise FileNotFoundError(f"{source}: no such file or directory")
@@ -430,10 +491,13 @@ def load_finetuned(source: str, reference: LoadedCLIP, fmt: str = "auto",
         clip, classifier, has_head = loaded.model, adapted.model, True
         mean, std, tokenizer = loaded.mean, loaded.std, loaded.tokenizer
         record = read_record(path)
-        details = {"run_id": record.get("run_id"), "method": record["config"].get("method"),
-                   "model": record["config"].get("model"),
-                   "dataset": (record["config"].get("data") or {}).get("dataset"),
-                   "classes": int(classifier.head.out_features)}
+        details = {
+            "run_id": record.get("run_id"),
+            "method": record["config"].get("method"),
+            "model": record["config"].get("model"),
+            "dataset": (record["config"].get("data") or {}).get("dataset"),
+            "classes": int(classifier.head.out_features),
+        }
     elif fmt == "clip":
         clip, tokenizer, mean, std = _load_clip_checkpoint(source, reference)
         check_architecture(ref_config, clip.config, source)
@@ -449,5 +513,15 @@ def load_finetuned(source: str, reference: LoadedCLIP, fmt: str = "auto",
     clip.requires_grad_(False)
     classifier.requires_grad_(False)
     classifier.eval()
-    return Finetuned(clip, classifier, has_head, tokenizer, tuple(mean), tuple(std), fmt,
-                     source, checkpoint_sha256(source), details)
+    return Finetuned(
+        clip,
+        classifier,
+        has_head,
+        tokenizer,
+        tuple(mean),
+        tuple(std),
+        fmt,
+        source,
+        checkpoint_sha256(source),
+        details,
+    )
