@@ -481,14 +481,10 @@ def test_report_and_compare_render_measured_records(full_ft_run: Path, tmp_path:
         read_record(store / "run")["config"]["train"]["lr"]
         == read_record(full_ft_run)["config"]["train"]["lr"]
     )  # a run knows its learning rate
-    measure(
-        str(path),
-        store / "no_lr",
-        reference="tiny",
-        dataset="shapes-layout",
-        zeroshot=[TASK],
-        overrides=SMALL,
-    )
+    cli = ["measure", str(path), "--reference", "tiny", "--data", "shapes-layout"]
+    cli += ["--zeroshot", TASK, "--set", SMALL[0], "--set", SMALL[1], "--out", str(store / "no_lr")]
+    out = CliRunner().invoke(app, cli)
+    assert out.exit_code == 0 and "measured" in out.output, out.output
     out = CliRunner().invoke(app, ["compare", str(store / "run"), str(store / "no_lr")])
     assert out.exit_code == 0, out.output
     assert re.search(r"external\s+│\s+-\s+│", out.output)  # no learning rate known: "-"
