@@ -59,7 +59,7 @@ def resolve_settings(
             )
     run_config = None
     base: dict[str, Any] = {}
-    if (fmt == "run" or fmt == "auto") and (Path(finetuned) / "record.json").is_file():
+    if fmt in ("run", "auto") and (Path(finetuned) / "record.json").is_file():
         run_config = read_record(Path(finetuned))["config"]
         base = {
             "data": dict(run_config.get("data") or {}),
