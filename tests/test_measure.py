@@ -23,13 +23,8 @@ from attndrift.data.registry import load_task
 from attndrift.data.splits import balanced_subset, stratified_split
 from attndrift.measure import measure
 from attndrift.models.clip import TINY_CLIP_DIR, load_clip
-from attndrift.models.external import (
-    ArchitectureMismatch,
-    ExternalModelError,
-    check_open_clip_name,
-    load_open_clip,
-    open_clip_to_hf,
-)
+from attndrift.models.external import ArchitectureMismatch, ExternalModelError, load_open_clip
+from attndrift.models.open_clip import check_open_clip_name, open_clip_to_hf
 from attndrift.records import read_record
 from attndrift.zeroshot import clip_image_encoder, text_classifier, zeroshot_accuracy
 
