@@ -217,5 +217,66 @@ def interpolate(
     out.print(interpolation_table(result))
     out.print(f"wrote {run_dir / 'interpolation.json'}", highlight=False, soft_wrap=True)
 
+
+@app.command()
+def measure(
+    finetuned: Annotated[str, typer.Argument(
+        help="attndrift run dir, save_pretrained CLIP dir or hub id, PEFT adapter dir, or "
+             "open_clip checkpoint file")],
+    reference: Annotated[str | None, typer.Option(
+        "--reference", help="the pretrained model (tiny, hub id, local dir); default: a run "
+                            "dir's own model")] = None,
+    data: Annotated[str | None, typer.Option(
+        "--data", help="dataset whose validation split holds the probe images (default: a "
+                       "run dir's own)")] = None,
+    zeroshot: Annotated[str | None, typer.Option(
+        "--zeroshot", help="comma-separated zero-shot transfer tasks")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for record.json")] = Path(
+        "runs/measured"),
+    fmt: Annotated[str, typer.Option(
+        "--format", help="auto | run | clip | peft | open_clip")] = "auto",
+    open_clip_model: Annotated[str | None, typer.Option(
+        "--open-clip-model", help="open_clip architecture of the checkpoint, e.g. ViT-B-32 "
+                                  "(checked against the reference)")] = None,
+    name: Annotated[str | None, typer.Option(help="run name (default: FINETUNED's name)")] = None,
+    recipe: Annotated[str | None, typer.Option(
+        help="fine-tuning recipe; checkpoints of one recipe differing in --seed are "
+             "replicates (default: the name)")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="the fine-tuning seed, for replicates (default: a run's own, else 0)")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="the fine-tuning learning rate, if known (default: a run's own)")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="data.*, probe.* or train.precision override, e.g. probe.images=100")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+) -> None:
+    """Measure a CLIP fine-tuned anywhere against its pretrained model: attention drift,
+    auxiliary metrics, zero-shot of both; writes OUT/record.json (method external)."""
+    from attndrift.config import ConfigError
+    from attndrift.measure import measure as _measure
+    from attndrift.models.external import ExternalModelError
+
+    tasks = None if zeroshot is None else [t.strip() for t in zeroshot.split(",") if t.strip()]
+    try:
+        record = _measure(finetuned, out_dir, reference=reference, dataset=data,
+                          zeroshot=tasks, overrides=overrides or [], fmt=fmt,
+                          open_clip_model=open_clip_model, name=name, recipe=recipe,
+                          seed=seed, lr=lr, device=device, progress=sys.stderr.isatty())
+    except (ConfigError, ExternalModelError, FileNotFoundError) as e:
+        fail(str(e), 2)
+    except (KeyError, ValueError, RuntimeError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
+    for warning in record.get("warnings", []):
+        err.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
+    final, zs = record["final"], record["zeroshot"]
+    shots = ", ".join(f"{t} {100 * z['before']:.1f}% → {100 * z['after']:.1f}%"
+                      for t, z in zs.items())
+    acc = "" if final["test_acc"] is None else f"test {100 * final['test_acc']:.1f}%, "
+    out.print(f"[green]measured[/] {record['run_id']} in {record['timing']['total_s']:.1f}s: "
+              f"{acc}Δentropy {final['delta_pct']['entropy']:+.2f}%, zero-shot {shots} "
+              f"-> {out_dir / 'record.json'}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     app()

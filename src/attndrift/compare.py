@@ -54,7 +54,8 @@ def comparison_tables(records: list[dict[str, Any]],
     for label, r in zip(labels, records, strict=True):
         final = r.get("final") or {}
         delta = final.get("delta_pct", {})
-        summary.add_row(label, r["config"]["method"], f"{r['config']['train']['lr']:g}",
+        lr = (r["config"].get("train") or {}).get("lr")  # a measured checkpoint may have none
+        summary.add_row(label, r["config"]["method"], "-" if lr is None else f"{lr:g}",
                         r["status"], _acc(final.get("best_val_acc")), _acc(final.get("test_acc")),
                         *(_pct(delta.get(m)) for m in CORE))
 

@@ -184,3 +184,60 @@ def coefficient_of_variation(values: list[float]) -> float:
     mean = sum(values) / len(values)
     var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return math.sqrt(var) / abs(mean) if mean else math.inf
+
+
+# --- pieces of a run record that `attndrift measure` builds too ---------------------------
+# train.py builds the same values inline; after the phase restructuring it should call these,
+# so a trained run and a measured checkpoint cannot drift apart in how they are computed.
+
+
+def validation_probe_sets(source: ImageTask, val_frac: float, split_seed: int, images: int,
+                          subsets: int, seed: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, ImageTask, list[torch.Tensor]]:
+    """``(train_idx, val_idx, val_set, probe_subsets)`` of a training split, exactly as a run
+    builds them: the stratified validation split (seeded), then ``subsets`` fixed
+    class-balanced probe subsets of ``images`` validation images (seeds ``seed..``); indices
+    of the subsets are into ``val_set``. The first subset is the one probed during training."""
+    from attndrift.data.splits import probe_subsets, stratified_split
+
+    train_idx, val_idx = stratified_split(source.labels, val_frac, split_seed)
+    val_set = source.subset(val_idx, f"{source.name}/val")
+    return train_idx, val_idx, val_set, probe_subsets(val_set.labels, images, subsets, seed)
+
+
+def drift_summary(final_metrics: dict[str, Any], baseline: dict[str, Any],
+                  final_subsets: list[dict[str, float]]) -> dict[str, Any]:
+    """The drift entries of a record's ``final``.
+
+    ``delta_pct``: 002 §3.2 eq. 2, ``100 (m_adapted - m_pretrained) / m_pretrained`` of the
+    layer means; ``delta_pct_layers``: the same per layer; ``subsets`` and
+    ``delta_pct_subset_mean``: drift averaged over the fixed probe subsets (the study's
+    reporting, 002 §4.3); ``subset_cv``: coefficient of variation over the subsets.
+    ``baseline`` is ``summarize`` of the pretrained model plus its ``subsets``."""
+    from attndrift.probes.metrics import METRICS, delta_pct
+
+    return {
+        "delta_pct": {m: delta_pct(final_metrics["mean"][m], baseline["mean"][m])
+                      for m in METRICS},
+        "delta_pct_layers": {
+            m: [delta_pct(a, b) for a, b in zip(final_metrics[m]["layers"],
+                                                 baseline[m]["layers"], strict=True)]
+            for m in METRICS},
+        "subsets": final_subsets,
+        "delta_pct_subset_mean": {m: sum(delta_pct(f[m], b[m]) for f, b in zip(
+            final_subsets, baseline["subsets"], strict=True)) / len(final_subsets)
+            for m in METRICS},
+        "subset_cv": {m: coefficient_of_variation([f[m] for f in final_subsets])
+                      for m in METRICS},
+    }
+
+
+def zeroshot_summary(before: dict[str, float], after: dict[str, float],
+                     tasks: dict[str, ImageTask]) -> dict[str, dict[str, Any]]:
+    """A record's ``zeroshot``: per task, accuracy before and after, retention % = after /
+    before (002 §4.4: through the adapted image encoder), chance and class count."""
+    return {name: {"before": before[name], "after": after[name],
+                   "retention_pct": 100.0 * after[name] / before[name]
+                   if before[name] > 0 else None,
+                   "chance": 1.0 / task.num_classes, "classes": task.num_classes}
+            for name, task in tasks.items()}

@@ -148,6 +148,9 @@ def method_label(config: dict[str, Any]) -> str:
             label += " (" + ",".join(t.removesuffix("_proj") for t in targets) + ")"
     elif method == "freeze":
         label += f" {config.get('freeze_layers', '?')}"
+    elif method == "external":  # a checkpoint measured by `attndrift measure`: its recipe
+        recipe = (config.get("external") or {}).get("recipe")
+        label += f" {recipe}" if recipe else ""
     return label
 
 
