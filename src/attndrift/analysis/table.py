@@ -2,7 +2,8 @@
 
 A table is data: rows of raw values (fractions, percentages, p-values as floats) keyed by
 column, plus how each column reads. CSV keeps the raw values; Markdown and HTML show formatted
-strings. A table with no rows carries ``skipped``, the reason it does not apply to a store.
+strings, a missing value as "n/a" (not available). A table with no rows carries ``skipped``, the
+reason it does not apply to a store.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Table:
         return not self.rows
 
 
+# How a missing value (not recorded, or undefined such as the sd of one seed) reads.
+NOT_AVAILABLE = "n/a"
+
 # Descriptive columns left out when every row has the default: no "other settings" column when
 # nothing else varies, no "regularizer" column when no run used one.
 OPTIONAL = {"other": "—", "regularizer": "none"}
@@ -64,7 +68,7 @@ def format_value(value: Any, fmt: str) -> str:
     if isinstance(value, str):
         return value
     if _missing(value):
-        return "—"
+        return NOT_AVAILABLE
     if fmt == "acc":
         return f"{100 * value:.2f}"
     if fmt == "pct":
