@@ -60,11 +60,12 @@ def bootstrap_cis(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
 
 
 def backbone_comparison(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
-    rows = []
+    rows, ctx = [], context(runs)
     for factor, a, b in contrasts(runs, min_seeds=1):
         if factor != "model":
             continue
-        row = {"where": where_label(a.config, "model"), "a": level_label(a.config, "model"),
+        row = {"where": where_label(a.config, "model", other=ctx.other[a.key]),
+               "a": level_label(a.config, "model"),
                "b": level_label(b.config, "model"),
                "n": f"{len(a.completed)} vs {len(b.completed)}",
                "members": (tuple(str(r.path) for r in a.completed),

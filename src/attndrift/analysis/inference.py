@@ -20,6 +20,7 @@ from attndrift.analysis import stats
 from attndrift.analysis.common import (
     SUBSET_MEAN,
     completed,
+    context,
     delta,
     drift_note,
     final,
@@ -78,15 +79,18 @@ def level_label(cfg: dict[str, Any], factor: str) -> str:
     return key_label(factor, factors(cfg).get(factor))
 
 
-def where_label(cfg: dict[str, Any], *skip: str) -> str:
+def where_label(cfg: dict[str, Any], *skip: str, other: str = "—") -> str:
     """What the two sides of a contrast share: backbone, dataset, method, regularizer (if any),
-    lr, leaving out the factors in ``skip``."""
+    ``other`` settings (the setting's 'other settings' label; '—' for none), lr, leaving out
+    the factors in ``skip``."""
     parts = [] if "model" in skip else [short_model(model_of(cfg))]
     parts.append(str((cfg.get("data") or {}).get("dataset")))
     if "method" not in skip:
         parts.append(method_label(cfg))
     if "regularizer" not in skip and regularizer_label(cfg) != "none":
         parts.append(regularizer_label(cfg))
+    own = {key_label(k, factors(cfg).get(k)) for k in skip if k in factors(cfg)}
+    parts += [x for x in other.split(" · ") if x != "—" and x not in own]
     if "train.lr" not in skip:
         parts.append(f"lr {short_number(lr_of(cfg))}")
     return " · ".join(parts)
@@ -165,10 +169,12 @@ _CONTRAST_COLS = (Column("n", "seeds A vs B"), Column("outcome", "outcome"),
 
 
 def run_level(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
-    tasks, rows = zs_tasks(completed(runs)), []
-    for factor, a, b in contrasts(runs):
+    tasks, rows, ctx = zs_tasks(completed(runs)), [], context(runs)
+    for factor, a, b in sorted(contrasts(runs), key=lambda c: (setting_order(c[1].config),
+                                                              c[0], setting_order(c[2].config))):
+        where = where_label(a.config, factor, other=ctx.other[a.key])
         for label, fmt, get in _outcomes(tasks, drift):
-            row = {"where": where_label(a.config, factor), "factor": factor,
+            row = {"where": where, "factor": factor,
                    "a": level_label(a.config, factor), "b": level_label(b.config, factor),
                    "outcome": label, "fmt": fmt, "members": (
                        tuple(str(r.path) for r in a.completed),
@@ -192,7 +198,7 @@ def run_level(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
 def method_lr_contrasts(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """002 Table 6: full FT vs another method where they differ in the lr as well (e.g. full FT
     at 1e-5 vs LoRA at 1e-4), over seeds, on Δ entropy."""
-    rows = []
+    rows, ctx = [], context(runs)
     for fam in group_families(runs, LR_KEYS + METHOD_KEYS):
         groups = [s for s in fam.settings if len(s.completed) >= 2]
         for a, b in itertools.combinations(groups, 2):
@@ -200,7 +206,7 @@ def method_lr_contrasts(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
             if (a.config.get("method") != "full_ft" or b.config.get("method") == "full_ft"
                     or lr_of(a.config) == lr_of(b.config)):
                 continue
-            row = {"where": where_label(a.config, "method", "train.lr"),
+            row = {"where": where_label(a.config, "method", "train.lr", other=ctx.other[a.key]),
                    "a": f"{method_label(a.config)} lr {short_number(lr_of(a.config))}",
                    "b": f"{method_label(b.config)} lr {short_number(lr_of(b.config))}",
                    "outcome": "Δ entropy %", "fmt": "pct",
@@ -274,7 +280,7 @@ def _regularizer_rows(runs: Sequence[Run], drift: str) -> list[dict[str, Any]]:
     """Each regularized setting vs the unregularized one equal in all else: the study's paired
     t over layers of absolute final entropy (seed means; 003 §3.7, exploratory) with Cohen's d
     of those layer values, and next to it the run-level Welch t over seeds."""
-    rows = []
+    rows, ctx = [], context(runs)
     for fam in group_families(runs, ("regularizer.",)):
         family = [s for s in fam.settings if s.completed]
         refs = [s for s in family if regularizer_label(s.config) == "none"]
@@ -286,7 +292,7 @@ def _regularizer_rows(runs: Sequence[Run], drift: str) -> list[dict[str, Any]]:
             if g is ref:
                 continue
             label = (f"{regularizer_label(g.config)} vs none "
-                     f"({where_label(ref.config, 'regularizer')})")
+                     f"({where_label(ref.config, 'regularizer', other=ctx.other[ref.key])})")
             layers = _seed_mean_layers(g.completed, _entropy_layers)
             if layers.size and layers.size == ref_layers.size and layers.size >= 2:
                 rows.append(_row("regularizer, per layer", label,

@@ -80,7 +80,8 @@ def auxiliary(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     rows = sorted(rows, key=order)
     for (model, dataset), base in sorted(pretrained.items(), reverse=True):
         found |= set(base) if rows else set()
-        rows.insert(0, {"run": "pretrained", "model": model, "dataset": dataset, "method": "—",
+        rows.insert(0, {"run": "pretrained", "model": model, "dataset": dataset,
+                        **dict.fromkeys(("method", "regularizer", "lr", "other", "seed"), "—"),
                         **base})
     known = []
     for k in AUX:

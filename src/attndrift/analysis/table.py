@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attndrift.analysis.runs import short_number
+
 
 @dataclass(frozen=True)
 class Column:
@@ -78,7 +80,7 @@ def format_value(value: Any, fmt: str) -> str:
     if fmt == "num":
         return f"{value:.4g}"
     if fmt == "lr":
-        return f"{value:g}"
+        return short_number(value)
     if fmt == "p":
         return "<0.0001" if value < 1e-4 else f"{value:.4f}"
     if fmt == "int":
