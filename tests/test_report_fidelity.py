@@ -413,3 +413,19 @@ def test_baseline_summary_and_bootstrap(built, records):
     assert (row["min"], row["max"], row["layers"]) == (min(layers), max(layers), 12)
     for row in built["bootstrap_ci"].rows:
         assert row["lo"] <= row["mean"] <= row["hi"]
+
+
+def test_mean_trajectory_of_one_setting(store, records):
+    from attndrift.analysis.onset import mean_trajectory
+
+    _, truth = store
+    recs = [records[d] for d, s in truth.items() if s == "b16_pets_lora8_0.001"]
+    fractions, mean, sd, n = mean_trajectory(recs, "entropy")
+    assert fractions.tolist() == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert n.tolist() == [4] * 6
+    base = [r["baseline"]["mean"]["entropy"] for r in recs]
+    last = [100 * (r["history"]["probes"][-1]["metrics"]["mean"]["entropy"] - b) / b
+            for r, b in zip(recs, base, strict=True)]
+    assert mean[-1] == pytest.approx(_mean_sd(last)[0])
+    assert sd[-1] == pytest.approx(_mean_sd(last)[1])
+    assert mean[0] == 0.0

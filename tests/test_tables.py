@@ -271,3 +271,14 @@ def test_nan_and_missing_values_render_as_not_available(tmp_path):
     assert math.isnan(table.rows[0]["d_gini"])
     assert not math.isnan(tables.main_comparison(load_store(tmp_path), drift="subset0")
                           .rows[0]["d_gini"])
+
+
+def test_settings_sort_case_insensitively_and_seeds_numerically(tmp_path):
+    recs = {f"{d}_{s}": fake_record(name=d, dataset=d, seed=s)
+            for d in ("Zeta", "alpha", "Beta") for s in (19, 7, 11)}
+    runs = load_store(write_store(tmp_path, recs))
+    table = tables.matched_lr(runs)
+    assert [r["dataset"] for r in table.rows] == ["alpha", "Beta", "Zeta"]
+    assert {r["seeds"] for r in table.rows} == {"7, 11, 19"}
+    main = tables.main_comparison(runs)
+    assert [r["seed"] for r in main.rows[:3]] == [7, 11, 19]
