@@ -53,8 +53,8 @@ def bootstrap_cis(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     return make_table("bootstrap_ci", "Bootstrap confidence intervals of Δ entropy",
                       f"Per setting: {CI_LEVEL:.0%} percentile bootstrap interval of the mean Δ "
                       f"entropy over its completed seeds ({CI_RESAMPLES} resamples, seed 0; "
-                      "003 §3.2.2 reports such intervals). With 3 seeds a resample can only take "
-                      "at most 10 distinct means: read the interval as a rough spread, not a coverage "
+                      "003 §3.2.2 reports such intervals). With 3 seeds a resample takes at most "
+                      "10 distinct means: read the interval as a rough spread, not a coverage "
                       f"guarantee. {drift_note(drift)}", cols, sorted(rows, key=order),
                       "no completed runs")
 
