@@ -291,6 +291,9 @@ def test_matched_lr_has_the_published_columns_with_right_means(store, built, rec
     assert row["n"] == 4
     failed = next(r for r in table.rows if _spec_of(truth, r["members"][0]) == rs.FAILED_IN[0])
     assert (failed["n"], failed["not_completed"]) == (3, 1)
+    assert {_spec_of(truth, r["members"][0]) for r in table.rows if r["not_converged"]} == {
+        rs.NOT_CONVERGED
+    }
 
 
 def test_drift_is_the_subset_mean_unless_subset0_is_asked(runs, records, store):

@@ -188,6 +188,7 @@ def aggregate(group: Sequence[Run], tasks: Sequence[str], drift: str = SUBSET_ME
     entropy drift, zero-shot accuracy and retention; ``members`` names the runs averaged."""
     done = completed(group)
     row: dict[str, Any] = {"n": len(done), "not_completed": len(group) - len(done),
+                           "not_converged": sum(converged(r) is False for r in done),
                            "members": tuple(str(r.path) for r in done)}
     values = {"best_val_acc": [num(final(r).get("best_val_acc")) for r in done],
               "test_acc": [num(final(r).get("test_acc")) for r in done],

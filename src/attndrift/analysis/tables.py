@@ -225,7 +225,8 @@ def matched_lr(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """The matched-LR aggregate as 002 publishes it: per setting n, test accuracy, Δ of the
     layer-mean metrics, Δ entropy of the last layer, zero-shot retention per task."""
     ctx, tasks = context(runs), zs_tasks(completed(runs))
-    cols = (*DESCRIBE, *COUNTS, Column("test_acc", "test acc %", "acc", "test_acc_sd"),
+    cols = (*DESCRIBE, *COUNTS, Column("not_converged", "not converged", "int"),
+            Column("test_acc", "test acc %", "acc", "test_acc_sd"),
             *metric_columns(with_sd=True),
             Column("d_entropy_last", "Δ entropy last layer %", "pct", "d_entropy_last_sd"),
             *zs_columns(tasks, with_sd=True, key="retention_pct"))
@@ -235,7 +236,8 @@ def matched_lr(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "the end; Δ of the layer-mean metrics vs the pretrained model; Δ entropy "
                       f"of the last layer ({PER_LAYER_NOTE}); zero-shot retention = adapted / "
                       f"pretrained accuracy per transfer task. {drift_note(drift)} 'not "
-                      "completed' counts the setting's failed, diverged or unfinished runs.",
+                      "completed' counts the setting's failed, diverged or unfinished runs, "
+                      "'not converged' its completed seeds that fail the convergence check.",
                       cols, _setting_rows(settings(runs), ctx, tasks, drift), "no completed runs")
 
 
