@@ -282,3 +282,10 @@ def test_settings_sort_case_insensitively_and_seeds_numerically(tmp_path):
     assert {r["seeds"] for r in table.rows} == {"7, 11, 19"}
     main = tables.main_comparison(runs)
     assert [r["seed"] for r in main.rows[:3]] == [7, 11, 19]
+
+
+def test_every_table_has_one_report_section(built):
+    from attndrift.analysis import SECTIONS
+
+    placed = [name for _, _, names in SECTIONS for name in names]
+    assert sorted(placed) == sorted(built) and len(placed) == len(set(placed))

@@ -13,7 +13,7 @@ from attndrift.analysis.common import SUBSET0, SUBSET_MEAN, converged
 from attndrift.analysis.runs import Run, discover_run_dirs, load_run, load_store
 from attndrift.analysis.table import Column, Table, to_markdown, write_csv
 
-__all__ = ["SUBSET0", "SUBSET_MEAN", "TABLES", "Column", "Run", "Table", "all_tables",
+__all__ = ["SECTIONS", "SUBSET0", "SUBSET_MEAN", "TABLES", "Column", "Run", "Table", "all_tables",
            "converged", "discover_run_dirs", "load_run", "load_store", "to_markdown",
            "write_csv"]
 
@@ -41,6 +41,21 @@ TABLES: tuple[Callable[..., Table], ...] = (
     associations.cka_correlation,
     associations.metric_correlations,
     supplementary.provenance,
+)
+
+
+# Where each table belongs in a report, in reading order (every table of `all_tables` is in
+# exactly one section; tests/test_tables.py checks it). The report renders these sections.
+SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("runs", "Run status", ("runs", "convergence")),
+    ("results", "Results", ("matched_lr", "main_comparison", "baseline_summary",
+                            "baseline_structure", "absolute_metrics", "lr_sweep",
+                            "grid_aggregate", "backbone_comparison", "regularization",
+                            "auxiliary", "zeroshot", "per_layer_delta", "collapse_onset")),
+    ("statistics", "Statistics", ("bootstrap_ci", "run_level", "method_lr_contrasts",
+                                  "inference", "transfer_retention", "cka_correlation",
+                                  "metric_correlations")),
+    ("provenance", "Provenance", ("provenance",)),
 )
 
 
