@@ -63,6 +63,10 @@ def _factor(key: str) -> str:
     return key
 
 
+_FACTOR_NAMES = {"model": "backbone", "train.weight_decay": "weight decay",
+                 "train.epochs": "epochs", "train.batch_size": "batch size"}
+
+
 def _patch(model: str) -> int:
     m = re.search(r"/(\d+)", short_model(model))
     return int(m.group(1)) if m else 0
@@ -162,8 +166,8 @@ def _as_percent(rows: list[dict[str, Any]]) -> None:
 
 
 _CONTRAST_COLS = (Column("n", "seeds A vs B"), Column("outcome", "outcome"),
-                  Column("mean_a", "mean A", "num", "sd_a"),
-                  Column("mean_b", "mean B", "num", "sd_b"), Column("t", "Welch t", "num"),
+                  Column("mean_a", "mean A", "f2", "sd_a"),
+                  Column("mean_b", "mean B", "f2", "sd_b"), Column("t", "Welch t", "num"),
                   Column("p", "Welch p", "p"), Column("p_holm", "Holm p", "p"),
                   Column("d", "Cohen's d", "num"), Column("p_mw", "Mann-Whitney p", "p"))
 
@@ -175,6 +179,7 @@ def run_level(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
         where = where_label(a.config, factor, other=ctx.other[a.key])
         for label, fmt, get in _outcomes(tasks, drift):
             row = {"where": where, "factor": factor,
+                   "factor_label": _FACTOR_NAMES.get(factor, factor),
                    "a": level_label(a.config, factor), "b": level_label(b.config, factor),
                    "outcome": label, "fmt": fmt, "members": (
                        tuple(str(r.path) for r in a.completed),
@@ -183,7 +188,7 @@ def run_level(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
             rows.append(row)
     _holm_by(rows, "outcome")  # Holm within each outcome's family of contrasts
     _as_percent(rows)
-    cols = (Column("where", "shared setting"), Column("factor", "factor"), Column("a", "A"),
+    cols = (Column("where", "shared setting"), Column("factor_label", "factor"), Column("a", "A"),
             Column("b", "B"), *_CONTRAST_COLS)
     return make_table("run_level", "Run-level multi-seed comparisons",
                       "Settings that differ in one factor (method, regularizer, backbone or one "
