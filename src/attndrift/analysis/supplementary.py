@@ -36,7 +36,7 @@ from attndrift.analysis.runs import LR_KEYS, Run, group_families, lr_of, model_o
 from attndrift.analysis.table import Column, Table, make_table
 
 # Entropies the matched-LR preprint reports in bits (002 Table 2); records hold nats.
-BITS = ("rollout_entropy", "p2p_entropy")
+BITS = ("rollout_entropy", "p2p_entropy", "p2p_entropy_layers")
 LN2 = math.log(2.0)
 
 
