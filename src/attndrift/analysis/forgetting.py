@@ -26,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from attndrift.analysis.common import DESCRIBE, SUBSET_MEAN, context, describe
 from attndrift.analysis.runs import (
     Run,
+    Setting,
     dataset_of,
-    lr_of,
-    method_label,
-    regularizer_label,
-    setting_key,
+    group_settings,
+    model_of,
+    short_model,
 )
 from attndrift.analysis.stats import permutation_corr_test
 from attndrift.analysis.table import Column, Table, make_table
@@ -105,18 +106,9 @@ def _tracked(runs: Sequence[Run]) -> list[Run]:
     return [r for r in runs if r.ok and tracked_tasks(r.record)]
 
 
-def _settings(runs: Sequence[Run]) -> list[list[Run]]:
-    groups: dict[tuple, list[Run]] = {}
-    for r in runs:
-        groups.setdefault(setting_key(r.config), []).append(r)
-    return list(groups.values())
-
-
-def _describe(run: Run) -> dict[str, Any]:
-    cfg = run.config
-    return {"dataset": dataset_of(cfg), "model": str(cfg.get("model", "?")),
-            "method": method_label(cfg), "regularizer": regularizer_label(cfg),
-            "lr": lr_of(cfg)}
+def _settings(runs: Sequence[Run]) -> list[Setting]:
+    """Settings (the one definition, `runs.group_settings`) of the runs that tracked zero-shot."""
+    return group_settings(_tracked(runs))
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -124,23 +116,24 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def forgetting_dynamics(runs: Sequence[Run]) -> Table:
+def forgetting_dynamics(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """Per setting and transfer task, mean over seeds of zero-shot retention and Δ entropy at
-    10, 20, 50 and 100% of training."""
+    10, 20, 50 and 100% of training. (Δ entropy over training is read on probe subset 0, the
+    only one probed during training; ``drift`` is accepted for the common signature.)"""
+    ctx = context(_tracked(runs))
     rows = []
-    for group in _settings(_tracked(runs)):
+    for setting in _settings(runs):
+        group = list(setting.runs)
         for task in tracked_tasks(group[0].record):
-            row = {**_describe(group[0]), "task": task, "n": len(group)}
+            row = {**describe(group[0], ctx), "task": task, "n": len(group)}
             for c in CHECKPOINTS:
                 row[f"ret_{c:g}"] = _mean([value_at(*retention_trajectory(r.record, task), c)
                                            for r in group])
                 row[f"dh_{c:g}"] = _mean([value_at(*entropy_trajectory(r.record), c)
                                           for r in group])
             rows.append(row)
-    rows.sort(key=lambda r: (r["dataset"], r["task"], r["method"], r["regularizer"], r["lr"]))
-    cols = [Column("dataset", "dataset"), Column("method", "method"),
-            Column("regularizer", "regularizer"), Column("lr", "lr", "lr"),
-            Column("task", "zero-shot task"), Column("n", "seeds", "int")]
+    rows.sort(key=lambda r: (r["_order"], r["task"].casefold()))
+    cols = [*DESCRIBE, Column("task", "zero-shot task"), Column("n", "seeds", "int")]
     cols += [Column(f"ret_{c:g}", f"retention @{c:.0%}", "pct0") for c in CHECKPOINTS]
     cols += [Column(f"dh_{c:g}", f"Δ entropy @{c:.0%}", "pct") for c in CHECKPOINTS]
     return make_table(
@@ -159,17 +152,19 @@ def _corr_row(base: dict[str, Any], unit: str, x: list[float], y: list[float]) -
             "test": how}
 
 
-def early_drift_vs_retention(runs: Sequence[Run]) -> Table:
+def early_drift_vs_retention(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """Spearman rho of early Δ entropy (10-20% of training) with final zero-shot retention,
     with its permutation p: across the seeds of each setting, and across the settings (seed
     means) of each dataset, model and task."""
-    done = _tracked(runs)
+    ctx = context(_tracked(runs))
     rows = []
     strata: dict[tuple[str, str, str], list[list[Run]]] = {}
-    for group in _settings(done):
-        d = _describe(group[0])
+    for setting in _settings(runs):
+        group = list(setting.runs)
+        d = describe(group[0], ctx)
         for task in tracked_tasks(group[0].record):
-            strata.setdefault((d["dataset"], d["model"], task), []).append(group)
+            strata.setdefault((dataset_of(setting.config), model_of(setting.config), task),
+                              []).append(group)
             if len(group) >= 3:
                 rows.append(_corr_row(
                     {**d, "task": task}, "seeds of this setting",
@@ -178,14 +173,14 @@ def early_drift_vs_retention(runs: Sequence[Run]) -> Table:
     for (dataset, model, task), groups in strata.items():
         if len(groups) >= 3:
             rows.append(_corr_row(
-                {"dataset": dataset, "model": model, "task": task, "method": "all settings",
-                 "regularizer": "—", "lr": math.nan}, "settings (seed means)",
+                {"dataset": dataset, "model": short_model(model), "task": task,
+                 "method": "all settings", "regularizer": "—", "lr": math.nan, "other": "—"},
+                "settings (seed means)",
                 [_mean([early_drift(r.record) for r in g]) for g in groups],
                 [_mean([final_retention(r.record, task) for r in g]) for g in groups]))
-    rows.sort(key=lambda r: (r["dataset"], r["task"], r["unit"], r["method"], str(r["lr"])))
-    cols = (Column("dataset", "dataset"), Column("task", "zero-shot task"),
-            Column("unit", "units"), Column("method", "method"),
-            Column("regularizer", "regularizer"), Column("lr", "lr", "lr"),
+    rows.sort(key=lambda r: (r["model"], r["dataset"].casefold(), r["task"].casefold(),
+                             r["unit"], r.get("_order", ()), str(r["lr"])))
+    cols = (*DESCRIBE, Column("task", "zero-shot task"), Column("unit", "units"),
             Column("n", "n", "int"), Column("rho", "Spearman ρ", "num"), Column("p", "p", "p"),
             Column("test", "permutations"))
     return make_table(
