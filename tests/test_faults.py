@@ -489,3 +489,78 @@ def test_markdown_escaping_of_run_strings():
         "a\\|b\\<img src=x onerror=alert(1)\\>\\[l\\](u)\\`c\\` d")
     assert md_escape("tiny_full_ft") == "tiny_full_ft"  # ordinary names unchanged
     assert md_no_html("| <b>x</b> |") == "| &lt;b&gt;x&lt;/b&gt; |"
+
+
+# --- 17. a hub id that is not cached fails fast, in one line, with the fix ------------------
+
+HUB_ID = "openai/clip-vit-base-patch32"
+
+
+def test_uncached_hub_id_offline_is_one_line_at_validation(tmp_path):
+    # conftest sets HF_HUB_OFFLINE=1; this machine's cache holds no hub model
+    for args in (["validate", TINY_FT, "--set", f"model={HUB_ID}"],
+                 ["run", TINY_FT, f"model={HUB_ID}", "--out", str(tmp_path / "r")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        (line,) = lines_of(result.output)
+        assert HUB_ID in line and "HF_HUB_OFFLINE" in line and "HF_HOME" in line
+        assert "save_pretrained" in line
+    assert not (tmp_path / "r").exists()  # refused before anything is recorded
+    study = tmp_path / "s.yaml"
+    study.write_text(json.dumps({"name": "s", "base": TINY_FT, "grids": [
+        {"name": "g", "axes": {"model": ["tiny", HUB_ID]}}]}))
+    result = runner.invoke(app, ["study", "run", str(study), "--store", str(tmp_path / "st")])
+    assert result.exit_code == 2
+    (line,) = lines_of(result.output)
+    assert HUB_ID in line and "HF_HUB_OFFLINE" in line
+    assert not (tmp_path / "st").exists()
+
+
+UNREACHABLE = r"""
+import json, shutil, sys, time
+from pathlib import Path
+from typer.testing import CliRunner
+from attndrift.cli import app
+from attndrift.models.clip import TINY_CLIP_DIR, load_clip
+
+config, out = sys.argv[1], Path(sys.argv[2])
+result = {}
+t0 = time.monotonic()
+r = CliRunner().invoke(app, ["validate", config, "--set", "model=openai/clip-vit-base-patch32"])
+result["validate"] = [r.exit_code, r.output, time.monotonic() - t0]
+t0 = time.monotonic()
+r = CliRunner().invoke(app, ["run", config, "model=openai/clip-vit-base-patch32",
+                             "--out", str(out / "r")])
+result["run"] = [r.exit_code, r.output, time.monotonic() - t0]
+# a cached hub model loads from the cache while the hub is unreachable, without retries
+snap = out / "hf" / "hub" / "models--someorg--cached-clip" / "snapshots" / ("a" * 40)
+shutil.copytree(TINY_CLIP_DIR, snap)
+(snap.parents[1] / "refs").mkdir()
+(snap.parents[1] / "refs" / "main").write_text("a" * 40)
+t0 = time.monotonic()
+loaded = load_clip("someorg/cached-clip")
+result["cached"] = [len(loaded.tokenizer), loaded.image_size, time.monotonic() - t0]
+print(json.dumps(result))
+"""
+
+
+def test_uncached_hub_id_with_the_hub_unreachable_fails_fast(tmp_path):
+    """No HF_HUB_OFFLINE, the hub at a closed local port: one probe, one line, exit 2 (it was
+    ~60 s of retries and then a failed record); a cached model still loads."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_HUB_ETAG_TIMEOUT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", UNREACHABLE, TINY_FT, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for command in ("validate", "run"):
+        code, output, seconds = result[command]
+        assert code == 2, output
+        (line,) = lines_of(output)
+        assert HUB_ID in line and "127.0.0.1:9 is unreachable" in line and "HF_HOME" in line
+        assert seconds < 10, f"{command} took {seconds:.1f}s"  # one try, no backoff
+    assert not (tmp_path / "r").exists()
+    vocab, image_size, seconds = result["cached"]
+    assert vocab > 10 and image_size > 0 and seconds < 15
