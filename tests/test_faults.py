@@ -480,6 +480,43 @@ def test_retry_failed_counters_stay_within_bounds(tmp_path):
     assert (done, total) == (1, 1) and "left 0," in progress  # was [2/1] ... left -1
 
 
+# --- 15. workers and separate processes split the cores ----------------------------------
+
+def test_torch_threads_split_the_cores():
+    from attndrift.runtime import torch_threads
+
+    assert torch_threads(4, env={}, cores=16) == 4  # 4 workers x 4 threads = 16 cores
+    assert torch_threads(3, env={}, cores=16) == 5 and torch_threads(32, env={}, cores=16) == 1
+    assert torch_threads(1, env={}, cores=16) is None  # one run: torch's own default
+    # an explicit count is per run process and wins over the split: --threads, then env
+    assert torch_threads(4, env={"OMP_NUM_THREADS": "2"}, cores=16) == 2
+    assert torch_threads(1, env={"OMP_NUM_THREADS": "3"}, cores=16) == 3
+    env = {"ATTNDRIFT_THREADS": "6", "OMP_NUM_THREADS": "2"}
+    assert torch_threads(4, env=env, cores=16) == 6
+    assert torch_threads(4, 7, env=env, cores=16) == 7
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match=f"ATTNDRIFT_THREADS={bad}: give a positive"):
+            torch_threads(2, env={"ATTNDRIFT_THREADS": bad}, cores=16)
+
+
+def test_study_run_threads_option_sets_the_runs_threads(tmp_path):
+    import torch
+
+    study = tmp_path / "s.yaml"
+    study.write_text(json.dumps({"name": "s", "base": TINY_FT, "runs": [{"name": "one", "set": {
+        "train.max_steps": 2, "data.train_limit": 64, "probe.images": 16,
+        "data.zeroshot": ["shapes-zs-shape"]}}]}))
+    args = ["study", "run", str(study), "--store", str(tmp_path / "st")]
+    result = runner.invoke(app, [*args, "--threads", "0"])
+    assert result.exit_code == 2 and "--threads 0: give a positive integer" in result.output
+    before = torch.get_num_threads()  # 2 (conftest)
+    result = runner.invoke(app, [*args, "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "st" / "runs").iterdir()
+    assert read_record(run_dir)["provenance"]["cpu_threads"] == 1 != before
+    assert torch.get_num_threads() == before  # the caller's setting is left as it was
+
+
 # --- 11. the Markdown report does not embed run strings raw ----------------------------------
 
 def test_markdown_escaping_of_run_strings():
