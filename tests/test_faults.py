@@ -553,6 +553,22 @@ def test_uncached_hub_id_offline_is_one_line_at_validation(tmp_path):
     assert not (tmp_path / "st").exists()
 
 
+def test_uncached_hub_dataset_offline_is_one_line_at_validation(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    for override, ident in (("data.zeroshot=[shapes-zs-shape,eurosat]", "tanganke/eurosat"),
+                            ("data.dataset=hf:someorg/flowers?label=y", "someorg/flowers")):
+        result = runner.invoke(app, ["validate", TINY_FT, "--set", override])
+        assert result.exit_code == 2, result.output
+        (line,) = lines_of(result.output)
+        assert ident in line and f"$ATTNDRIFT_DATA_ROOT/{ident}" in line and "save_to_disk" in line
+    # a cached download (the hub cache's layout) passes
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "hub" / "datasets--tanganke--eurosat" / "snapshots").mkdir(parents=True)
+    result = runner.invoke(app, ["validate", TINY_FT, "--set", "data.zeroshot=[eurosat]"])
+    assert result.exit_code == 0, result.output
+
+
 UNREACHABLE = r"""
 import json, shutil, sys, time
 from pathlib import Path
@@ -569,6 +585,9 @@ t0 = time.monotonic()
 r = CliRunner().invoke(app, ["run", config, "model=openai/clip-vit-base-patch32",
                              "--out", str(out / "r")])
 result["run"] = [r.exit_code, r.output, time.monotonic() - t0]
+t0 = time.monotonic()
+r = CliRunner().invoke(app, ["validate", config, "--set", "data.zeroshot=[eurosat]"])
+result["dataset"] = [r.exit_code, r.output, time.monotonic() - t0]
 # a cached hub model loads from the cache while the hub is unreachable, without retries
 snap = out / "hf" / "hub" / "models--someorg--cached-clip" / "snapshots" / ("a" * 40)
 shutil.copytree(TINY_CLIP_DIR, snap)
@@ -586,7 +605,8 @@ def test_uncached_hub_id_with_the_hub_unreachable_fails_fast(tmp_path):
     ~60 s of retries and then a failed record); a cached model still loads."""
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
            "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_HUB_ETAG_TIMEOUT"):
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
+                "HF_HUB_ETAG_TIMEOUT"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, "-c", UNREACHABLE, TINY_FT, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=120)
@@ -599,5 +619,9 @@ def test_uncached_hub_id_with_the_hub_unreachable_fails_fast(tmp_path):
         assert HUB_ID in line and "127.0.0.1:9 is unreachable" in line and "HF_HOME" in line
         assert seconds < 10, f"{command} took {seconds:.1f}s"  # one try, no backoff
     assert not (tmp_path / "r").exists()
+    code, output, seconds = result["dataset"]
+    (line,) = lines_of(output)
+    assert code == 2 and "'tanganke/eurosat' is not cached" in line and seconds < 10
+    assert "127.0.0.1:9 is unreachable" in line and "$ATTNDRIFT_DATA_ROOT" in line
     vocab, image_size, seconds = result["cached"]
     assert vocab > 10 and image_size > 0 and seconds < 15

@@ -6,7 +6,6 @@ anything else is a hub id or a local directory written by ``save_pretrained``.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from attndrift import hub
 from attndrift.data.base import Preprocessor
 
 TINY_CLIP_DIR = Path(__file__).resolve().parent / "tiny_clip"
@@ -55,8 +55,8 @@ def looks_local(name: str) -> bool:
 
 def check_model_name(name: str) -> None:
     """Raise `ValueError` (one line) for a local model path that cannot be a CLIP checkpoint:
-    missing, or a directory without ``config.json``; or a hub id that is neither cached nor
-    downloadable now (`hub_problem`)."""
+    missing, or a directory without ``config.json``. Whether a hub id can be had here is
+    `hub_problem`'s question (`attndrift.config.check_downloads`)."""
     if name in TINY_NAMES:
         return
     path = Path(name).expanduser()
@@ -71,9 +71,6 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"model directory {name} does not exist; give 'tiny', a hub id such as "
                          "openai/clip-vit-base-patch16, or a directory written by "
                          "save_pretrained")
-    problem = hub_problem(name)
-    if problem:
-        raise ValueError(problem)
 
 
 def hub_cached(name: str) -> bool:
@@ -86,72 +83,33 @@ def hub_cached(name: str) -> bool:
         return False
 
 
-def probe_timeout() -> float:
-    """Seconds the one hub probe waits: HF_HUB_ETAG_TIMEOUT (huggingface_hub's own knob for
-    this metadata request) when set, else 5."""
-    try:
-        return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or 5)
-    except ValueError:
-        return 5.0
-
-
-@functools.lru_cache(maxsize=64)
-def _probe(name: str) -> tuple[str, str] | None:
-    """One HEAD of ``name``'s config.json on the hub: no retries, `probe_timeout` seconds.
-    None when it answered; else (kind, why), kind one of unreachable, missing, gated."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-    )
-
-    try:
-        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=probe_timeout(),
-                             retry_on_errors=False)
-    except GatedRepoError:  # a subclass of RepositoryNotFoundError: test it first
-        return "gated", "gated"
-    except (RepositoryNotFoundError, EntryNotFoundError):
-        return "missing", "not found"
-    except HfHubHTTPError as err:  # the hub answered (5xx, ...): from_pretrained says more
-        return None if err.response is not None else ("unreachable", type(err).__name__)
-    except Exception as err:  # connection refused, DNS, timeout, proxy: the hub is not there
-        return "unreachable", type(err).__name__
-    return None
-
-
 def _advice(name: str) -> str:
-    from huggingface_hub import constants
-
     return (f"download it once with network access (`hf download {name}`, or one run without "
-            f"HF_HUB_OFFLINE), point HF_HOME at a cache that holds it (now "
-            f"{constants.HF_HUB_CACHE}), or give a local directory written by save_pretrained")
+            f"HF_HUB_OFFLINE), point HF_HOME at a cache that holds it (now {hub.hub_cache()}), "
+            "or give a local directory written by save_pretrained")
 
 
 def hub_problem(name: str) -> str | None:
     """One line saying why hub id ``name`` cannot be loaded here, or None if it can: cached,
-    or the hub answers. Never waits longer than one `probe_timeout` (no retries): offline
-    (HF_HUB_OFFLINE=1) it only looks in the cache."""
-    from huggingface_hub import constants, is_offline_mode
-
+    or the hub answers. Never waits longer than one `attndrift.hub.probe_timeout` (no
+    retries): offline (HF_HUB_OFFLINE=1) it only looks in the cache."""
     if hub_cached(name):
         return None
-    if is_offline_mode():
+    if hub.offline():
         return (f"model {name!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
                 f"forbids downloading it: {_advice(name)}")
-    found = _probe(name)
+    found = hub.probe(name)
     if found is None:
         return None
     kind, why = found
     if kind == "missing":
-        return (f"model {name!r} does not exist on {constants.ENDPOINT} (check the id), and no "
+        return (f"model {name!r} does not exist on {hub.endpoint()} (check the id), and no "
                 "local directory has that name")
     if kind == "gated":
-        return (f"model {name!r} is gated on {constants.ENDPOINT}: accept its terms there and "
-                "log in (`hf auth login`), or give a local directory written by save_pretrained")
-    return (f"model {name!r} is not cached and {constants.ENDPOINT} is unreachable ({why}, one "
-            f"try, {probe_timeout():g}s timeout): {_advice(name)}")
+        return (f"model {name!r} is gated on {hub.endpoint()}: accept its terms there and log "
+                "in (`hf auth login`), or give a local directory written by save_pretrained")
+    return (f"model {name!r} is not cached and {hub.endpoint()} is unreachable ({why}, one "
+            f"try, {hub.probe_timeout():g}s timeout): {_advice(name)}")
 
 
 def _image_stats(source: str, local_only: bool = False) -> tuple[tuple, tuple]:
@@ -193,13 +151,11 @@ def load_clip(name: str = "tiny", *, attn_implementation: str = "sdpa") -> Loade
     source = resolve_source(name)
     local_only = False
     if not Path(source).expanduser().is_dir():  # a hub id: fail in seconds, not a minute
-        from huggingface_hub import is_offline_mode
-
         problem = hub_problem(name)
         if problem:
             raise ModelUnavailable(problem)
         # cached, and the hub does not answer: read the cache without transformers' retries
-        local_only = is_offline_mode() or (_probe(name) or ("",))[0] == "unreachable"
+        local_only = hub.offline() or (hub.probe(name) or ("",))[0] == "unreachable"
     try:
         model = CLIPModel.from_pretrained(source, attn_implementation=attn_implementation,
                                           dtype=torch.float32, local_files_only=local_only)

@@ -86,9 +86,16 @@ def run_cmd(
         for p in planned:
             out.print(p.run_id, highlight=False)
         return
-    from attndrift.cli import os_error_line, sigterm_interrupts
+    from attndrift.config import check_downloads
 
     store = Store(store_dir)
+    try:  # the models and datasets of the runs still to do: in seconds, before any is claimed
+        check_downloads([p.config for p in planned if store.state(p.run_id).status
+                         != "completed"], str(study))
+    except ConfigError as e:
+        fail(str(e), 2)
+    from attndrift.cli import os_error_line, sigterm_interrupts
+
     try:
         store.root.mkdir(parents=True, exist_ok=True)
         store.write_manifest(spec.name, planned)
