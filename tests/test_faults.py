@@ -266,6 +266,30 @@ def test_a_corrupt_image_is_named_in_one_line(tmp_path, monkeypatch):
     assert str(info.value).startswith(str(bad)) and "\n" not in str(info.value)
 
 
+def test_bad_images_are_skipped_with_a_count_if_asked(tmp_path, monkeypatch, capsys):
+    from attndrift.config import ConfigError, load_config
+    from attndrift.data.imagefolder import ImageFolderError, load_imagefolder
+
+    monkeypatch.setenv("ATTNDRIFT_CACHE", str(tmp_path / "cache"))
+    root = _folder(tmp_path / "f", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    bad = root / "train" / "dog" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    (root / "train" / "cat" / "2.png").write_bytes(b"not a png")
+    task = load_imagefolder(f"imagefolder:{root}?skip_bad_images=true", "train", image_size=8,
+                            progress=False)
+    assert task.labels.tolist() == [0, 0, 1, 1]  # cat 0, 1; dog 0, 2: labels still line up
+    expected = [round((10000 * (c + 1) + i) * 255 / 65535) for c, i in
+                ((0, 0), (0, 1), (1, 0), (1, 2))]
+    assert task.images[:, 0, 0, 0].tolist() == expected
+    (line,) = lines_of(capsys.readouterr().err)
+    assert "skipped 2 of 6 images" in line and str(root / "train") in line
+    with pytest.raises(ImageFolderError):  # not asked: the first bad file stops the load
+        load_imagefolder(f"imagefolder:{root}?skip_bad_images=false", "train", image_size=8,
+                         progress=False)
+    with pytest.raises(ConfigError, match="skip_bad_images=true"):
+        load_config(TINY_FT, [f"data.dataset=imagefolder:{root}?skip_bad=yes"])
+
+
 # --- 9. run ids are one safe path component -------------------------------------------------
 
 def test_grid_values_never_make_paths_outside_the_store(tmp_path):
