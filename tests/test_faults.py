@@ -266,6 +266,30 @@ def test_a_corrupt_image_is_named_in_one_line(tmp_path, monkeypatch):
     assert str(info.value).startswith(str(bad)) and "\n" not in str(info.value)
 
 
+def test_bad_images_are_skipped_with_a_count_if_asked(tmp_path, monkeypatch, capsys):
+    from attndrift.config import ConfigError, load_config
+    from attndrift.data.imagefolder import ImageFolderError, load_imagefolder
+
+    monkeypatch.setenv("ATTNDRIFT_CACHE", str(tmp_path / "cache"))
+    root = _folder(tmp_path / "f", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    bad = root / "train" / "dog" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    (root / "train" / "cat" / "2.png").write_bytes(b"not a png")
+    task = load_imagefolder(f"imagefolder:{root}?skip_bad_images=true", "train", image_size=8,
+                            progress=False)
+    assert task.labels.tolist() == [0, 0, 1, 1]  # cat 0, 1; dog 0, 2: labels still line up
+    expected = [round((10000 * (c + 1) + i) * 255 / 65535) for c, i in
+                ((0, 0), (0, 1), (1, 0), (1, 2))]
+    assert task.images[:, 0, 0, 0].tolist() == expected
+    (line,) = lines_of(capsys.readouterr().err)
+    assert "skipped 2 of 6 images" in line and str(root / "train") in line
+    with pytest.raises(ImageFolderError):  # not asked: the first bad file stops the load
+        load_imagefolder(f"imagefolder:{root}?skip_bad_images=false", "train", image_size=8,
+                         progress=False)
+    with pytest.raises(ConfigError, match="skip_bad_images=true"):
+        load_config(TINY_FT, [f"data.dataset=imagefolder:{root}?skip_bad=yes"])
+
+
 # --- 9. run ids are one safe path component -------------------------------------------------
 
 def test_grid_values_never_make_paths_outside_the_store(tmp_path):
@@ -480,6 +504,43 @@ def test_retry_failed_counters_stay_within_bounds(tmp_path):
     assert (done, total) == (1, 1) and "left 0," in progress  # was [2/1] ... left -1
 
 
+# --- 15. workers and separate processes split the cores ----------------------------------
+
+def test_torch_threads_split_the_cores():
+    from attndrift.runtime import torch_threads
+
+    assert torch_threads(4, env={}, cores=16) == 4  # 4 workers x 4 threads = 16 cores
+    assert torch_threads(3, env={}, cores=16) == 5 and torch_threads(32, env={}, cores=16) == 1
+    assert torch_threads(1, env={}, cores=16) is None  # one run: torch's own default
+    # an explicit count is per run process and wins over the split: --threads, then env
+    assert torch_threads(4, env={"OMP_NUM_THREADS": "2"}, cores=16) == 2
+    assert torch_threads(1, env={"OMP_NUM_THREADS": "3"}, cores=16) == 3
+    env = {"ATTNDRIFT_THREADS": "6", "OMP_NUM_THREADS": "2"}
+    assert torch_threads(4, env=env, cores=16) == 6
+    assert torch_threads(4, 7, env=env, cores=16) == 7
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match=f"ATTNDRIFT_THREADS={bad}: give a positive"):
+            torch_threads(2, env={"ATTNDRIFT_THREADS": bad}, cores=16)
+
+
+def test_study_run_threads_option_sets_the_runs_threads(tmp_path):
+    import torch
+
+    study = tmp_path / "s.yaml"
+    study.write_text(json.dumps({"name": "s", "base": TINY_FT, "runs": [{"name": "one", "set": {
+        "train.max_steps": 2, "data.train_limit": 64, "probe.images": 16,
+        "data.zeroshot": ["shapes-zs-shape"]}}]}))
+    args = ["study", "run", str(study), "--store", str(tmp_path / "st")]
+    result = runner.invoke(app, [*args, "--threads", "0"])
+    assert result.exit_code == 2 and "--threads 0: give a positive integer" in result.output
+    before = torch.get_num_threads()  # 2 (conftest)
+    result = runner.invoke(app, [*args, "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "st" / "runs").iterdir()
+    assert read_record(run_dir)["provenance"]["cpu_threads"] == 1 != before
+    assert torch.get_num_threads() == before  # the caller's setting is left as it was
+
+
 # --- 11. the Markdown report does not embed run strings raw ----------------------------------
 
 def test_markdown_escaping_of_run_strings():
@@ -489,3 +550,102 @@ def test_markdown_escaping_of_run_strings():
         "a\\|b\\<img src=x onerror=alert(1)\\>\\[l\\](u)\\`c\\` d")
     assert md_escape("tiny_full_ft") == "tiny_full_ft"  # ordinary names unchanged
     assert md_no_html("| <b>x</b> |") == "| &lt;b&gt;x&lt;/b&gt; |"
+
+
+# --- 17. a hub id that is not cached fails fast, in one line, with the fix ------------------
+
+HUB_ID = "openai/clip-vit-base-patch32"
+
+
+def test_uncached_hub_id_offline_is_one_line_at_validation(tmp_path):
+    # conftest sets HF_HUB_OFFLINE=1; this machine's cache holds no hub model
+    for args in (["validate", TINY_FT, "--set", f"model={HUB_ID}"],
+                 ["run", TINY_FT, f"model={HUB_ID}", "--out", str(tmp_path / "r")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        (line,) = lines_of(result.output)
+        assert HUB_ID in line and "HF_HUB_OFFLINE" in line and "HF_HOME" in line
+        assert "save_pretrained" in line
+    assert not (tmp_path / "r").exists()  # refused before anything is recorded
+    study = tmp_path / "s.yaml"
+    study.write_text(json.dumps({"name": "s", "base": TINY_FT, "grids": [
+        {"name": "g", "axes": {"model": ["tiny", HUB_ID]}}]}))
+    result = runner.invoke(app, ["study", "run", str(study), "--store", str(tmp_path / "st")])
+    assert result.exit_code == 2
+    (line,) = lines_of(result.output)
+    assert HUB_ID in line and "HF_HUB_OFFLINE" in line
+    assert not (tmp_path / "st").exists()
+
+
+def test_uncached_hub_dataset_offline_is_one_line_at_validation(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    for override, ident in (("data.zeroshot=[shapes-zs-shape,eurosat]", "tanganke/eurosat"),
+                            ("data.dataset=hf:someorg/flowers?label=y", "someorg/flowers")):
+        result = runner.invoke(app, ["validate", TINY_FT, "--set", override])
+        assert result.exit_code == 2, result.output
+        (line,) = lines_of(result.output)
+        assert ident in line and f"$ATTNDRIFT_DATA_ROOT/{ident}" in line and "save_to_disk" in line
+    # a cached download (the hub cache's layout) passes
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "hub" / "datasets--tanganke--eurosat" / "snapshots").mkdir(parents=True)
+    result = runner.invoke(app, ["validate", TINY_FT, "--set", "data.zeroshot=[eurosat]"])
+    assert result.exit_code == 0, result.output
+
+
+UNREACHABLE = r"""
+import json, shutil, sys, time
+from pathlib import Path
+from typer.testing import CliRunner
+from attndrift.cli import app
+from attndrift.models.clip import TINY_CLIP_DIR, load_clip
+
+config, out = sys.argv[1], Path(sys.argv[2])
+result = {}
+t0 = time.monotonic()
+r = CliRunner().invoke(app, ["validate", config, "--set", "model=openai/clip-vit-base-patch32"])
+result["validate"] = [r.exit_code, r.output, time.monotonic() - t0]
+t0 = time.monotonic()
+r = CliRunner().invoke(app, ["run", config, "model=openai/clip-vit-base-patch32",
+                             "--out", str(out / "r")])
+result["run"] = [r.exit_code, r.output, time.monotonic() - t0]
+t0 = time.monotonic()
+r = CliRunner().invoke(app, ["validate", config, "--set", "data.zeroshot=[eurosat]"])
+result["dataset"] = [r.exit_code, r.output, time.monotonic() - t0]
+# a cached hub model loads from the cache while the hub is unreachable, without retries
+snap = out / "hf" / "hub" / "models--someorg--cached-clip" / "snapshots" / ("a" * 40)
+shutil.copytree(TINY_CLIP_DIR, snap)
+(snap.parents[1] / "refs").mkdir()
+(snap.parents[1] / "refs" / "main").write_text("a" * 40)
+t0 = time.monotonic()
+loaded = load_clip("someorg/cached-clip")
+result["cached"] = [len(loaded.tokenizer), loaded.image_size, time.monotonic() - t0]
+print(json.dumps(result))
+"""
+
+
+def test_uncached_hub_id_with_the_hub_unreachable_fails_fast(tmp_path):
+    """No HF_HUB_OFFLINE, the hub at a closed local port: one probe, one line, exit 2 (it was
+    ~60 s of retries and then a failed record); a cached model still loads."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
+                "HF_HUB_ETAG_TIMEOUT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", UNREACHABLE, TINY_FT, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for command in ("validate", "run"):
+        code, output, seconds = result[command]
+        assert code == 2, output
+        (line,) = lines_of(output)
+        assert HUB_ID in line and "127.0.0.1:9 is unreachable" in line and "HF_HOME" in line
+        assert seconds < 10, f"{command} took {seconds:.1f}s"  # one try, no backoff
+    assert not (tmp_path / "r").exists()
+    code, output, seconds = result["dataset"]
+    (line,) = lines_of(output)
+    assert code == 2 and "'tanganke/eurosat' is not cached" in line and seconds < 10
+    assert "127.0.0.1:9 is unreachable" in line and "$ATTNDRIFT_DATA_ROOT" in line
+    vocab, image_size, seconds = result["cached"]
+    assert vocab > 10 and image_size > 0 and seconds < 15

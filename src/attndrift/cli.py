@@ -70,7 +70,7 @@ def run(
     A completed run is never redone or overwritten: the same config in OUT is reported as
     already completed; another config's completed run in OUT is refused unless --force. An
     interrupted or killed run in OUT resumes from its last checkpoint."""
-    from attndrift.config import ConfigError, identity, load_config
+    from attndrift.config import ConfigError, check_downloads, identity, load_config
     from attndrift.records import run_id_for
 
     try:
@@ -89,6 +89,10 @@ def run(
         out.print(f"already completed: {run_id} in {out_dir} (nothing to do; another --out "
                   "runs it again)", highlight=False, soft_wrap=True)
         return
+    try:  # a hub model or dataset missing here: in seconds, before anything is recorded
+        check_downloads([cfg], str(config))
+    except ConfigError as e:
+        fail(str(e), 2)
     progress = not quiet and sys.stderr.isatty()
     runtime.log_lines = not quiet and not progress
     try:
@@ -120,12 +124,13 @@ def validate(
     configs: Annotated[list[Path], typer.Argument(help="run config YAML files")],
     overrides: Annotated[list[str] | None, typer.Option("--set", help="key=value override")] = None,
 ) -> None:
-    """Check run configs without running them (unknown keys, types, ranges)."""
-    from attndrift.config import ConfigError, load_config
+    """Check run configs without running them (unknown keys, types, ranges, local paths, and
+    that hub models and datasets are cached or downloadable)."""
+    from attndrift.config import ConfigError, check_downloads, load_config
 
     for path in configs:
         try:
-            load_config(path, overrides or [])
+            check_downloads([load_config(path, overrides or [])], str(path))
         except ConfigError as e:
             fail(str(e), 2)
         out.print(f"ok {path}")

@@ -103,7 +103,8 @@ def check_dataset_name(name: str, role: str) -> None:
     """Raise `ValueError` (one line) unless ``name`` is a dataset a run can read in ``role``
     (classification: train and test splits; zeroshot: test). Local folders are checked on
     disk now (`attndrift.data.imagefolder.check_imagefolder`), so a bad one stops a run at
-    validation, before anything is recorded; hub datasets are checked when loaded."""
+    validation, before anything is recorded; whether hub datasets can be had here is
+    `check_downloads`' question."""
     from attndrift.data.hf import REAL_DATASETS, parse_hf_name
     from attndrift.data.registry import available_tasks, known_names
 
@@ -321,6 +322,34 @@ def validate(data: Any, source: str = "config") -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"{source}: {_describe(err)}") from None
+
+
+def check_downloads(configs: list[RunConfig], source: str = "config") -> None:
+    """Raise `ConfigError` (one line) if a hub model or dataset of ``configs`` can be had
+    neither from a local copy, nor the cache, nor the hub answering one short probe
+    (`attndrift.hub`): offline that is the cache alone. The entry points (`run`, `validate`,
+    `study run`) call it after validating, so a missing download stops a run in seconds,
+    before anything is recorded. `load_config` and `validate` never touch the network: they
+    check the schema, names and local paths only."""
+    from attndrift.data.hf import REAL_DATASETS, hub_dataset_problem, parse_hf_name
+    from attndrift.models.clip import hub_problem, looks_local, resolve_source
+
+    models, datasets = {}, {}
+    for cfg in configs:
+        models.setdefault(cfg.model, None)
+        for name in (cfg.data.dataset, *cfg.data.zeroshot):
+            if name in REAL_DATASETS or name.startswith("hf:"):
+                datasets.setdefault(name, None)
+    for name in models:
+        if looks_local(name) or Path(resolve_source(name)).expanduser().is_dir():
+            continue  # the shipped tiny CLIP or a local directory: checked at validation
+        problem = hub_problem(name)
+        if problem:
+            raise ConfigError(f"{source}: model: {problem}")
+    for name in datasets:
+        problem = hub_dataset_problem(REAL_DATASETS.get(name) or parse_hf_name(name))
+        if problem:
+            raise ConfigError(f"{source}: data: {problem}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,37 @@ log_lines = False
 def say(message: str) -> None:
     """One line on stderr (what a library tells a user who would otherwise be left guessing)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: taskset, cgroup cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def torch_threads(workers: int = 1, threads: int | None = None, *,
+                  env: dict[str, str] | None = None, cores: int | None = None) -> int | None:
+    """Torch CPU threads for each run when ``workers`` runs share this machine; None leaves
+    torch's default. The first that is set wins: ``threads`` (``--threads``),
+    ``$ATTNDRIFT_THREADS``, ``$OMP_NUM_THREADS`` (each a count per run process), else
+    ``max(1, cores // workers)`` with several workers, so together they use each core once.
+    Raises `ValueError` (one line) for a count that is not a positive integer."""
+    env = os.environ if env is None else env
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads}: give a positive integer")
+        return threads
+    for key in ("ATTNDRIFT_THREADS", "OMP_NUM_THREADS"):
+        value = env.get(key, "").strip()
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{key}={value}: give a positive integer (threads per run)")
+            return int(value)
+    if workers > 1:
+        return max(1, (usable_cores() if cores is None else cores) // workers)
+    return None
 
 
 def select_device(name: str) -> torch.device:

@@ -65,6 +65,45 @@ def _local_path(ident: str) -> Path | None:
                  or (p / "dataset_info.json").is_file()), None)
 
 
+def _hub_dataset_cached(ident: str) -> bool:
+    """Whether a download of hub dataset ``ident`` is cached: its files in the hub cache, or
+    its prepared Arrow files in the datasets cache (``org___name``)."""
+    from attndrift import hub
+
+    home = Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME")
+                                                  or "~/.cache").expanduser() / "huggingface")
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or home / "datasets").expanduser()
+    return ((hub.hub_cache() / f"datasets--{ident.replace('/', '--')}" / "snapshots").is_dir()
+            or (datasets_cache / ident.replace("/", "___")).is_dir())
+
+
+def hub_dataset_problem(source: HFSource) -> str | None:
+    """One line saying why ``source`` cannot be read here, or None if it may be: a local
+    copy, a cached download, or the hub answering one probe (`attndrift.hub`). For validation:
+    a dataset that is plainly absent stops a run before anything is recorded."""
+    from attndrift import hub
+
+    if _local_path(source.id) is not None or _hub_dataset_cached(source.id):
+        return None
+    fix = (f"download it once with network access (cache: {hub.hub_cache()}; HF_HOME moves "
+           f"it), or save it with `save_to_disk` to $ATTNDRIFT_DATA_ROOT/{source.id} or any "
+           f"directory and use hf:/that/dir")
+    if hub.offline("dataset"):
+        return (f"dataset {source.id!r} is not cached, not under $ATTNDRIFT_DATA_ROOT, and "
+                f"offline mode forbids downloading it: {fix}")
+    found = hub.probe(source.id, "dataset", "README.md")
+    if found is None:
+        return None
+    kind, why = found
+    if kind == "missing":
+        return f"dataset {source.id!r} does not exist on {hub.endpoint()} (check the id)"
+    if kind == "gated":
+        return (f"dataset {source.id!r} is gated on {hub.endpoint()}: accept its terms there "
+                f"and log in (`hf auth login`), or {fix.split(', or ')[1]}")
+    return (f"dataset {source.id!r} is not cached and {hub.endpoint()} is unreachable ({why}, "
+            f"one try, {hub.probe_timeout():g}s timeout): {fix}")
+
+
 def _open_split(source: HFSource, split: str):
     try:
         import datasets

@@ -6,9 +6,11 @@ sorted list, so a class missing from one split would shift every label after it)
 of them, each with at least one image; `check_imagefolder` checks this for every split a run
 reads when its config is validated, before anything is decoded. Images of any PIL mode are
 decoded to the RGB they show (`attndrift.data.base.rgb_image`: 16-bit, palette, grayscale,
-alpha, CMYK); a file that does not decode stops the load with one line naming it. Decoded
-images go through the uint8 cache, keyed by the file list, sizes and modification times, so
-an edited folder is decoded again.
+alpha, CMYK); a file that does not decode stops the load with one line naming it, or, with
+``imagefolder:PATH?skip_bad_images=true``, is left out with one line counting what was left
+out (the option is part of the dataset's name, so of the run's id). Decoded images go through
+the uint8 cache, keyed by the file list, sizes and modification times, so an edited folder is
+decoded again.
 """
 
 from __future__ import annotations
@@ -29,8 +31,22 @@ class ImageFolderError(ValueError):
     """A folder that cannot be read as labelled images; ``str()`` is one line."""
 
 
+def _parse(name: str) -> tuple[Path, bool]:
+    """``imagefolder:PATH[?skip_bad_images=true|false]`` -> (root, skip_bad_images)."""
+    body = name.removeprefix("imagefolder:")
+    path, sep, query = body.rpartition("?") if "?" in body else (body, "", "")
+    skip = False
+    if sep:
+        key, _, value = query.partition("=")
+        if key != "skip_bad_images" or value.lower() not in ("true", "false", "1", "0"):
+            raise ImageFolderError(f"bad dataset name {name!r}: use imagefolder:PATH or "
+                                   "imagefolder:PATH?skip_bad_images=true")
+        skip = value.lower() in ("true", "1")
+    return Path(path).expanduser(), skip
+
+
 def _root(name: str) -> Path:
-    return Path(name.removeprefix("imagefolder:")).expanduser()
+    return _parse(name)[0]
 
 
 def _scan(root: Path, split: str) -> tuple[list[str], list[Path], list[int]]:
@@ -96,23 +112,44 @@ def _open(path: Path):
     return image
 
 
+def _readable(files: list[Path], labels: list[int], split_dir: Path):
+    """The files (and their labels) that decode; one line on stderr counting the others."""
+    import sys
+
+    good, bad = [], []
+    for f, label in zip(files, labels, strict=True):
+        try:
+            _open(f).close()
+            good.append((f, label))
+        except ImageFolderError as err:
+            bad.append(str(err))
+    if bad:
+        print(f"warning: skipped {len(bad)} of {len(files)} images of {split_dir} that do not "
+              f"decode (skip_bad_images=true; first: {bad[0]})", file=sys.stderr, flush=True)
+    if not good or len({label for _, label in good}) < len(set(labels)):
+        raise ImageFolderError(f"{split_dir}: after skipping {len(bad)} unreadable images a "
+                               "class has none left")
+    return [f for f, _ in good], [label for _, label in good]
+
+
 def load_imagefolder(name: str, split: str, image_size: int = 224,
                      progress: bool = True) -> ImageTask:
-    root = _root(name)
+    root, skip_bad = _parse(name)
     classes, files, labels = _scan(root, split)
     _same_classes(root, split, classes)
     class_names = prompt_names(classes, source=str(root))
     split_dir = root / split
     # "rgb2": the decoding of 16-bit/alpha/CMYK images changed; never reuse older caches
-    h = hashlib.sha256(f"{root.resolve()}|{split}|{image_size}|rgb2".encode())
+    h = hashlib.sha256(f"{root.resolve()}|{split}|{image_size}|rgb2|{skip_bad}".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.relative_to(split_dir)}|{st.st_size}|{st.st_mtime_ns}".encode())
 
     def build() -> ImageTask:
-        images = decode_all((_open(f) for f in files), len(files), image_size,
+        kept, kept_labels = _readable(files, labels, split_dir) if skip_bad else (files, labels)
+        images = decode_all((_open(f) for f in kept), len(kept), image_size,
                             f"{root.name}/{split}", progress)
-        return ImageTask(name, images, torch.tensor(labels), class_names,
+        return ImageTask(name, images, torch.tensor(kept_labels), class_names,
                          list(TEMPLATES["generic"]))
 
     return cached_task(f"imagefolder-{root.name}-{split}-{h.hexdigest()[:20]}", build)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from attndrift import hub
 from attndrift.data.base import Preprocessor
 
 TINY_CLIP_DIR = Path(__file__).resolve().parent / "tiny_clip"
@@ -54,7 +55,8 @@ def looks_local(name: str) -> bool:
 
 def check_model_name(name: str) -> None:
     """Raise `ValueError` (one line) for a local model path that cannot be a CLIP checkpoint:
-    missing, or a directory without ``config.json``. Hub ids are checked when loaded."""
+    missing, or a directory without ``config.json``. Whether a hub id can be had here is
+    `hub_problem`'s question (`attndrift.config.check_downloads`)."""
     if name in TINY_NAMES:
         return
     path = Path(name).expanduser()
@@ -71,14 +73,53 @@ def check_model_name(name: str) -> None:
                          "save_pretrained")
 
 
-def _image_stats(source: str) -> tuple[tuple, tuple]:
+def hub_cached(name: str) -> bool:
+    """Whether the Hugging Face cache holds hub id ``name`` (its config.json, at main)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id: from_pretrained names the problem
+        return False
+
+
+def _advice(name: str) -> str:
+    return (f"download it once with network access (`hf download {name}`, or one run without "
+            f"HF_HUB_OFFLINE), point HF_HOME at a cache that holds it (now {hub.hub_cache()}), "
+            "or give a local directory written by save_pretrained")
+
+
+def hub_problem(name: str) -> str | None:
+    """One line saying why hub id ``name`` cannot be loaded here, or None if it can: cached,
+    or the hub answers. Never waits longer than one `attndrift.hub.probe_timeout` (no
+    retries): offline (HF_HUB_OFFLINE=1) it only looks in the cache."""
+    if hub_cached(name):
+        return None
+    if hub.offline():
+        return (f"model {name!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
+                f"forbids downloading it: {_advice(name)}")
+    found = hub.probe(name)
+    if found is None:
+        return None
+    kind, why = found
+    if kind == "missing":
+        return (f"model {name!r} does not exist on {hub.endpoint()} (check the id), and no "
+                "local directory has that name")
+    if kind == "gated":
+        return (f"model {name!r} is gated on {hub.endpoint()}: accept its terms there and log "
+                "in (`hf auth login`), or give a local directory written by save_pretrained")
+    return (f"model {name!r} is not cached and {hub.endpoint()} is unreachable ({why}, one "
+            f"try, {hub.probe_timeout():g}s timeout): {_advice(name)}")
+
+
+def _image_stats(source: str, local_only: bool = False) -> tuple[tuple, tuple]:
     """Mean and std from the checkpoint's own preprocessor config (OpenAI's if absent)."""
     path = Path(source) / "preprocessor_config.json"
     if not path.is_file():
         try:
             from transformers.utils import cached_file
 
-            found = cached_file(source, "preprocessor_config.json",
+            found = cached_file(source, "preprocessor_config.json", local_files_only=local_only,
                                 _raise_exceptions_for_missing_entries=False)
             path = Path(found) if found else None
         except OSError:
@@ -108,13 +149,20 @@ def load_clip(name: str = "tiny", *, attn_implementation: str = "sdpa") -> Loade
 
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise here
     source = resolve_source(name)
+    local_only = False
+    if not Path(source).expanduser().is_dir():  # a hub id: fail in seconds, not a minute
+        problem = hub_problem(name)
+        if problem:
+            raise ModelUnavailable(problem)
+        # cached, and the hub does not answer: read the cache without transformers' retries
+        local_only = hub.offline() or (hub.probe(name) or ("",))[0] == "unreachable"
     try:
         model = CLIPModel.from_pretrained(source, attn_implementation=attn_implementation,
-                                          dtype=torch.float32)
+                                          dtype=torch.float32, local_files_only=local_only)
     except OSError as err:
         raise _unavailable(name, "the CLIP model", err) from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as err:
         raise _unavailable(name, "the tokenizer", err) from None
     # Offline, transformers can hand back a near-empty tokenizer without error; never use one.
@@ -124,7 +172,7 @@ def load_clip(name: str = "tiny", *, attn_implementation: str = "sdpa") -> Loade
             f"the tokenizer of {name!r} has {len(tokenizer)} tokens for a {vocab}-token text "
             "model: it did not load (offline without a cached copy?); give a local directory "
             "holding the tokenizer files")
-    mean, std = _image_stats(source)
+    mean, std = _image_stats(source, local_only)
     model.eval()
     return LoadedCLIP(model, tokenizer, int(model.config.vision_config.image_size),
                       mean, std, source)

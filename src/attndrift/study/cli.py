@@ -46,6 +46,10 @@ def run_cmd(
     gpus: Annotated[str | None, typer.Option(
         help="local backend, --workers > 1: GPU ids to spread the workers over, e.g. 0,1; "
              "workers beyond the GPU count share them (default: every visible GPU)")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="torch CPU threads per run (default: $ATTNDRIFT_THREADS, else $OMP_NUM_THREADS, "
+             "else cores // workers); give each of two `study run` processes on one machine "
+             "half the cores")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs only")] = False,
 ) -> None:
     """Run every run of STUDY not yet completed in the store; resume interrupted ones."""
@@ -68,6 +72,12 @@ def run_cmd(
         if unknown:
             fail(f"--gpus {gpus}: {', '.join(unknown)} not among the visible GPUs "
                  f"({', '.join(visible) or 'none: torch sees no CUDA device'})", 2)
+    from attndrift.runtime import torch_threads
+
+    try:
+        torch_threads(workers, threads)  # a bad count stops here, not in every worker
+    except ValueError as e:
+        fail(str(e), 2)
     try:
         spec, planned = load_study(study)
     except ConfigError as e:
@@ -76,9 +86,16 @@ def run_cmd(
         for p in planned:
             out.print(p.run_id, highlight=False)
         return
-    from attndrift.cli import os_error_line, sigterm_interrupts
+    from attndrift.config import check_downloads
 
     store = Store(store_dir)
+    try:  # the models and datasets of the runs still to do: in seconds, before any is claimed
+        check_downloads([p.config for p in planned if store.state(p.run_id).status
+                         != "completed"], str(study))
+    except ConfigError as e:
+        fail(str(e), 2)
+    from attndrift.cli import os_error_line, sigterm_interrupts
+
     try:
         store.root.mkdir(parents=True, exist_ok=True)
         store.write_manifest(spec.name, planned)
@@ -120,7 +137,7 @@ def run_cmd(
                                progress=sys.stderr.isatty() and workers == 1,
                                on_outcome=report, ray_address=ray_address,
                                gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run,
-                               gpus=gpu_ids)
+                               gpus=gpu_ids, threads=threads)
     except KeyboardInterrupt:
         fail(f"interrupted: unfinished runs are resumable; `{resume}` resumes them", 130)
     except OSError as e:

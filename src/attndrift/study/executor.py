@@ -51,15 +51,18 @@ def execute_one(store_root: str, run_id: str, config: dict[str, Any], retry_fail
         run_dir = store.run_dir(run_id)
         for tmp in run_dir.glob(".*.tmp"):  # left by a writer killed mid-write; we hold the lock
             tmp.unlink(missing_ok=True)
-        if threads:
-            import torch
+        import torch
 
+        previous = torch.get_num_threads()
+        if threads:
             torch.set_num_threads(threads)
         try:
             record = run(validate(config, run_id), run_dir, progress=progress)
         except Exception as err:  # recorded as failed by `run`; the study goes on
             return Outcome(run_id, "failed", time.perf_counter() - t0,
                            f"{type(err).__name__}: {err}")
+        finally:  # in this process (--workers 1): leave the caller's setting as it was
+            torch.set_num_threads(previous)
         return Outcome(run_id, record["status"], time.perf_counter() - t0, record.get("error"))
     finally:
         lock.release()
@@ -129,8 +132,13 @@ def execute(store: Store, planned: list[PlannedRun], *, workers: int = 1,
             backend: str = "local", retry_failed: bool = False, progress: bool = True,
             on_outcome: Callable[[Outcome], None] | None = None,
             ray_address: str | None = None, gpus_per_run: float = 0.0,
-            cpus_per_run: float = 1.0, gpus: list[str] | None = None) -> list[Outcome]:
+            cpus_per_run: float = 1.0, gpus: list[str] | None = None,
+            threads: int | None = None) -> list[Outcome]:
     """Run every planned run that still needs running; returns one `Outcome` per run.
+
+    Each run uses `attndrift.runtime.torch_threads` torch threads: ``threads``,
+    ``$ATTNDRIFT_THREADS`` or ``$OMP_NUM_THREADS`` when set, else ``cores // workers`` (Ray:
+    ``cpus_per_run``).
 
     With the local backend and ``workers > 1``, worker ``i`` sees only GPU ``gpus[i % len]``
     (default: every visible GPU), so several workers share a GPU when there are more workers
@@ -140,15 +148,20 @@ def execute(store: Store, planned: list[PlannedRun], *, workers: int = 1,
     report = on_outcome or (lambda _o: None)
     jobs = [(str(store.root), p.run_id, p.config.model_dump(mode="json"), retry_failed)
             for p in todo]
+    from attndrift.runtime import torch_threads
+
     if backend == "ray":
-        outcomes += _execute_ray(jobs, report, ray_address, gpus_per_run, cpus_per_run)
+        threads = torch_threads(1, threads) or max(1, int(cpus_per_run))
+        outcomes += _execute_ray(jobs, report, ray_address, gpus_per_run, cpus_per_run,
+                                 threads)
     elif workers <= 1:
+        threads = torch_threads(1, threads)
         for job in jobs:
-            outcome = execute_one(*job, progress=progress)
+            outcome = execute_one(*job, progress=progress, threads=threads)
             report(outcome)
             outcomes.append(outcome)
     else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = torch_threads(workers, threads)
         import multiprocessing
 
         # spawn, not fork: forking a process that already holds torch threads can deadlock.
@@ -184,7 +197,7 @@ def execute(store: Store, planned: list[PlannedRun], *, workers: int = 1,
     return outcomes
 
 
-def _execute_ray(jobs, report, address, gpus, cpus) -> list[Outcome]:
+def _execute_ray(jobs, report, address, gpus, cpus, threads) -> list[Outcome]:
     try:
         import ray
     except ImportError:
@@ -192,7 +205,6 @@ def _execute_ray(jobs, report, address, gpus, cpus) -> list[Outcome]:
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=0)(_ray_task)
-    threads = max(1, int(cpus))
     refs = {task.remote(*job, False, threads): job[1] for job in jobs}
     outcomes = []
     while refs:
