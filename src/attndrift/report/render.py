@@ -26,9 +26,22 @@ if TYPE_CHECKING:
 STATUS_ORDER = ("completed", "diverged", "failed", "running", "corrupt", "missing")
 SECTIONS = (
     ("runs", "Run status", ("runs",)),
-    ("results", "Results", ("main_comparison", "baseline_structure", "lr_sweep", "matched_lr",
-                            "grid_aggregate", "regularization", "auxiliary", "zeroshot",
-                            "per_layer_delta", "collapse_onset")),
+    (
+        "results",
+        "Results",
+        (
+            "main_comparison",
+            "baseline_structure",
+            "lr_sweep",
+            "matched_lr",
+            "grid_aggregate",
+            "regularization",
+            "auxiliary",
+            "zeroshot",
+            "per_layer_delta",
+            "collapse_onset",
+        ),
+    ),
     ("statistics", "Statistics", ("run_level", "inference", "metric_correlations")),
     ("provenance", "Provenance", ("provenance",)),
 )
@@ -42,17 +55,26 @@ STATISTICS_INTRO = (
     "samples (the original study's per-layer t tests and layer-position ANOVA) are labelled "
     "exploratory: layers of one model are not independent, so their p-values are descriptive. "
     "Holm-Bonferroni adjusts p-values within each family of comparisons; Cohen's d uses the "
-    "pooled sd.")
+    "pooled sd."
+)
 
 
 def _table_ctx(t: Table) -> dict[str, Any]:
     headers, rows = display(t)
     status = [r.get("status", "") for r in t.rows]
-    return {"name": t.name, "title": t.title, "caption": t.caption, "headers": headers,
-            "align": ["l" if c.fmt == "str" else "r" for c in t.columns],
-            "rows": list(zip(status, rows, strict=True)), "n": len(rows),
-            "collapsed": len(rows) > COLLAPSE_ROWS, "markdown": to_markdown(t),
-            "csv": f"tables/{t.name}.csv", "notes": list(t.notes)}
+    return {
+        "name": t.name,
+        "title": t.title,
+        "caption": t.caption,
+        "headers": headers,
+        "align": ["l" if c.fmt == "str" else "r" for c in t.columns],
+        "rows": list(zip(status, rows, strict=True)),
+        "n": len(rows),
+        "collapsed": len(rows) > COLLAPSE_ROWS,
+        "markdown": to_markdown(t),
+        "csv": f"tables/{t.name}.csv",
+        "notes": list(t.notes),
+    }
 
 
 def _glance(runs: Sequence[Run]) -> dict[str, Any]:
@@ -70,8 +92,13 @@ def _glance(runs: Sequence[Run]) -> dict[str, Any]:
         row = [dataset, label, f"{len(ok)} / {len(group)}", _mean(d, "{:+.2f}")]
         row += [_mean([zs(r, t, "retention_pct") for r in ok], "{:.1f}") for t in tasks]
         rows.append(row)
-    headers = ["dataset", "method", "completed / runs", "mean Δ entropy %",
-               *(f"retained {t} %" for t in tasks)]
+    headers = [
+        "dataset",
+        "method",
+        "completed / runs",
+        "mean Δ entropy %",
+        *(f"retained {t} %" for t in tasks),
+    ]
     return {"headers": headers, "rows": rows}
 
 
@@ -90,27 +117,35 @@ def _provenance(runs: Sequence[Run]) -> list[dict[str, Any]]:
             key = tuple(str(prov.get(k) or "—") for k in keys)
             combos[key] += 1
             commits.setdefault(key, set()).add(str(prov.get("git_commit") or "—")[:12])
-    return [{**dict(zip(keys, key, strict=True)), "runs": n,
-             "git_commit": ", ".join(sorted(commits[key]))} for key, n in combos.most_common()]
+    return [
+        {
+            **dict(zip(keys, key, strict=True)),
+            "runs": n,
+            "git_commit": ", ".join(sorted(commits[key])),
+        }
+        for key, n in combos.most_common()
+    ]
 
 
-def report_context(runs: Sequence[Run], tables: Sequence[Table], figures: Sequence[FigureOut],
-                   store: Path) -> dict[str, Any]:
+def report_context(
+    runs: Sequence[Run], tables: Sequence[Table], figures: Sequence[FigureOut], store: Path
+) -> dict[str, Any]:
     by_name = {t.name: t for t in tables}
     counts = Counter(r.status for r in runs)
     sections = []
     for sid, title, names in SECTIONS:
-        present = [_table_ctx(by_name[n]) for n in names if n in by_name and
-                   not by_name[n].empty]
+        present = [_table_ctx(by_name[n]) for n in names if n in by_name and not by_name[n].empty]
         sections.append({"id": sid, "title": title, "tables": present})
     skipped = [{"kind": "table", "title": t.title, "why": t.skipped} for t in tables if t.empty]
-    skipped += [{"kind": "figure", "title": f.title, "why": f.skipped} for f in figures
-                if f.png is None]
+    skipped += [
+        {"kind": "figure", "title": f.title, "why": f.skipped} for f in figures if f.png is None
+    ]
     done = completed(runs)
     return {
         "title": f"attndrift report: {store.name or store}",
         "generated": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "store": str(store), "version": attndrift.__version__,
+        "store": str(store),
+        "version": attndrift.__version__,
         "n_runs": len(runs),
         "counts": [(s, counts[s]) for s in STATUS_ORDER if counts[s]]
         + [(s, n) for s, n in counts.items() if s not in STATUS_ORDER],
@@ -120,10 +155,17 @@ def report_context(runs: Sequence[Run], tables: Sequence[Table], figures: Sequen
         "seeds": sorted({r.config.get("seed") for r in done}, key=str),
         "glance": _glance(runs),
         "sections": sections,
-        "figures": [{"name": f.name, "title": f.title, "caption": f.caption,
-                     "path": f"figures/{f.name}.png",
-                     "uri": "data:image/png;base64," + base64.b64encode(f.png).decode()}
-                    for f in figures if f.png is not None],
+        "figures": [
+            {
+                "name": f.name,
+                "title": f.title,
+                "caption": f.caption,
+                "path": f"figures/{f.name}.png",
+                "uri": "data:image/png;base64," + base64.b64encode(f.png).decode(),
+            }
+            for f in figures
+            if f.png is not None
+        ],
         "skipped": skipped,
         "statistics_intro": STATISTICS_INTRO,
         "provenance": _provenance(runs),
@@ -131,10 +173,13 @@ def report_context(runs: Sequence[Run], tables: Sequence[Table], figures: Sequen
 
 
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.PackageLoader("attndrift.report", "templates"),
-                              autoescape=jinja2.select_autoescape(["html", "html.j2"]),
-                              trim_blocks=True, lstrip_blocks=True,
-                              undefined=jinja2.StrictUndefined)
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("attndrift.report", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "html.j2"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
 
 
 def render_html(ctx: dict[str, Any]) -> str:
