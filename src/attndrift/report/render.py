@@ -15,10 +15,12 @@ import jinja2
 import numpy as np
 
 import attndrift
-from attndrift.analysis.common import completed, delta, zs, zs_tasks
+from attndrift.analysis.common import completed, delta, final, num, zs, zs_tasks
 from attndrift.analysis.runs import Run, dataset_of, lr_of
 from attndrift.analysis.table import Table, display, to_markdown
 from attndrift.report.figures import series_label
+from attndrift.report.style import model_name, panel_title, series_of
+from attndrift.report.summary import best_lr
 
 if TYPE_CHECKING:
     from attndrift.report.build import FigureOut
@@ -59,9 +61,44 @@ STATISTICS_INTRO = (
 )
 
 
+# Tables whose rows repeat but for the named columns: identical rows fold into one line that
+# lists the runs it covers (the per-run provenance of a one-machine study is one line).
+FOLD_REPEATS = {"provenance": ("run", "status")}
+
+
+def _fold_repeats(
+    headers: list[str],
+    rows: list[list[str]],
+    status: list[str],
+    columns: Sequence[Any],
+    keys: Sequence[str],
+) -> tuple[list, list]:
+    idx = [i for i, c in enumerate(columns) if c.key in keys]
+    first = idx[0] if idx else 0
+    groups: dict[tuple, list[int]] = {}
+    for k, row in enumerate(rows):
+        groups.setdefault(tuple(c for i, c in enumerate(row) if i not in idx), []).append(k)
+    out_rows, out_status = [], []
+    for members in groups.values():
+        row = list(rows[members[0]])
+        if len(members) > 1:
+            names = [rows[k][first] for k in members]
+            shown = ", ".join(names[:6]) + (
+                f", … ({len(names) - 6} more)" if len(names) > 6 else ""
+            )
+            row[first] = f"{len(members)} runs: {shown}"
+            for i in idx[1:]:
+                row[i] = ", ".join(sorted({rows[k][i] for k in members}))
+        out_rows.append(row)
+        out_status.append(status[members[0]] if len({status[k] for k in members}) == 1 else "")
+    return out_rows, out_status
+
+
 def _table_ctx(t: Table) -> dict[str, Any]:
     headers, rows = display(t)
     status = [r.get("status", "") for r in t.rows]
+    if t.name in FOLD_REPEATS:
+        rows, status = _fold_repeats(headers, rows, status, t.columns, FOLD_REPEATS[t.name])
     return {
         "name": t.name,
         "title": t.title,
@@ -77,29 +114,52 @@ def _table_ctx(t: Table) -> dict[str, Any]:
     }
 
 
+GLANCE_CAPTION = (
+    "Like with like: each setting family (everything but the seed and the learning rate) at "
+    "its best learning rate, chosen by mean best validation accuracy (never the test split); "
+    "means over that setting's completed seeds. Test accuracy %, drift of the layer-mean "
+    "CLS→patch entropy vs the pretrained model %, and the share of pretrained zero-shot "
+    "accuracy retained %."
+)
+
+
 def _glance(runs: Sequence[Run]) -> dict[str, Any]:
-    """Per dataset × method (+ regularizer): runs, mean Δ entropy, mean zero-shot retention."""
+    """Per backbone × dataset × setting family, at the family's best lr: seeds, test accuracy,
+    mean Δ entropy, mean zero-shot retention per task (one format per column)."""
     done = completed(runs)
     tasks = zs_tasks(done)
-    cells: dict[tuple[str, str], list[Run]] = {}
-    for r in runs:
-        if r.record is not None:
-            cells.setdefault((dataset_of(r.config), series_label(r)), []).append(r)
+    panels = series_of([r for r in runs if r.record is not None])
     rows = []
-    for (dataset, label), group in sorted(cells.items(), key=lambda kv: str(kv[0]).casefold()):
-        ok = completed(group)
-        d = [delta(r, "entropy") for r in ok]
-        row = [dataset, label, f"{len(ok)} / {len(group)}", _mean(d, "{:+.2f}")]
-        row += [_mean([zs(r, t, "retention_pct") for r in ok], "{:.1f}") for t in tasks]
-        rows.append(row)
+    for panel, fams in panels.items():
+        head = panel_title(panel, panels) or panel[1]
+        for s in fams:
+            if not completed(s.runs):
+                rows.append(
+                    [head, s.label, "—", f"0 / {len(s.runs)}", "—", "—", *("—" for _ in tasks)]
+                )
+                continue
+            lr, ok = best_lr(s)
+            n_all = len(s.by_lr()[lr])
+            row = [
+                head,
+                s.label,
+                f"{lr:g}",
+                f"{len(ok)} / {n_all}",
+                _mean([100 * num(final(r).get("test_acc")) for r in ok], "{:.1f}"),
+                _mean([delta(r, "entropy") for r in ok], "{:+.2f}"),
+            ]
+            row += [_mean([zs(r, t, "retention_pct") for r in ok], "{:.1f}") for t in tasks]
+            rows.append(row)
     headers = [
-        "dataset",
-        "method",
+        "backbone · dataset" if len({p[0] for p in panels}) > 1 else "dataset",
+        "setting",
+        "best lr",
         "completed / runs",
-        "mean Δ entropy %",
+        "test acc %",
+        "Δ entropy %",
         *(f"retained {t} %" for t in tasks),
     ]
-    return {"headers": headers, "rows": rows}
+    return {"headers": headers, "rows": rows, "caption": GLANCE_CAPTION}
 
 
 def _mean(values: Sequence[float], fmt: str) -> str:
@@ -149,10 +209,14 @@ def report_context(
         "n_runs": len(runs),
         "counts": [(s, counts[s]) for s in STATUS_ORDER if counts[s]]
         + [(s, n) for s, n in counts.items() if s not in STATUS_ORDER],
-        "datasets": sorted({dataset_of(r.config) for r in done}),
+        "backbones": sorted({model_name(r.config) for r in done}, key=str.casefold),
+        "datasets": sorted({dataset_of(r.config) for r in done}, key=str.casefold),
         "methods": sorted({series_label(r) for r in done}, key=str.casefold),
         "lrs": sorted({lr_of(r.config) for r in done}),
-        "seeds": sorted({r.config.get("seed") for r in done}, key=str),
+        "seeds": sorted(
+            {r.config.get("seed") for r in done},
+            key=lambda v: (not isinstance(v, int), v if isinstance(v, int) else 0, str(v)),
+        ),
         "glance": _glance(runs),
         "sections": sections,
         "figures": [
