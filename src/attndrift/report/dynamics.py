@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from attndrift.analysis.common import completed, num
-from attndrift.analysis.metadata import metric_info
+from attndrift.analysis.metadata import SHORT, metric_info
 from attndrift.analysis.onset import (
     ONSET_THRESHOLD_PCT,
     collapse_onset,
@@ -68,7 +68,7 @@ def trajectories(runs: Sequence[Run]) -> Figure:
         raise NoData("no completed run recorded attention probes")
     pal = Palette(runs)
     info = metric_info()
-    panels = setting_series(done)
+    panels = setting_series(done, runs)
     fig, axes = figure_grid(len(panels), len(info), height=2.6)
     for row, (panel, settings) in enumerate(panels.items()):
         head = panel_title(panel, panels)
@@ -84,8 +84,8 @@ def trajectories(runs: Sequence[Run]) -> Figure:
             if not ax.lines:
                 _not_available(ax)
             ax.axhline(0, **ZERO)
-            name = f"Δ {info[m].label} %"
-            ax.set_title(f"{head}: {name}" if head else name, fontsize=9)
+            name = f"Δ {SHORT.get(m, m)} %"
+            ax.set_title(f"{head}\n{name}" if head else name, fontsize=8)
             ax.set_xlabel("fraction of training", fontsize=8)
             ax.grid(alpha=0.3)
     legend_outside(fig, title="setting · lr (seeds)")
@@ -97,7 +97,7 @@ def metric_evolution(runs: Sequence[Run], metric: str) -> Figure:
     pretrained value as the reference line (003 Fig. 17 for Gini; ERF likewise)."""
     done = _probed(completed(runs))
     pal = Palette(runs)
-    panels = {p: v for p, v in setting_series(done).items()}
+    panels = {p: v for p, v in setting_series(done, runs).items()}
     info = metric_info()
     if metric not in info:
         raise NoData(f"no metric {metric!r}")
@@ -158,7 +158,7 @@ def training_dynamics(runs: Sequence[Run]) -> Figure:
     if not probed:
         raise NoData("no run recorded attention probes")
     pal = Palette(runs)
-    panels = setting_series(probed)
+    panels = setting_series(probed, runs)
     cols = min(2, len(panels))
     fig, axes = figure_grid(
         math.ceil(len(panels) / cols), cols, width=11.0 if cols == 2 else 7.5, height=3.3
@@ -225,7 +225,7 @@ def convergence(runs: Sequence[Run]) -> Figure:
     if not have:
         raise NoData("no run recorded a training history")
     pal = Palette(runs)
-    panels = setting_series(have)
+    panels = setting_series(have, runs)
     fig, axes = figure_grid(len(panels), 2, height=3.0)
     seed_markers = ("o", "s", "^", "D", "v", "P")
     for row, (panel, settings) in enumerate(panels.items()):
@@ -286,7 +286,7 @@ def accuracy_entropy(runs: Sequence[Run]) -> Figure:
     if not done:
         raise NoData("no completed run recorded both validation accuracy and probes")
     pal = Palette(runs)
-    cells = [(p, s) for p, fams in series_of(done).items() for s in fams]
+    cells = [(p, s) for p, fams in series_of(done, runs).items() for s in fams]
     all_lrs = sorted({lr for _, s in cells for lr in s.by_lr()})
     cols = min(3, len(cells))
     fig, axes = figure_grid(
@@ -348,7 +348,7 @@ def layer_time_heatmap(runs: Sequence[Run], metric: str = "entropy") -> Figure:
     backbone, dataset and setting family at its highest learning rate."""
     done = _probed(completed(runs))
     cells = []
-    for panel, fams in series_of(done).items():
+    for panel, fams in series_of(done, runs).items():
         for s in fams:
             lr, group = list(s.by_lr().items())[-1]
             mats = [layer_trajectory(r.record, metric) for r in group]

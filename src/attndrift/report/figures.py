@@ -117,7 +117,7 @@ def layer_delta_heatmaps(runs: Sequence[Run], metric: str = "entropy") -> Figure
     """Per-layer drift (seed mean), learning rates × layers, one panel per backbone, dataset and
     setting family (setting minus lr)."""
     grids = []
-    for panel, fams in series_of(completed(runs)).items():
+    for panel, fams in series_of(completed(runs), runs).items():
         for s in fams:
             rows, lrs = [], []
             for lr, group in s.by_lr().items():
@@ -184,7 +184,9 @@ def lr_panels(runs: Sequence[Run]) -> Figure:
     done = completed(runs)
     tasks = zs_tasks(done)
     pal = Palette(runs)
-    panels = {p: [s for s in fams if len(s.by_lr()) >= 2] for p, fams in series_of(done).items()}
+    panels = {
+        p: [s for s in fams if len(s.by_lr()) >= 2] for p, fams in series_of(done, runs).items()
+    }
     panels = {p: f for p, f in panels.items() if f}
     if not panels:
         raise NoData("no setting was run at two or more learning rates")
@@ -243,12 +245,12 @@ def lr_panels(runs: Sequence[Run]) -> Figure:
                 rotation=30 if len(all_lrs) > 3 else 0,
             )
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_title(f"{head}: {name}" if head else name, fontsize=9)
+            ax.set_title(f"{head}\n{name}" if head else name, fontsize=8)
             ax.set_xlabel("learning rate", fontsize=8)
             ax.grid(alpha=0.3)
             if name.startswith("Δ"):
                 ax.axhline(0, **ZERO)
-    legend_outside(fig, title="setting (error bar: ±1 sd over seeds, clipped)")
+    legend_outside(fig, title="setting (±1 sd over seeds)")
     return fig
 
 
@@ -259,7 +261,7 @@ def regularization(runs: Sequence[Run]) -> Figure:
     pal = Palette(runs)
     metrics = [m for m in ("entropy", "erf", "gini") if m in core_metrics()]
     bars = []  # (panel, label, lr, group)
-    for panel, fams in series_of(completed(runs)).items():
+    for panel, fams in series_of(completed(runs), runs).items():
 
         def base(s: style.Series) -> tuple:
             return tuple(
@@ -323,7 +325,7 @@ def structure_vs_zeroshot(runs: Sequence[Run]) -> Figure:
     if not tasks:
         raise NoData("no completed run evaluated zero-shot transfer")
     pal = Palette(runs)
-    panels = series_of(done)
+    panels = series_of(done, runs)
     fig, axes = figure_grid(
         len(panels), len(tasks), width=min(11.0, 4.2 * len(tasks) + 2.5), height=3.2
     )
@@ -378,7 +380,7 @@ def metric_correlations(runs: Sequence[Run]) -> Figure:
     ax = axes[0, 0]
     image = ax.imshow(cm.r, cmap="RdBu", vmin=-1, vmax=1)
     size = 7 if k <= 10 else 6
-    ax.set_xticks(range(k), cm.names, rotation=40, ha="right", fontsize=size + 1)
+    ax.set_xticks(range(k), cm.names, rotation=90, fontsize=size + 1)
     ax.set_yticks(range(k), cm.names, fontsize=size + 1)
     if k <= 14:
         for (i, j), v in np.ndenumerate(cm.r):

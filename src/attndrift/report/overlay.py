@@ -57,7 +57,7 @@ def overlay_runs(runs: Sequence[Run], limit: int = 8) -> list[tuple[Run, str]]:
         return []
     panels = [panel_of(r) for r in done]
     panel = max(sorted(set(panels)), key=panels.count)
-    fams = series_of([r for r in done if panel_of(r) == panel])[panel]
+    fams = series_of([r for r in done if panel_of(r) == panel], runs)[panel]
 
     def rank(s: Series) -> tuple:
         reg = (s.runs[0].config.get("regularizer") or {}).get("name", "none")

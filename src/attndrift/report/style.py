@@ -24,14 +24,16 @@ from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 
 from attndrift.analysis.runs import (
+    LR_KEYS,
+    Family,
     Run,
     dataset_of,
-    flat_config,
+    group_families,
     lr_of,
-    method_label,
-    regularizer_label,
-    setting_key,
+    model_of,
+    short_model,
 )
+from attndrift.analysis.runs import family_key as analysis_family_key
 
 METHOD_COLORS = {
     "full_ft": "#c0392b",
@@ -46,41 +48,15 @@ VARIANT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
 REFERENCE = {"color": "black", "lw": 0.9, "ls": (0, (6, 3)), "alpha": 0.7}
 ZERO = {"color": "grey", "lw": 0.8}
 
-# Panel axes: a backbone or a dataset is never a series of another one's panel.
-AXIS_KEYS = frozenset({"model", "data.dataset"})
-# Keys the method and regularizer labels already name.
-_NAMED = frozenset(
-    {
-        "method",
-        "lora.r",
-        "lora.targets",
-        "freeze_layers",
-        "regularizer.name",
-        "regularizer.lam",
-        "regularizer.ratio",
-        "regularizer.layers",
-    }
-)
-_SHORT_KEYS = {
-    "train.weight_decay": "wd",
-    "train.epochs": "epochs",
-    "lora.alpha": "α",
-    "lora.dropout": "dropout",
-    "train.batch_size": "batch",
-    "train.warmup_frac": "warmup",
-    "train.max_steps": "steps",
-}
+# Panel axes: a backbone or a dataset is never a series of another one's panel; a family is a
+# setting without these and without its learning rate.
+AXIS_KEYS = ("model", "data.dataset")
+FAMILY_WITHOUT = (*LR_KEYS, *AXIS_KEYS)
 
 
 def model_name(config: dict[str, Any]) -> str:
     """A backbone's short name: ``openai/clip-vit-base-patch16`` -> ``ViT-B/16``."""
-    model = str(config.get("model", "?"))
-    tail = model.rstrip("/").rsplit("/", 1)[-1].lower()
-    for size, letter in (("base", "B"), ("large", "L"), ("huge", "H"), ("small", "S")):
-        if f"vit-{size}-patch" in tail:
-            patch = tail.split("patch", 1)[1].split("-", 1)[0]
-            return f"ViT-{letter}/{patch}" + ("@336" if "336" in tail.split("patch", 1)[1] else "")
-    return tail or model
+    return short_model(model_of(config))
 
 
 def panel_of(run: Run) -> tuple[str, str]:
@@ -96,73 +72,19 @@ def panel_title(panel: tuple[str, str], panels: Iterable[tuple[str, str]]) -> st
 
 
 def family_key(run: Run) -> tuple:
-    """A run's setting without its learning rate: what an lr series or heatmap block spans."""
-    return tuple(kv for kv in setting_key(run.config) if kv[0] != "train.lr")
+    """A run's setting without learning rate, backbone and dataset: what one series spans."""
+    return analysis_family_key(run.config, FAMILY_WITHOUT)
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, tuple):
-        return "+".join(str(v).removesuffix("_proj") for v in value)
-    return str(value)
-
-
-def _applies(key: str, method: str) -> bool:
-    return not (
-        (key.startswith("lora.") and method != "lora")
-        or (key == "freeze_layers" and method != "freeze")
-    )
+def families(runs: Sequence[Run]) -> list[Family]:
+    """The families of ``runs`` in `setting_order`, labelled by what distinguishes them
+    (method with its options, regularizer, other keys: `attndrift.analysis.runs.labels_of`)."""
+    return group_families(runs, FAMILY_WITHOUT)
 
 
 def family_labels(runs: Sequence[Run]) -> dict[tuple, str]:
-    """family_key -> label naming the method, the regularizer and every other config key that
-    differs between the families present (backbone, dataset and lr are axes, not labels)."""
-    reps: dict[tuple, Run] = {}
-    for r in runs:
-        if r.record is not None:
-            reps.setdefault(family_key(r), r)
-    flats = {k: flat_config(r.config) for k, r in reps.items()}
-    keys = sorted(
-        {k for f in flats.values() for k in f}
-        - AXIS_KEYS
-        - _NAMED
-        - {"train.lr", "seed", "name"}
-        - {k for k in _NOT_FACTORS}
-    )
-    varying = [k for k in keys if len({repr(f.get(k)) for f in flats.values()}) > 1]
-    labels = {}
-    for fk, r in reps.items():
-        method = str(r.config.get("method", ""))
-        reg = regularizer_label(r.config)
-        parts = [method_label(r.config)] + ([] if reg == "none" else [reg])
-        parts += [
-            f"{_SHORT_KEYS.get(k, k)}={_fmt(flats[fk].get(k))}"
-            for k in varying
-            if _applies(k, method)
-        ]
-        labels[fk] = " · ".join(parts)
-    # two families one label (they differ only in keys that do not apply to their method):
-    # name those keys too, so no two series ever share a label
-    seen: dict[str, list[tuple]] = {}
-    for fk, lab in labels.items():
-        seen.setdefault(lab, []).append(fk)
-    for lab, fks in seen.items():
-        if len(fks) > 1:
-            for fk in fks:
-                extra = [
-                    f"{k}={_fmt(flats[fk].get(k))}"
-                    for k in varying
-                    if not _applies(k, str(reps[fk].config.get("method", "")))
-                ]
-                labels[fk] = " · ".join([lab, *extra])
-    return labels
-
-
-try:  # the one list of operational keys, where analysis defines it
-    from attndrift.analysis.runs import NOT_A_FACTOR as _NOT_FACTORS
-except ImportError:  # pragma: no cover
-    _NOT_FACTORS = frozenset()
+    """family_key -> label among the families of ``runs``."""
+    return {f.key: f.label for f in families(runs)}
 
 
 @dataclass(frozen=True)
@@ -186,27 +108,33 @@ def _fold(s: str) -> str:
     return s.casefold()
 
 
-def series_of(runs: Sequence[Run]) -> dict[tuple[str, str], list[Series]]:
-    """panel -> its families, panels and families in case-insensitive label order."""
-    labels = family_labels(runs)
+def series_of(
+    runs: Sequence[Run], context: Sequence[Run] | None = None
+) -> dict[tuple[str, str], list[Series]]:
+    """panel -> its families. Labels and order come from ``context`` (default ``runs``): pass
+    the report's whole run set when ``runs`` is a subset, so a family keeps one label (and one
+    colour) in every figure. Panels in case-insensitive order."""
+    fams = families(context if context is not None else runs)
+    labels = {f.key: f.label for f in fams}
+    rank = {f.key: i for i, f in enumerate(fams)}
     grouped: dict[tuple[str, str], dict[tuple, list[Run]]] = {}
     for r in runs:
         if r.record is not None:
             grouped.setdefault(panel_of(r), {}).setdefault(family_key(r), []).append(r)
     out = {}
     for panel in sorted(grouped, key=lambda p: tuple(map(_fold, p))):
-        fams = [Series(panel, k, labels[k], tuple(v)) for k, v in grouped[panel].items()]
-        out[panel] = sorted(fams, key=lambda s: _fold(s.label))
+        found = [Series(panel, k, labels.get(k, "?"), tuple(v)) for k, v in grouped[panel].items()]
+        out[panel] = sorted(found, key=lambda s: (rank.get(s.key, len(rank)), _fold(s.label)))
     return out
 
 
 def setting_series(
-    runs: Sequence[Run],
+    runs: Sequence[Run], context: Sequence[Run] | None = None
 ) -> dict[tuple[str, str], list[tuple[Series, float, list[Run]]]]:
     """panel -> (family, lr, seeds) for every setting: the finest grouping a figure draws."""
     return {
         p: [(s, lr, g) for s in fams for lr, g in s.by_lr().items()]
-        for p, fams in series_of(runs).items()
+        for p, fams in series_of(runs, context).items()
     }
 
 

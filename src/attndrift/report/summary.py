@@ -79,7 +79,7 @@ def dashboard(runs: Sequence[Run]) -> Figure:
         raise NoData("no completed runs")
     pal = Palette(runs)
     rows = []
-    all_series = series_of(done)
+    all_series = series_of(done, runs)
     for panel, fams in all_series.items():
         for s in fams:
             lr, group = best_lr(s)
@@ -127,7 +127,7 @@ def statistical_summary(runs: Sequence[Run]) -> Figure:
     Cohen's d of each setting against the panel's unregularized full-FT setting at the same lr."""
     done = completed(runs)
     pal = Palette(runs)
-    all_series = series_of(done)
+    all_series = series_of(done, runs)
     rows, effects = [], []
     for panel, fams in all_series.items():
         head = panel_title(panel, all_series)
@@ -208,7 +208,7 @@ def zeroshot_per_model(runs: Sequence[Run]) -> Figure:
     if not tasks:
         raise NoData("no completed run evaluated zero-shot transfer")
     pal = Palette(runs)
-    all_series = series_of(done)
+    all_series = series_of(done, runs)
     n_rows = sum(len(s.by_lr()) for fams in all_series.values() for s in fams)
     fig, axes = figure_grid(
         len(all_series),
@@ -234,10 +234,11 @@ def zeroshot_per_model(runs: Sequence[Run]) -> Figure:
                 100,
             )
             before = nanmean([100 * zs(r, task, "before") for s in fams for r in s.runs])
+            name = task
             if math.isfinite(before):
                 ax.axvline(before, **REFERENCE)
-                ax.text(before, -0.5, f" pretrained {before:.1f}", fontsize=6, va="bottom")
-            ax.set_title(f"{head}: {task}" if head else task, fontsize=9)
+                name += f" (pretrained {before:.1f}, dashed)"
+            ax.set_title(f"{head}\n{name}" if head else name, fontsize=8)
             ax.set_xlim(0, 100)
             ax.set_xlabel("zero-shot accuracy %", fontsize=8)
     return fig
@@ -253,7 +254,7 @@ def _comparison(
     done = completed(runs)
     pal = Palette(runs)
     groups: dict[tuple, list[tuple[object, str, float, list[Run]]]] = {}
-    for panel, fams in series_of(done).items():
+    for panel, fams in series_of(done, runs).items():
         for s in fams:
             v = vary(s.runs[0])
             if v is None:
