@@ -80,7 +80,7 @@ def trajectories(runs: Sequence[Run]) -> Figure:
                     continue
                 kw = pal.kw(s.label)
                 kw["color"] = lr_shade(kw["color"], lr, list(s.by_lr()))
-                ax.plot(x, y, ms=3, lw=1.2, label=f"{s.label} · lr {lr:g} (n={len(group)})", **kw)
+                ax.plot(x, y, ms=3, lw=1.2, label=f"{s.label} · lr {lr:g}", **kw)
             if not ax.lines:
                 _not_available(ax)
             ax.axhline(0, **ZERO)
@@ -88,7 +88,7 @@ def trajectories(runs: Sequence[Run]) -> Figure:
             ax.set_title(f"{head}\n{name}" if head else name, fontsize=8)
             ax.set_xlabel("fraction of training", fontsize=8)
             ax.grid(alpha=0.3)
-    legend_outside(fig, title="setting · lr (seeds)")
+    legend_outside(fig, title="setting · lr (seed mean)")
     return fig
 
 
@@ -131,7 +131,7 @@ def metric_evolution(runs: Sequence[Run], metric: str) -> Figure:
             bases.append(y[0])
             kw = pal.kw(s.label)
             kw["color"] = lr_shade(kw["color"], lr, list(s.by_lr()))
-            ax.plot(x, y, ms=3, lw=1.2, label=f"{s.label} · lr {lr:g} (n={len(group)})", **kw)
+            ax.plot(x, y, ms=3, lw=1.2, label=f"{s.label} · lr {lr:g}", **kw)
         base = nanmean(bases)
         if math.isfinite(base):
             ax.axhline(base, label="pretrained", **REFERENCE)
@@ -139,7 +139,7 @@ def metric_evolution(runs: Sequence[Run], metric: str) -> Figure:
         ax.set_xlabel("fraction of training", fontsize=8)
         ax.set_ylabel(f"{info[metric].label} (layer mean)", fontsize=8)
         ax.grid(alpha=0.3)
-    legend_outside(fig, title="setting · lr (seeds)")
+    legend_outside(fig, title="setting · lr (seed mean)")
     return fig
 
 
@@ -280,66 +280,59 @@ def convergence(runs: Sequence[Run]) -> Figure:
 
 
 def accuracy_entropy(runs: Sequence[Run]) -> Figure:
-    """003 Fig. 3: validation accuracy (left axis) and layer-mean entropy (right axis) over the
-    epochs, seed mean, one panel per backbone, dataset and setting family; darker = higher lr."""
+    """003 Fig. 3: validation accuracy and layer-mean entropy over the epochs, seed mean, each
+    setting family at its best learning rate (by validation accuracy); per backbone and dataset
+    a pair of panels on one epoch axis (003 drew the two on twin y axes; side by side, every
+    family keeps its colour and line style)."""
+    from attndrift.report.summary import best_lr
+
     done = [r for r in _probed(completed(runs)) if (r.record.get("history") or {}).get("epochs")]
     if not done:
         raise NoData("no completed run recorded both validation accuracy and probes")
     pal = Palette(runs)
-    cells = [(p, s) for p, fams in series_of(done, runs).items() for s in fams]
-    all_lrs = sorted({lr for _, s in cells for lr in s.by_lr()})
-    cols = min(3, len(cells))
-    fig, axes = figure_grid(
-        math.ceil(len(cells) / cols), cols, height=2.7, width=11.0 if cols > 1 else 6.0
-    )
-    for ax in axes.flat[len(cells) :]:
+    panels = series_of(done, runs)
+    per_row = 2 if len(panels) > 1 else 1
+    fig, axes = figure_grid(math.ceil(len(panels) / per_row), 2 * per_row, height=2.8)
+    for ax in axes.flat[2 * len(panels) :]:
         ax.set_visible(False)
-    panels = [c[0] for c in cells]
-    for ax, (panel, s) in zip(axes.flat, cells, strict=False):
-        right = ax.twinx()
-        for lr, group in s.by_lr().items():
-            color = lr_shade(pal.color(s.label), lr, all_lrs)
+    flat = list(axes.flat)
+    for k, (panel, fams) in enumerate(panels.items()):
+        acc_ax, ent_ax = flat[2 * k], flat[2 * k + 1]
+        for s in fams:
+            lr, group = best_lr(s)
+            kw = {**pal.kw(s.label), "ms": 3, "lw": 1.1, "label": f"{s.label} · lr {lr:g}"}
             acc = [
-                [(e["epoch"], 100 * num(e.get("val_acc"))) for e in r.record["history"]["epochs"]]
+                [
+                    (num(e.get("epoch")), 100 * num(e.get("val_acc")))
+                    for e in r.record["history"]["epochs"]
+                ]
                 for r in group
             ]
             ent = [
                 [
-                    (num(p.get("epoch")), num(p["metrics"]["mean"].get("entropy")))
+                    (
+                        num(p.get("epoch")),
+                        num(((p.get("metrics") or {}).get("mean") or {}).get("entropy")),
+                    )
                     for p in r.record["history"]["probes"]
                 ]
                 for r in group
             ]
-            for curves, target, marker, ls in ((acc, ax, "o", "-"), (ent, right, "s", "--")):
+            for ax, curves in ((acc_ax, acc), (ent_ax, ent)):
                 width = min(len(c) for c in curves)
                 if width:
                     pts = nanmean([c[:width] for c in curves], axis=0)
-                    target.plot(
-                        pts[:, 0], pts[:, 1], color=color, marker=marker, ms=3, ls=ls, lw=1.1
-                    )
+                    ax.plot(pts[:, 0], pts[:, 1], **kw)
         head = panel_title(panel, panels)
-        ax.set_title((f"{head}\n" if head else "") + s.label, fontsize=8)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.set_ylabel("val acc %", fontsize=7)
-        right.set_ylabel("entropy, nats", fontsize=7)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for a in (ax, right):
-            a.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    handles = [
-        Line2D([], [], color="#444444", marker="o", ms=4, ls="-", label="val acc (left axis)"),
-        Line2D([], [], color="#444444", marker="s", ms=4, ls="--", label="entropy (right axis)"),
-    ]
-    handles += [
-        Line2D([], [], color=lr_shade("#444444", lr, all_lrs), lw=3, label=f"lr {lr:g}")
-        for lr in all_lrs
-    ]
-    legend_outside(
-        fig,
-        handles=handles,
-        labels=[h.get_label() for h in handles],
-        title="seed means; darker = higher lr",
-    )
+        for ax, name in ((acc_ax, "val acc %"), (ent_ax, "entropy, nats (layer mean)")):
+            if not ax.lines:
+                _not_available(ax)
+            ax.set_title(f"{head}\n{name}" if head else name, fontsize=8)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    legend_outside(fig, title="setting at its best lr (seed mean)")
     return fig
 
 

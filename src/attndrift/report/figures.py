@@ -113,54 +113,59 @@ def baseline_structure(runs: Sequence[Run]) -> Figure:
     return fig
 
 
+def _cell_text(v: float) -> str:
+    return f"{v:+.0f}" if abs(v) >= 99.5 else f"{v:+.1f}"
+
+
 def layer_delta_heatmaps(runs: Sequence[Run], metric: str = "entropy") -> Figure:
-    """Per-layer drift (seed mean), learning rates × layers, one panel per backbone, dataset and
-    setting family (setting minus lr)."""
+    """Per-layer drift (seed mean): one panel per backbone and dataset, one row per setting
+    (its family's rows together, learning rates ascending, families divided by a line)."""
     grids = []
     for panel, fams in series_of(completed(runs), runs).items():
+        rows, labels, breaks = [], [], []
         for s in fams:
-            rows, lrs = [], []
+            start = len(rows)
             for lr, group in s.by_lr().items():
                 vals = [final(r).get("delta_pct_layers", {}).get(metric) or [] for r in group]
                 vals = [[num(x) for x in v] for v in vals if v]
                 if vals:
                     width = min(len(v) for v in vals)
                     rows.append(nanmean([v[:width] for v in vals], axis=0))
-                    lrs.append(lr)
-            if rows:
-                width = min(len(r) for r in rows)
-                grids.append((panel, s.label, lrs, np.array([r[:width] for r in rows])))
+                    labels.append(f"{s.label} · lr {lr:g} (n={len(vals)})")
+            if len(rows) > start and start:
+                breaks.append(start - 0.5)
+        if rows:
+            width = min(len(r) for r in rows)
+            grids.append((panel, labels, breaks, np.array([r[:width] for r in rows])))
     if not grids:
         raise NoData("no completed run has per-layer drift")
-    panels = [g[0] for g in grids]
     finite = [np.abs(g[3][np.isfinite(g[3])]) for g in grids]
     span = max((float(f.max()) for f in finite if f.size), default=0.0) or 1.0
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
     n_layers = max(g[3].shape[1] for g in grids)
+    label_in = 0.055 * max(len(lab) for g in grids for lab in g[1]) + 0.3
     # wide enough panels that a 5-character number fits its cell at >= 6 pt, up to 24 layers
-    cols = max(1, min(4, len(grids), int(9.5 // (0.32 * n_layers + 0.9))))
-    nrows = math.ceil(len(grids) / cols)
-    max_lrs = max(len(g[2]) for g in grids)
+    cols = 2 if len(grids) > 1 and (10.0 / 2 - label_in - 0.3) / n_layers >= 0.3 else 1
+    panel_w = 10.0 / cols - label_in - 0.4 - (0.8 if cols == 1 else 0.4)
+    n_rows = max(len(g[1]) for g in grids)
     fig, axes = figure_grid(
-        nrows, cols, width=11.0 if cols > 1 else 10.0, height=0.32 * max_lrs + 1.5
+        math.ceil(len(grids) / cols), cols, width=11.0, height=0.3 * n_rows + 1.2
     )
-    panel_w = (10.0 - 1.2) / cols - 0.7
     for ax in axes.flat[len(grids) :]:
         ax.set_visible(False)
     image = None
-    for ax, (panel, label, lrs, grid) in zip(axes.flat, grids, strict=False):
+    panels = [g[0] for g in grids]
+    for ax, (panel, labels, breaks, grid) in zip(axes.flat, grids, strict=False):
         image = ax.imshow(grid, cmap="RdBu", norm=norm, aspect="auto")
-        head = panel_title(panel, panels)
-        ax.set_title((f"{head}\n" if head else "") + label, fontsize=8)
+        ax.set_title(panel_title(panel, panels) or f"Δ {SHORT.get(metric, metric)} %", fontsize=9)
         layer_ticks(ax, grid.shape[1], length_in=panel_w)
-        ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        for y in breaks:
+            ax.axhline(y, color="black", lw=1.2)
         ax.set_xlabel("layer", fontsize=8)
-        ax.set_ylabel("lr", fontsize=8)
-        texts = [
-            f"{v:+.0f}" if abs(v) >= 99.5 else f"{v:+.1f}" for v in grid.flat if math.isfinite(v)
-        ]
+        texts = [_cell_text(v) for v in grid.flat if math.isfinite(v)]
         size = annotation_size(
-            panel_w / grid.shape[1], 0.32, max((len(t) for t in texts), default=4)
+            panel_w / grid.shape[1], 0.3, max((len(t) for t in texts), default=4)
         )
         if size is not None:
             for (i, j), v in np.ndenumerate(grid):
@@ -168,13 +173,18 @@ def layer_delta_heatmaps(runs: Sequence[Run], metric: str = "entropy") -> Figure
                     ax.text(
                         j,
                         i,
-                        f"{v:+.0f}" if abs(v) >= 99.5 else f"{v:+.1f}",
+                        _cell_text(v),
                         ha="center",
                         va="center",
                         fontsize=size,
                         color="white" if abs(v) > 0.6 * span else "black",
                     )
-    fig.colorbar(image, ax=axes, shrink=0.8, label=f"Δ {SHORT.get(metric, metric)} % per layer")
+    fig.colorbar(
+        image,
+        ax=axes,
+        shrink=min(0.8, 4.0 / max(axes.shape[0] * (0.3 * n_rows + 1.2), 1)),
+        label=f"Δ {SHORT.get(metric, metric)} % per layer",
+    )
     return fig
 
 

@@ -43,6 +43,8 @@ METHOD_COLORS = {
 }
 OTHER_COLORS = ("#d35400", "#17a589", "#b7950b", "#5d6d7e")
 REG_LINESTYLES = {"none": "-", "apr": "--", "entropy_floor": ":", "l2sp": "-."}
+# The first variant of a method in its own hue, the next ones lighter and darker in turn.
+_VARIANT_SHADES = (0.0, 0.4, -0.35, 0.6, -0.55, 0.2, -0.2)
 VARIANT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
 # Pretrained / reference values: thin, black, long dashes (no regularizer uses this pattern).
 REFERENCE = {"color": "black", "lw": 0.9, "ls": (0, (6, 3)), "alpha": 0.7}
@@ -142,33 +144,33 @@ class Palette:
     """Colour, marker and line style of every family of a run set, fixed for the whole report
     (the report passes the same runs to every figure)."""
 
+    _extra: dict[str, str]
+
     def __init__(self, runs: Sequence[Run]):
-        self.labels = family_labels(runs)
-        reps: dict[tuple, Run] = {}
-        for r in runs:
-            if r.record is not None:
-                reps.setdefault(family_key(r), r)
-        by_method: dict[str, set[tuple]] = {}
-        for fk, r in reps.items():
-            by_method.setdefault(str(r.config.get("method")), set()).add(_variant(fk))
+        fams = families(runs)  # in setting order: full FT, LoRA by r, ...
+        self.labels = {f.key: f.label for f in fams}
+        by_method: dict[str, list[tuple]] = {}
+        for f in fams:
+            variants = by_method.setdefault(str(f.settings[0].config.get("method")), [])
+            if _variant(f.key) not in variants:
+                variants.append(_variant(f.key))
         others = iter(OTHER_COLORS * 4)
+        self._extra = {}
         self._style: dict[str, tuple[str, str, Any]] = {}
-        for method in sorted(by_method):
-            base = METHOD_COLORS.get(method) or next(others)
+        for f in fams:
+            method = str(f.settings[0].config.get("method"))
+            if method not in METHOD_COLORS and method not in self._extra:
+                self._extra[method] = next(others)
+            base = METHOD_COLORS.get(method) or self._extra[method]
             # variants of a method differ in marker and shade, never in hue; the regularizer
             # alone sets the line style
-            variants = sorted(by_method[method], key=repr)
-            for fk, r in reps.items():
-                if str(r.config.get("method")) != method:
-                    continue
-                k = variants.index(_variant(fk))
-                shade = 0.0 if len(variants) == 1 else -0.3 + 0.6 * k / (len(variants) - 1)
-                reg = str((r.config.get("regularizer") or {}).get("name", "none"))
-                self._style[self.labels[fk]] = (
-                    _shade(base, shade),
-                    VARIANT_MARKERS[k % len(VARIANT_MARKERS)],
-                    REG_LINESTYLES.get(reg, (0, (3, 1, 1, 1, 1, 1))),
-                )
+            k = by_method[method].index(_variant(f.key))
+            reg = str((f.settings[0].config.get("regularizer") or {}).get("name", "none"))
+            self._style[f.label] = (
+                _shade(base, _VARIANT_SHADES[k % len(_VARIANT_SHADES)]),
+                VARIANT_MARKERS[k % len(VARIANT_MARKERS)],
+                REG_LINESTYLES.get(reg, (0, (3, 1, 1, 1, 1, 1))),
+            )
 
     def _get(self, label: str) -> tuple[str, str, Any]:
         return self._style.get(label, ("#555555", "o", "-"))
