@@ -302,7 +302,6 @@ def test_heatmap_annotations_fit_at_12_and_24_layers(n_layers):
     from test_tables import fake_record
     from test_tables import write_store as write_small
 
-
     with tempfile.TemporaryDirectory() as tmp:
         recs = {
             f"{m}_{lr:g}_{s}": fake_record(

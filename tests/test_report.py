@@ -22,10 +22,22 @@ from attndrift.report.overlay import AttentionSample, attention_overlay
 from conftest import ROOT, tiny_config
 from test_tables import fake_record, matched_store, write_store
 
-ALWAYS = {"baseline_structure", "layer_delta_heatmaps", "lr_panels", "trajectories",
-          "structure_vs_zeroshot", "training_dynamics", "metric_correlations", "convergence",
-          "dashboard", "accuracy_entropy", "layer_time_heatmap", "gini_evolution",
-          "erf_evolution", "zeroshot_per_model"}
+ALWAYS = {
+    "baseline_structure",
+    "layer_delta_heatmaps",
+    "lr_panels",
+    "trajectories",
+    "structure_vs_zeroshot",
+    "training_dynamics",
+    "metric_correlations",
+    "convergence",
+    "dashboard",
+    "accuracy_entropy",
+    "layer_time_heatmap",
+    "gini_evolution",
+    "erf_evolution",
+    "zeroshot_per_model",
+}
 # Figures that need runs the small stores here do not have (layer freezing, two LoRA target
 # sets): they must say so instead of drawing.
 NEEDS_MORE = {"frozen_layers": "froze layers", "lora_targets": "LoRA target modules"}
@@ -49,11 +61,17 @@ def real_store(tmp_path_factory, request) -> Path:
     store = tmp_path_factory.mktemp("real_store")
     shutil.copytree(request.getfixturevalue("full_ft_run"), store / "full_ft")
     shutil.copytree(request.getfixturevalue("lora_run"), store / "lora")
-    run(tiny_config("tiny_full_ft", "train.lr=3e-3", "name=full_ft_hi"),
-        store / "full_ft_hi", progress=False)
+    run(
+        tiny_config("tiny_full_ft", "train.lr=3e-3", "name=full_ft_hi"),
+        store / "full_ft_hi",
+        progress=False,
+    )
     with pytest.raises(KeyError):
-        run(tiny_config("tiny_full_ft", "data.zeroshot=[no-such-task]", "name=broken"),
-            store / "failed", progress=False)
+        run(
+            tiny_config("tiny_full_ft", "data.zeroshot=[no-such-task]", "name=broken"),
+            store / "failed",
+            progress=False,
+        )
     _add_broken_runs(store)
     return store
 
@@ -71,7 +89,8 @@ def test_end_to_end_report_from_real_runs(real_report):
     html = (out / "report.html").read_text()
     # self-contained: every drawn figure embedded, nothing fetched from elsewhere
     assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', html)) == len(
-        result.figures)
+        result.figures
+    )
     assert not re.search(r'(src|href)="(https?:)?//', html)
     for status in ("failed", "corrupt", "missing"):
         assert f'class="status-{status}"' in html
@@ -81,8 +100,15 @@ def test_end_to_end_report_from_real_runs(real_report):
         assert f"](figures/{name}.png)" in md and (out / "figures" / f"{name}.png").stat().st_size
     csvs = sorted((out / "tables").glob("*.csv"))
     assert {p.stem for p in csvs} == set(result.tables)
-    assert {"runs", "main_comparison", "zeroshot", "lr_sweep", "per_layer_delta",
-            "collapse_onset", "provenance"} <= set(result.tables)
+    assert {
+        "runs",
+        "main_comparison",
+        "zeroshot",
+        "lr_sweep",
+        "per_layer_delta",
+        "collapse_onset",
+        "provenance",
+    } <= set(result.tables)
     for path in csvs:
         with open(path) as fh:
             rows = list(csv.reader(fh))
@@ -92,8 +118,9 @@ def test_end_to_end_report_from_real_runs(real_report):
 def test_report_command(tmp_path):
     from attndrift.cli import app
 
-    store = write_store(tmp_path / "store", {"a": fake_record(status="failed"),
-                                             "b": fake_record(status="diverged")})
+    store = write_store(
+        tmp_path / "store", {"a": fake_record(status="failed"), "b": fake_record(status="diverged")}
+    )
     _add_broken_runs(store)
     runner = CliRunner()
     res = runner.invoke(app, ["report", str(store), "--out", str(tmp_path / "r")])
@@ -111,9 +138,15 @@ def _fake_attention(run_dir: Path, n_patches: int = 16, drift: float = 0.5) -> N
     rng = np.random.default_rng(0)
     pre = rng.dirichlet(np.ones(n_patches), size=(8, 4, 4)).astype(np.float32)
     fin = ((1 - drift) * pre + drift * np.eye(n_patches, dtype=np.float32)[0]).astype(np.float32)
-    save_file({"pretrained": pre, "final": fin, "labels": np.arange(8, dtype=np.int64),
-               "images": rng.integers(0, 255, (8, 3, 32, 32), dtype=np.uint8)},
-              str(run_dir / "attention.safetensors"))
+    save_file(
+        {
+            "pretrained": pre,
+            "final": fin,
+            "labels": np.arange(8, dtype=np.int64),
+            "images": rng.integers(0, 255, (8, 3, 32, 32), dtype=np.uint8),
+        },
+        str(run_dir / "attention.safetensors"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +158,22 @@ def fake_store(tmp_path_factory) -> Path:
 
 
 def test_report_runs_without_torch(fake_store, tmp_path):
-    code = ("import sys; from attndrift.report import build_report; import attndrift.stats; "
-            f"r = build_report({str(fake_store)!r}, {str(tmp_path)!r}); "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'transformers', 'peft')); "
-            "assert not bad, bad; print(len(r.figures), sorted(r.counts.items()))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, check=False,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    code = (
+        "import sys; from attndrift.report import build_report; import attndrift.stats; "
+        f"r = build_report({str(fake_store)!r}, {str(tmp_path)!r}); "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'peft')); "
+        "assert not bad, bad; print(len(r.figures), sorted(r.counts.items()))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     # every figure, the attention overlay included, but those the store has no runs for
     assert proc.stdout.split()[0] == str(len(FIGURES) - len(NEEDS_MORE))
