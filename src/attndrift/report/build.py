@@ -60,11 +60,12 @@ FIGURES: tuple[FigureSpec, ...] = (
     ),
     FigureSpec(
         "layer_delta_heatmaps",
-        "Per-layer Δ entropy: learning rate × layer",
+        "Per-layer Δ entropy: setting × layer",
         f"Drift of each layer's CLS→patch entropy vs the pretrained model, {_SEEDS}; one "
-        "panel per backbone, dataset and setting family (rows: its learning rates). "
-        "Blue = broader attention, red = more concentrated; cells unannotated where a "
-        "number would not fit (values in per_layer_delta.csv) (003 Fig. 10).",
+        "panel per backbone and dataset, one row per setting (a family's learning rates "
+        "together, families divided by a line). Blue = broader attention, red = more "
+        "concentrated; cells unannotated where a number would not fit at 6 pt (values in "
+        "per_layer_delta.csv) (003 Fig. 10).",
         figures.layer_delta_heatmaps,
     ),
     FigureSpec(
@@ -79,9 +80,9 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec(
         "accuracy_entropy",
         "Accuracy and entropy over training",
-        f"Validation accuracy per epoch (left axis) and layer-mean entropy at each probe "
-        f"(right axis), {_SEEDS}; one panel per backbone, dataset and setting family, "
-        "darker = higher learning rate (003 Fig. 3).",
+        f"Validation accuracy per epoch and layer-mean entropy at each probe, {_SEEDS}, each "
+        "setting family at its best learning rate (by validation accuracy); a pair of panels "
+        "per backbone and dataset on one epoch axis (003 Fig. 3 drew them on twin y axes).",
         dynamics.accuracy_entropy,
     ),
     FigureSpec(

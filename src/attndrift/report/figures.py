@@ -70,6 +70,40 @@ def clipped_yerr(
     )
 
 
+def hbars(
+    ax,
+    labels: list[str],
+    stats: list[tuple[float, float, int]],
+    families: list[str],
+    pal: Palette,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+) -> None:
+    """Horizontal bars of (mean, sd, n) per row, coloured and hatched by family; ±1 sd clipped
+    to [lo, hi]; 'not available' where a row has no value."""
+    y = np.arange(len(labels))
+    means = [s[0] for s in stats]
+    err = clipped_yerr(np.nan_to_num(means), [s[1] for s in stats], lo, hi)
+    bars = ax.barh(
+        y,
+        np.nan_to_num(means),
+        0.7,
+        xerr=err,
+        edgecolor="black",
+        lw=0.4,
+        capsize=2,
+        color=[pal.color(f) for f in families],
+    )
+    for patch, fam in zip(bars.patches, families, strict=True):
+        patch.set_hatch(pal.hatch(fam))
+    for yi, (_, _, n) in zip(y, stats, strict=True):
+        if n == 0:
+            ax.text(0, yi, " not available", va="center", fontsize=6, color="grey")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.grid(alpha=0.3, axis="x")
+
+
 def baseline_structure(runs: Sequence[Run]) -> Figure:
     """The pretrained model's four metrics per layer, one line per backbone and probe set."""
     bases = {}
@@ -301,26 +335,15 @@ def regularization(runs: Sequence[Run]) -> Figure:
         for b in bars
     ]
     fig, axes = figure_grid(1, len(metrics), height=max(2.6, 0.32 * len(bars) + 1.2))
-    y = np.arange(len(bars))
     for ax, m in zip(axes[0], metrics, strict=True):
-        stats = [mean_sd(delta(r, m) for r in b[3]) for b in bars]
-        means = [s[0] for s in stats]
-        ax.barh(
-            y,
-            np.nan_to_num(means),
-            0.7,
-            xerr=[np.nan_to_num(s[1]) for s in stats],
-            color=[pal.color(b[1]) for b in bars],
-            edgecolor="black",
-            lw=0.4,
-            capsize=2,
+        hbars(
+            ax,
+            labels if m == metrics[0] else [""] * len(bars),
+            [mean_sd(delta(r, m) for r in b[3]) for b in bars],
+            [b[1] for b in bars],
+            pal,
         )
-        for yi, (_, _, n) in zip(y, stats, strict=True):
-            if n == 0:
-                ax.text(0, yi, " not available", va="center", fontsize=7, color="grey")
         ax.axvline(0, **ZERO)
-        ax.set_yticks(y, labels if m == metrics[0] else [""] * len(y), fontsize=7)
-        ax.invert_yaxis()
         ax.set_title(f"Δ {SHORT[m]} %", fontsize=9)
         ax.set_xlabel("drift vs pretrained (%), ±1 sd over seeds", fontsize=8)
         ax.grid(alpha=0.3, axis="x")

@@ -45,7 +45,11 @@ OTHER_COLORS = ("#d35400", "#17a589", "#b7950b", "#5d6d7e")
 REG_LINESTYLES = {"none": "-", "apr": "--", "entropy_floor": ":", "l2sp": "-."}
 # The first variant of a method in its own hue, the next ones lighter and darker in turn.
 _VARIANT_SHADES = (0.0, 0.4, -0.35, 0.6, -0.55, 0.2, -0.2)
-VARIANT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+VARIANT_MARKERS = ("o", "s", "^", "D", "v", "h", "p", "8")
+# A regularized family: its own marker in scatter plots and a hatch on bars (bars have no line
+# style), so it never looks like its unregularized twin.
+REG_MARKERS = {"apr": "*", "entropy_floor": "X", "l2sp": "P"}
+REG_HATCHES = {"none": "", "apr": "///", "entropy_floor": "...", "l2sp": "xxx"}
 # Pretrained / reference values: thin, black, long dashes (no regularizer uses this pattern).
 REFERENCE = {"color": "black", "lw": 0.9, "ls": (0, (6, 3)), "alpha": 0.7}
 ZERO = {"color": "grey", "lw": 0.8}
@@ -156,6 +160,7 @@ class Palette:
                 variants.append(_variant(f.key))
         others = iter(OTHER_COLORS * 4)
         self._extra = {}
+        self._hatch: dict[str, str] = {}
         self._style: dict[str, tuple[str, str, Any]] = {}
         for f in fams:
             method = str(f.settings[0].config.get("method"))
@@ -168,12 +173,16 @@ class Palette:
             reg = str((f.settings[0].config.get("regularizer") or {}).get("name", "none"))
             self._style[f.label] = (
                 _shade(base, _VARIANT_SHADES[k % len(_VARIANT_SHADES)]),
-                VARIANT_MARKERS[k % len(VARIANT_MARKERS)],
+                REG_MARKERS.get(reg) or VARIANT_MARKERS[k % len(VARIANT_MARKERS)],
                 REG_LINESTYLES.get(reg, (0, (3, 1, 1, 1, 1, 1))),
             )
+            self._hatch[f.label] = REG_HATCHES.get(reg, "++")
 
     def _get(self, label: str) -> tuple[str, str, Any]:
         return self._style.get(label, ("#555555", "o", "-"))
+
+    def hatch(self, label: str) -> str:
+        return self._hatch.get(label, "")
 
     def color(self, label: str) -> str:
         return self._get(label)[0]

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from attndrift.analysis.common import completed, delta, final, num, zs, zs_tasks
 from attndrift.analysis.runs import Run
 from attndrift.analysis.stats import bootstrap_ci, cohens_d
-from attndrift.report.figures import NoData, clipped_yerr, figure_grid
+from attndrift.report.figures import NoData, figure_grid, hbars
 from attndrift.report.style import (
     REFERENCE,
     ZERO,
@@ -49,28 +49,6 @@ def _retention(r: Run) -> float:
     return nanmean(vals) if vals else math.nan
 
 
-def _bars(
-    ax,
-    labels: list[str],
-    stats: list[tuple[float, float, int]],
-    colors: list[str],
-    lo: float = -math.inf,
-    hi: float = math.inf,
-) -> None:
-    y = np.arange(len(labels))
-    means = [s[0] for s in stats]
-    err = clipped_yerr(np.nan_to_num(means), [s[1] for s in stats], lo, hi)
-    ax.barh(
-        y, np.nan_to_num(means), 0.7, xerr=err, color=colors, edgecolor="black", lw=0.4, capsize=2
-    )
-    for yi, (_, _, n) in zip(y, stats, strict=True):
-        if n == 0:
-            ax.text(0, yi, " not available", va="center", fontsize=6, color="grey")
-    ax.set_yticks(y, labels, fontsize=7)
-    ax.set_ylim(len(labels) - 0.5, -0.5)
-    ax.grid(alpha=0.3, axis="x")
-
-
 def dashboard(runs: Sequence[Run]) -> Figure:
     """003 Fig. 16: per backbone, dataset and setting family at its best learning rate (by
     validation accuracy): test accuracy, Δ entropy, mean zero-shot retention, Δ head diversity."""
@@ -100,11 +78,12 @@ def dashboard(runs: Sequence[Run]) -> Figure:
     ]
     fig, axes = figure_grid(1, len(outcomes), height=max(2.6, 0.26 * len(rows) + 1.3))
     for k, (ax, (name, get, lo, hi)) in enumerate(zip(axes[0], outcomes, strict=True)):
-        _bars(
+        hbars(
             ax,
             [r[0] for r in rows] if k == 0 else [""] * len(rows),
             [mean_sd(get(r) for r in g) for _, _, g in rows],
-            [pal.color(lab) for _, lab, _ in rows],
+            [lab for _, lab, _ in rows],
+            pal,
             lo,
             hi,
         )
@@ -190,6 +169,8 @@ def statistical_summary(runs: Sequence[Run]) -> Figure:
             edgecolor="black",
             lw=0.4,
         )
+        for patch, e in zip(ax.patches, effects, strict=True):
+            patch.set_hatch(pal.hatch(e[1]))
         for x in (-0.8, -0.2, 0.2, 0.8):
             ax.axvline(x, color="grey", lw=0.5, ls=(0, (1, 2)))
         ax.axvline(0, **ZERO)
@@ -225,11 +206,12 @@ def zeroshot_per_model(runs: Sequence[Run]) -> Figure:
         ]
         for col, task in enumerate(tasks):
             ax = axes[row, col]
-            _bars(
+            hbars(
                 ax,
                 [t[0] for t in settings] if col == 0 else [""] * len(settings),
                 [mean_sd(100 * zs(r, task) for r in g) for _, _, g in settings],
-                [pal.color(lab) for _, lab, _ in settings],
+                [lab for _, lab, _ in settings],
+                pal,
                 0,
                 100,
             )
@@ -281,11 +263,12 @@ def _comparison(
             )
     fig, axes = figure_grid(1, len(outcomes), height=max(2.4, 0.3 * len(bars) + 1.2))
     for k, (ax, (name, get)) in enumerate(zip(axes[0], outcomes, strict=True)):
-        _bars(
+        hbars(
             ax,
             [b[0] for b in bars] if k == 0 else [""] * len(bars),
             [mean_sd(get(r) for r in g) for _, _, g in bars],
-            [pal.color(lab) for _, lab, _ in bars],
+            [lab for _, lab, _ in bars],
+            pal,
             0 if "acc" in name else -math.inf,
             100 if "acc" in name else math.inf,
         )
