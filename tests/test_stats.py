@@ -213,3 +213,13 @@ def test_collapse_onset():
     assert collapse_onset(fractions, [0.0, -0.5, -0.9, -1.0, -0.14]) is None  # -1% is not below
     assert collapse_onset(fractions, [0.0, 0.3, math.nan, 0.6, 0.58]) is None
     assert collapse_onset(fractions, [0.0, -0.5, -2.0, -1.0, 0.5], threshold=-1.5) == 0.2
+
+
+def test_bootstrap_ci_of_three_seeds_lies_on_attainable_means():
+    """With 3 values a resample mean is one of the 10 multiset means: the percentile bounds
+    are two of them (or between two neighbours, by interpolation)."""
+    x = [1.0, 2.0, 5.0]
+    means = sorted({sum(c) / 3 for c in itertools.combinations_with_replacement(x, 3)})
+    assert len(means) == 10
+    res = bootstrap_ci(x, n_resamples=10_000)
+    assert means[0] <= res.ci[0] <= means[2] and means[-3] <= res.ci[1] <= means[-1]

@@ -78,6 +78,9 @@ def fake_record(*, name: str = "run", method: str = "full_ft", lr: float = 1e-3,
         "delta_pct_layers": {m: [100 * (a - b) / b for a, b in
                                  zip(fin[m]["layers"], baseline[m]["layers"], strict=True)]
                              for m in METRIC_NAMES}}
+    # the other probe subsets drifted 0.1 points less than subset 0 (tests tell them apart)
+    record["final"]["delta_pct_subset_mean"] = {m: v - 0.1 for m, v in
+                                                record["final"]["delta_pct"].items()}
     if aux is not None:
         record["final"]["aux"] = aux
     record["zeroshot"] = {"shapes-zs-shape": {"before": 0.8, "after": zs_after,
@@ -223,9 +226,9 @@ def test_run_level_contrasts_are_one_factor_and_seed_based(built):
     table = built["run_level"]
     factors = {r["factor"] for r in table.rows}
     assert factors == {"method", "regularizer"}
-    row = next(r for r in table.rows if r["factor"] == "method" and r["lr"] == 1e-3
-           and r["outcome"] == "Δ entropy %")
-    assert (row["a"], row["b"], row["n"]) == ("full FT", "LoRA r=8", "3 vs 3")
+    row = next(r for r in table.rows if r["factor"] == "method"
+               and r["where"] == "tiny · shapes-layout · lr 1e-3" and r["outcome"] == "Δ entropy %")
+    assert (row["a"], row["b"], row["n"]) == ("full FT", "LoRA r=8 α=16", "3 vs 3")
     assert row["p"] < 0.05 and row["p_holm"] >= row["p"] and row["d"] < 0
 
 
@@ -259,10 +262,30 @@ def test_empty_and_unreadable_stores_do_not_crash(tmp_path):
     assert all(not (t.skipped or "").startswith("error") for t in out.values())
 
 
-def test_nan_and_missing_values_render_as_dashes(tmp_path):
+def test_nan_and_missing_values_render_as_not_available(tmp_path):
     rec = fake_record()
-    rec["final"]["delta_pct"]["gini"] = None
+    rec["final"]["delta_pct_subset_mean"]["gini"] = None
     rec["zeroshot"]["shapes-zs-shape"]["retention_pct"] = None
     table = tables.main_comparison(load_store(write_store(tmp_path, {"a": rec})))
-    assert "—" in to_markdown(table)
+    assert "| n/a |" in to_markdown(table)
     assert math.isnan(table.rows[0]["d_gini"])
+    assert not math.isnan(tables.main_comparison(load_store(tmp_path), drift="subset0")
+                          .rows[0]["d_gini"])
+
+
+def test_settings_sort_case_insensitively_and_seeds_numerically(tmp_path):
+    recs = {f"{d}_{s}": fake_record(name=d, dataset=d, seed=s)
+            for d in ("Zeta", "alpha", "Beta") for s in (19, 7, 11)}
+    runs = load_store(write_store(tmp_path, recs))
+    table = tables.matched_lr(runs)
+    assert [r["dataset"] for r in table.rows] == ["alpha", "Beta", "Zeta"]
+    assert {r["seeds"] for r in table.rows} == {"7, 11, 19"}
+    main = tables.main_comparison(runs)
+    assert [r["seed"] for r in main.rows[:3]] == [7, 11, 19]
+
+
+def test_every_table_has_one_report_section(built):
+    from attndrift.analysis import SECTIONS
+
+    placed = [name for _, _, names in SECTIONS for name in names]
+    assert sorted(placed) == sorted(built) and len(placed) == len(set(placed))

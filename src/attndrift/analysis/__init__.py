@@ -8,39 +8,67 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from attndrift.analysis import inference, supplementary, tables
+from attndrift.analysis import associations, comparisons, inference, supplementary, tables
+from attndrift.analysis.common import SUBSET0, SUBSET_MEAN, converged
 from attndrift.analysis.runs import Run, discover_run_dirs, load_run, load_store
 from attndrift.analysis.table import Column, Table, to_markdown, write_csv
 
-__all__ = ["TABLES", "Column", "Run", "Table", "all_tables", "discover_run_dirs", "load_run",
-           "load_store", "to_markdown", "write_csv"]
+__all__ = ["SECTIONS", "SUBSET0", "SUBSET_MEAN", "TABLES", "Column", "Run", "Table", "all_tables",
+           "converged", "discover_run_dirs", "load_run", "load_store", "to_markdown",
+           "write_csv"]
 
-# Report order. Each builder: runs -> Table.
-TABLES: tuple[Callable[[Sequence[Run]], Table], ...] = (
+# Report order. Each builder: (runs, drift=SUBSET_MEAN) -> Table.
+TABLES: tuple[Callable[..., Table], ...] = (
     tables.main_comparison,
+    tables.baseline_summary,
     tables.baseline_structure,
+    tables.absolute_metrics,
     tables.lr_sweep,
     tables.matched_lr,
+    supplementary.convergence,
     supplementary.grid_aggregate,
+    comparisons.bootstrap_cis,
+    comparisons.backbone_comparison,
     tables.regularization,
     supplementary.auxiliary,
     tables.zeroshot,
     tables.per_layer_delta,
     supplementary.collapse_onsets,
     inference.run_level,
+    inference.method_lr_contrasts,
     inference.corrected_inference,
-    inference.metric_correlations,
+    associations.transfer_retention,
+    associations.cka_correlation,
+    associations.metric_correlations,
     supplementary.provenance,
 )
 
 
-def all_tables(runs: Sequence[Run], store_root: str = "") -> list[Table]:
-    """The run-status table, then every table of `TABLES`. A builder that fails on odd
-    records yields an empty table naming the error, so one bad record cannot stop a report."""
+# Where each table belongs in a report, in reading order (every table of `all_tables` is in
+# exactly one section; tests/test_tables.py checks it). The report renders these sections.
+SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("runs", "Run status", ("runs", "convergence")),
+    ("results", "Results", ("matched_lr", "main_comparison", "baseline_summary",
+                            "baseline_structure", "absolute_metrics", "lr_sweep",
+                            "grid_aggregate", "backbone_comparison", "regularization",
+                            "auxiliary", "zeroshot", "per_layer_delta", "collapse_onset")),
+    ("statistics", "Statistics", ("bootstrap_ci", "run_level", "method_lr_contrasts",
+                                  "inference", "transfer_retention", "cka_correlation",
+                                  "metric_correlations")),
+    ("provenance", "Provenance", ("provenance",)),
+)
+
+
+def all_tables(runs: Sequence[Run], store_root: str = "", drift: str = SUBSET_MEAN
+               ) -> list[Table]:
+    """The run-status table, then every table of `TABLES`, drift read as ``drift``
+    (`SUBSET_MEAN`: the mean over the fixed probe subsets, as 002; `SUBSET0`: the first
+    subset). A builder that fails on odd records yields an empty table naming the error, so
+    one bad record cannot stop a report."""
     out = [tables.run_status(runs, store_root)]
     for build in TABLES:
         try:
-            out.append(build(runs))
+            out.append(build(runs, drift=drift))
         except Exception as err:  # reported in the table's place, not raised
             name = build.__name__
             out.append(Table(name, name.replace("_", " ").capitalize(), "", (),

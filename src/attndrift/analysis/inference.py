@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,11 +18,13 @@ import numpy as np
 
 from attndrift.analysis import stats
 from attndrift.analysis.common import (
+    SUBSET_MEAN,
     completed,
+    context,
     delta,
-    describe,
-    extra_keys,
+    drift_note,
     final,
+    mean_sd,
     num,
     settings,
     zs,
@@ -29,12 +32,20 @@ from attndrift.analysis.common import (
 )
 from attndrift.analysis.metadata import SHORT, core_metrics
 from attndrift.analysis.runs import (
+    LR_KEYS,
+    METHOD_KEYS,
     Run,
-    flat_config,
+    Setting,
+    factors,
+    group_families,
+    key_label,
     lr_of,
     method_label,
+    model_of,
     regularizer_label,
-    setting_key,
+    setting_order,
+    short_model,
+    short_number,
 )
 from attndrift.analysis.table import Column, Table, make_table
 
@@ -52,223 +63,299 @@ def _factor(key: str) -> str:
     return key
 
 
-def _level_label(group: list[Run], factor: str) -> str:
-    cfg = group[0].config
+_FACTOR_NAMES = {"model": "backbone", "train.weight_decay": "weight decay",
+                 "train.epochs": "epochs", "train.batch_size": "batch size"}
+
+
+def _patch(model: str) -> int:
+    m = re.search(r"/(\d+)", short_model(model))
+    return int(m.group(1)) if m else 0
+
+
+def level_label(cfg: dict[str, Any], factor: str) -> str:
+    """How one side of a contrast in ``factor`` reads: 'LoRA r=8 α=16', 'ViT-B/16', 'wd 0.1'."""
     if factor == "method":
         return method_label(cfg)
     if factor == "regularizer":
         return regularizer_label(cfg)
-    return f"{factor}={flat_config(cfg).get(factor)}"
+    if factor == "model":
+        return short_model(model_of(cfg))
+    return key_label(factor, factors(cfg).get(factor))
 
 
-def _is_reference(group: list[Run], factor: str) -> bool:
-    cfg = group[0].config
-    return ((factor == "method" and cfg.get("method") == "full_ft")
-            or (factor == "regularizer" and regularizer_label(cfg) == "none"))
+def where_label(cfg: dict[str, Any], *skip: str, other: str = "—") -> str:
+    """What the two sides of a contrast share: backbone, dataset, method, regularizer (if any),
+    ``other`` settings (the setting's 'other settings' label; '—' for none), lr, leaving out
+    the factors in ``skip``."""
+    parts = [] if "model" in skip else [short_model(model_of(cfg))]
+    parts.append(str((cfg.get("data") or {}).get("dataset")))
+    if "method" not in skip:
+        parts.append(method_label(cfg))
+    if "regularizer" not in skip and regularizer_label(cfg) != "none":
+        parts.append(regularizer_label(cfg))
+    own = {key_label(k, factors(cfg).get(k)) for k in skip if k in factors(cfg)}
+    parts += [x for x in other.split(" · ") if x != "—" and x not in own]
+    if "train.lr" not in skip:
+        parts.append(f"lr {short_number(lr_of(cfg))}")
+    return " · ".join(parts)
 
 
-def contrasts(runs: Sequence[Run], min_seeds: int = 2) -> list[tuple[str, list[Run], list[Run]]]:
+def _reference_first(a: Setting, b: Setting, factor: str) -> tuple[Setting, Setting]:
+    """Full FT, no regularizer, the coarser backbone (B/32 before B/16, as 002 Table 4) first;
+    else setting order."""
+    def rank(s: Setting) -> tuple:
+        cfg = s.config
+        if factor == "method":
+            return (cfg.get("method") != "full_ft", setting_order(cfg))
+        if factor == "regularizer":
+            return (regularizer_label(cfg) != "none", setting_order(cfg))
+        if factor == "model":
+            return (-_patch(model_of(cfg)), model_of(cfg).casefold())
+        return (setting_order(cfg),)
+
+    return (a, b) if rank(a) <= rank(b) else (b, a)
+
+
+def contrasts(runs: Sequence[Run], min_seeds: int = 2) -> list[tuple[str, Setting, Setting]]:
     """Pairs of settings with >= ``min_seeds`` completed seeds each that differ in exactly one
-    factor (method, regularizer, or one other config key; not lr or dataset). The reference
-    (full FT, no regularizer) comes first."""
-    groups = [completed(g) for g in settings(runs) if len(completed(g)) >= min_seeds]
+    factor (method, regularizer, backbone, or one other config key; not lr or dataset). The
+    reference (full FT, no regularizer, B/32) comes first."""
+    groups = [s for s in settings(runs) if len(s.completed) >= min_seeds]
     out = []
     for a, b in itertools.combinations(groups, 2):
-        ka, kb = dict(setting_key(a[0].config)), dict(setting_key(b[0].config))
-        factors = {_factor(k) for k in set(ka) | set(kb) if ka.get(k) != kb.get(k)}
-        if len(factors) != 1 or factors & _NOT_CONTRASTS:
+        ka, kb = dict(a.key), dict(b.key)
+        diff = {_factor(k) for k in set(ka) | set(kb) if ka.get(k) != kb.get(k)}
+        if len(diff) != 1 or diff & _NOT_CONTRASTS:
             continue
-        factor = factors.pop()
-        if _is_reference(b, factor) and not _is_reference(a, factor):
-            a, b = b, a
-        out.append((factor, a, b))
+        factor = diff.pop()
+        out.append((factor, *_reference_first(a, b, factor)))
     return out
 
 
-def _outcomes(tasks: Sequence[str]) -> list[tuple[str, str, Any]]:
-    out = [(f"Δ {SHORT.get(m, m)} %", "pct", lambda r, m=m: delta(r, m)) for m in core_metrics()]
+def _outcomes(tasks: Sequence[str], drift: str) -> list[tuple[str, str, Any]]:
+    out = [(f"Δ {SHORT.get(m, m)} %", "pct", lambda r, m=m: delta(r, m, drift))
+           for m in core_metrics()]
     out.append(("best val acc %", "acc", lambda r: num(final(r).get("best_val_acc"))))
+    out.append(("test acc %", "acc", lambda r: num(final(r).get("test_acc"))))
     out += [(f"zero-shot {t} %", "acc", lambda r, t=t: zs(r, t)) for t in tasks]
     return out
 
 
-def run_level(runs: Sequence[Run]) -> Table:
-    keys, tasks, rows = extra_keys(runs), zs_tasks(completed(runs)), []
-    for factor, a, b in contrasts(runs):
-        base = describe(a[0], keys)
-        for label, fmt, get in _outcomes(tasks):
-            xa, xb = [get(r) for r in a], [get(r) for r in b]
-            w = stats.welch(xa, xb)
-            rows.append({"dataset": base["dataset"], "lr": base["lr"], "factor": factor,
-                         "a": _level_label(a, factor), "b": _level_label(b, factor),
-                         "n": f"{len(a)} vs {len(b)}", "outcome": label, "fmt": fmt,
-                         "mean_a": float(np.nanmean(xa)), "mean_b": float(np.nanmean(xb)),
-                         "t": w.statistic, "p": w.pvalue,
-                         "d": stats.cohens_d(xa, xb).statistic,
-                         "p_mw": stats.mann_whitney(xa, xb).pvalue})
-    for label, *_ in _outcomes(tasks):  # Holm within each outcome's family of contrasts
-        family = [r for r in rows if r["outcome"] == label]
+def _contrast_row(a: list[Run], b: list[Run], get: Any) -> dict[str, Any]:
+    xa, xb = [get(r) for r in a], [get(r) for r in b]
+    (ma, sa), (mb, sb) = mean_sd(xa), mean_sd(xb)
+    w = stats.welch(xa, xb)
+    return {"n": f"{sum(map(math.isfinite, xa))} vs {sum(map(math.isfinite, xb))}",
+            "mean_a": ma, "sd_a": sa, "mean_b": mb, "sd_b": sb, "t": w.statistic,
+            "p": w.pvalue, "d": stats.cohens_d(xa, xb).statistic,
+            "p_mw": stats.mann_whitney(xa, xb).pvalue}
+
+
+def _holm_by(rows: list[dict[str, Any]], key: str) -> None:
+    for value in {r[key] for r in rows}:
+        family = [r for r in rows if r[key] == value]
         for r, adj in zip(family, stats.holm([r["p"] for r in family]), strict=True):
             r["p_holm"] = float(adj)
+
+
+def _as_percent(rows: list[dict[str, Any]]) -> None:
     for r in rows:  # accuracy means read as %, drift already in %
         if r.pop("fmt") == "acc":
-            r["mean_a"], r["mean_b"] = 100 * r["mean_a"], 100 * r["mean_b"]
-    cols = (Column("dataset", "dataset"), Column("lr", "lr", "lr"), Column("factor", "factor"),
-            Column("a", "A"), Column("b", "B"), Column("n", "seeds A vs B"),
-            Column("outcome", "outcome"), Column("mean_a", "mean A", "num"),
-            Column("mean_b", "mean B", "num"), Column("t", "Welch t", "num"),
-            Column("p", "Welch p", "p"), Column("p_holm", "Holm p", "p"),
-            Column("d", "Cohen's d", "num"), Column("p_mw", "Mann-Whitney p", "p"))
+            for k in ("mean_a", "sd_a", "mean_b", "sd_b"):
+                r[k] = 100 * r[k]
+
+
+_CONTRAST_COLS = (Column("n", "seeds A vs B"), Column("outcome", "outcome"),
+                  Column("mean_a", "mean A", "f2", "sd_a"),
+                  Column("mean_b", "mean B", "f2", "sd_b"), Column("t", "Welch t", "num"),
+                  Column("p", "Welch p", "p"), Column("p_holm", "Holm p", "p"),
+                  Column("d", "Cohen's d", "num"), Column("p_mw", "Mann-Whitney p", "p"))
+
+
+def run_level(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
+    tasks, rows, ctx = zs_tasks(completed(runs)), [], context(runs)
+    for factor, a, b in sorted(contrasts(runs), key=lambda c: (setting_order(c[1].config),
+                                                              c[0], setting_order(c[2].config))):
+        where = where_label(a.config, factor, other=ctx.other[a.key])
+        for label, fmt, get in _outcomes(tasks, drift):
+            row = {"where": where, "factor": factor,
+                   "factor_label": _FACTOR_NAMES.get(factor, factor),
+                   "a": level_label(a.config, factor), "b": level_label(b.config, factor),
+                   "outcome": label, "fmt": fmt, "members": (
+                       tuple(str(r.path) for r in a.completed),
+                       tuple(str(r.path) for r in b.completed))}
+            row.update(_contrast_row(a.completed, b.completed, get))
+            rows.append(row)
+    _holm_by(rows, "outcome")  # Holm within each outcome's family of contrasts
+    _as_percent(rows)
+    cols = (Column("where", "shared setting"), Column("factor_label", "factor"), Column("a", "A"),
+            Column("b", "B"), *_CONTRAST_COLS)
     return make_table("run_level", "Run-level multi-seed comparisons",
-                      f"Settings that differ in one factor (same dataset and lr), each with two or "
-                      f"more completed seeds; {RUN_LEVEL}. Welch t test (two-sided), Cohen's d "
-                      "(A - B over the pooled sd), Mann-Whitney U (two-sided; with 3 vs 3 seeds "
-                      "its smallest p is 0.1). Holm p adjusts across the contrasts of each "
-                      "outcome.", cols, rows,
+                      "Settings that differ in one factor (method, regularizer, backbone or one "
+                      "other setting; same dataset and lr, named under 'shared setting'), each "
+                      f"with two or more completed seeds; {RUN_LEVEL}. Means ± sample sd; Welch "
+                      "t test (two-sided), Cohen's d (A - B over the pooled sd), Mann-Whitney U "
+                      "(two-sided; with 3 vs 3 seeds its smallest p is 0.1). Holm p adjusts "
+                      f"across the contrasts of each outcome. {drift_note(drift)}", cols, rows,
                       "no two settings with two or more completed seeds differ in one factor")
 
 
-def _seed_mean_layers(group: list[Run], metric: str = "entropy") -> np.ndarray:
-    per_run = [final(r).get("delta_pct_layers", {}).get(metric) or [] for r in group]
+def method_lr_contrasts(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
+    """002 Table 6: full FT vs another method where they differ in the lr as well (e.g. full FT
+    at 1e-5 vs LoRA at 1e-4), over seeds, on Δ entropy."""
+    rows, ctx = [], context(runs)
+    for fam in group_families(runs, LR_KEYS + METHOD_KEYS):
+        groups = [s for s in fam.settings if len(s.completed) >= 2]
+        for a, b in itertools.combinations(groups, 2):
+            a, b = _reference_first(a, b, "method")
+            if (a.config.get("method") != "full_ft" or b.config.get("method") == "full_ft"
+                    or lr_of(a.config) == lr_of(b.config)):
+                continue
+            row = {"where": where_label(a.config, "method", "train.lr", other=ctx.other[a.key]),
+                   "a": f"{method_label(a.config)} lr {short_number(lr_of(a.config))}",
+                   "b": f"{method_label(b.config)} lr {short_number(lr_of(b.config))}",
+                   "outcome": "Δ entropy %", "fmt": "pct",
+                   "members": (tuple(str(r.path) for r in a.completed),
+                               tuple(str(r.path) for r in b.completed))}
+            row.update(_contrast_row(a.completed, b.completed,
+                                     lambda r: delta(r, "entropy", drift)))
+            rows.append(row)
+    _holm_by(rows, "outcome")
+    _as_percent(rows)
+    cols = (Column("where", "shared setting"), Column("a", "A"), Column("b", "B"),
+            *_CONTRAST_COLS)
+    return make_table("method_lr_contrasts", "Method contrasts at different learning rates",
+                      "As the matched-LR preprint's run-level follow-up (002 Table 6, e.g. full "
+                      "FT at 1e-5 vs LoRA at 1e-4): full FT vs each other method of the same "
+                      "backbone, dataset and other settings where the two also differ in lr "
+                      f"(same-lr pairs are in the run-level table); {RUN_LEVEL}. Welch t, "
+                      "Cohen's d, Mann-Whitney U; Holm across all rows. Method and lr change "
+                      f"together, so a difference is not the effect of either. "
+                      f"{drift_note(drift)}", cols, rows,
+                      "no full FT and other-method settings (two or more seeds each) of one "
+                      "backbone and dataset at different learning rates")
+
+
+def _seed_mean_layers(group: Sequence[Run], values: Any) -> np.ndarray:
+    """Per-layer seed means of ``values(run) -> list`` (layers all runs have), NaN-safe."""
+    per_run = [values(r) for r in group]
     width = min((len(p) for p in per_run), default=0)
     if width == 0:
         return np.zeros(0)
-    return np.nanmean(np.array([[num(v) for v in p[:width]] for p in per_run]), axis=0)
+    arr = np.array([[num(v) for v in p[:width]] for p in per_run], dtype=float)
+    ok = np.isfinite(arr)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok.any(axis=0), np.where(ok, arr, 0).sum(axis=0) / ok.sum(axis=0),
+                        np.nan)
+
+
+def _delta_layers(r: Run) -> list:
+    return (final(r).get("delta_pct_layers") or {}).get("entropy") or []
+
+
+def _entropy_layers(r: Run) -> list:
+    return ((final(r).get("metrics") or {}).get("entropy") or {}).get("layers") or []
 
 
 def _row(family: str, comparison: str, res: stats.TestResult, level: str,
-         note: str = "") -> dict[str, Any]:
+         note: str = "", d: float = math.nan) -> dict[str, Any]:
     n = res.n if isinstance(res.n, int) else " vs ".join(map(str, res.n))
     return {"family": family, "comparison": comparison, "test": res.test, "level": level,
-            "n": n, "statistic": res.statistic, "p": res.pvalue, "note": note}
+            "n": n, "statistic": res.statistic, "p": res.pvalue, "d": d, "note": note}
 
 
-def _lr_trend_rows(runs: Sequence[Run], keys: Sequence[str]) -> list[dict[str, Any]]:
-    sweeps: dict[tuple, list[list[Run]]] = {}
-    for g in settings(runs):
-        if completed(g):
-            rest = tuple(kv for kv in setting_key(g[0].config) if kv[0] != "train.lr")
-            sweeps.setdefault(rest, []).append(completed(g))
+def _lr_trend_rows(runs: Sequence[Run], drift: str) -> list[dict[str, Any]]:
     rows = []
-    for sweep in sweeps.values():
+    for fam in group_families(runs, LR_KEYS):
+        sweep = [s for s in fam.settings if s.completed]
         if len(sweep) < 3:
             continue
-        sweep = sorted(sweep, key=lambda g: lr_of(g[0].config))
-        x = np.log10([lr_of(g[0].config) for g in sweep])
-        y = [float(np.nanmean([delta(r, "entropy") for r in g])) for g in sweep]
-        d = describe(sweep[0][0], keys)
-        what = (f"log10 lr vs Δ entropy: {d['dataset']}, {d['method']}"
-                + (f", {d['regularizer']}" if d["regularizer"] != "none" else "")
-                + (f", {d['other']}" if d["other"] != "—" else ""))
-        seeds = sorted({len(g) for g in sweep})
+        x = np.log10([lr_of(s.config) for s in sweep])
+        y = [mean_sd(delta(r, "entropy", drift) for r in s.completed)[0] for s in sweep]
+        seeds = sorted({len(s.completed) for s in sweep})
         for method in ("pearson", "spearman"):
             res = stats.permutation_corr_test(x, y, method)
-            rows.append(_row(f"lr trend ({method})", what, res, SETTING_LEVEL,
-                             f"{len(sweep)} learning rates; seeds per lr: "
+            rows.append(_row(f"lr trend ({method})", f"log10 lr vs Δ entropy: {fam.label}",
+                             res, SETTING_LEVEL, f"{len(sweep)} learning rates; seeds per lr: "
                              f"{'/'.join(map(str, seeds))}"))
     return rows
 
 
-def _regularizer_rows(runs: Sequence[Run], keys: Sequence[str]) -> list[dict[str, Any]]:
-    families: dict[tuple, list[list[Run]]] = {}
-    for g in settings(runs):
-        if completed(g):
-            rest = tuple(kv for kv in setting_key(g[0].config)
-                         if not kv[0].startswith("regularizer."))
-            families.setdefault(rest, []).append(completed(g))
-    rows = []
-    for family in families.values():
-        refs = [g for g in family if regularizer_label(g[0].config) == "none"]
+def _regularizer_rows(runs: Sequence[Run], drift: str) -> list[dict[str, Any]]:
+    """Each regularized setting vs the unregularized one equal in all else: the study's paired
+    t over layers of absolute final entropy (seed means; 003 §3.7, exploratory) with Cohen's d
+    of those layer values, and next to it the run-level Welch t over seeds."""
+    rows, ctx = [], context(runs)
+    for fam in group_families(runs, ("regularizer.",)):
+        family = [s for s in fam.settings if s.completed]
+        refs = [s for s in family if regularizer_label(s.config) == "none"]
         if not refs or len(family) < 2:
             continue
         ref = refs[0]
-        ref_layers = _seed_mean_layers(ref)
-        d = describe(ref[0], keys)
-        where = f"{d['dataset']}, {d['method']}, lr {d['lr']:g}"
+        ref_layers = _seed_mean_layers(ref.completed, _entropy_layers)
         for g in family:
             if g is ref:
                 continue
-            label = f"{regularizer_label(g[0].config)} vs none ({where})"
-            layers = _seed_mean_layers(g)
+            label = (f"{regularizer_label(g.config)} vs none "
+                     f"({where_label(ref.config, 'regularizer', other=ctx.other[ref.key])})")
+            layers = _seed_mean_layers(g.completed, _entropy_layers)
             if layers.size and layers.size == ref_layers.size and layers.size >= 2:
                 rows.append(_row("regularizer, per layer", label,
                                  stats.paired_t(layers, ref_layers), EXPLORATORY,
-                                 "paired over layers of per-layer Δ entropy (seed means)"))
-            if len(g) >= 2 and len(ref) >= 2:
-                rows.append(_row("regularizer, run-level", label,
-                                 stats.welch([delta(r, "entropy") for r in g],
-                                             [delta(r, "entropy") for r in ref]), RUN_LEVEL,
-                                 "Δ entropy of each seed"))
+                                 "paired over layers of the absolute final entropy (seed "
+                                 "means), as the study ran it; d of those layer values",
+                                 stats.cohens_d(layers, ref_layers).statistic))
+            if len(g.completed) >= 2 and len(ref.completed) >= 2:
+                xa = [delta(r, "entropy", drift) for r in g.completed]
+                xb = [delta(r, "entropy", drift) for r in ref.completed]
+                rows.append(_row("regularizer, run-level", label, stats.welch(xa, xb),
+                                 RUN_LEVEL, "Δ entropy of each seed",
+                                 stats.cohens_d(xa, xb).statistic))
     return rows
 
 
-def _layer_position_rows(runs: Sequence[Run], keys: Sequence[str]) -> list[dict[str, Any]]:
+def _layer_position_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     rows = []
-    for g in settings(runs):
-        done = completed(g)
-        layers = _seed_mean_layers(done) if done else np.zeros(0)
+    for s in settings(runs):
+        layers = _seed_mean_layers(s.completed, _delta_layers)
         if layers.size < 6:  # three groups of at least two layers
             continue
         thirds = np.array_split(layers, 3)
-        d = describe(done[0], keys)
-        rows.append(_row("layer position", f"early vs middle vs late layers: {d['dataset']}, "
-                         f"{d['method']}, {d['regularizer']}, lr {d['lr']:g}",
+        rows.append(_row("layer position", f"early vs middle vs late layers: {s.label}",
                          stats.anova_oneway(*thirds), EXPLORATORY,
-                         "per-layer Δ entropy (seed means) in three contiguous layer groups"))
+                         "per-layer Δ entropy (seed means, probe subset 0) in three contiguous "
+                         "layer groups"))
     return rows
 
 
-def corrected_inference(runs: Sequence[Run]) -> Table:
-    keys = extra_keys(runs)
-    rows = (_lr_trend_rows(runs, keys) + _regularizer_rows(runs, keys)
-            + _layer_position_rows(runs, keys))
-    for family in {r["family"] for r in rows}:
-        members = [r for r in rows if r["family"] == family]
-        for r, adj in zip(members, stats.holm([r["p"] for r in members]), strict=True):
-            r["p_holm"] = float(adj)
+def corrected_inference(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
+    rows = (_lr_trend_rows(runs, drift) + _regularizer_rows(runs, drift)
+            + _layer_position_rows(runs))
+    _holm_by(rows, "family")
     cols = (Column("family", "family"), Column("comparison", "comparison"),
             Column("level", "inference"), Column("n", "n"),
             Column("statistic", "statistic", "num"), Column("p", "p", "p"),
-            Column("p_holm", "Holm p (family)", "p"), Column("test", "test"),
-            Column("note", "note"))
+            Column("p_holm", "Holm p (family)", "p"), Column("d", "Cohen's d", "num"),
+            Column("test", "test"), Column("note", "note"))
     return make_table("inference", "Corrected inference",
                       "The study's corrected statistics recomputed from the store: the "
                       "learning-rate trend by exact permutation correlation (all n! pairings for "
-                      "n <= 8), regularizers vs no regularizer, and layer position. Holm p "
+                      "n <= 8) within each family of settings equal but for the lr; each "
+                      "regularizer vs no regularizer, per layer as the study ran it "
+                      "(exploratory) next to the run-level test; and layer position. Holm p "
                       "adjusts within each family. Rows marked exploratory treat layers of one "
                       "model as samples and are descriptive only; method contrasts over seeds "
-                      "are in the run-level table.", cols, rows,
+                      f"are in the run-level table. {drift_note(drift)}", cols, rows,
                       "needs three or more learning rates of one setting, a regularized run "
                       "next to an unregularized one, or a model with six or more layers")
 
 
-def outcome_columns(runs: Sequence[Run]) -> dict[str, list[float]]:
+def outcome_columns(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> dict[str, list[float]]:
     """Run-level outcomes of the completed runs, by display name (for correlations)."""
     done = completed(runs)
-    data = {f"Δ {SHORT.get(m, m)}": [delta(r, m) for r in done] for m in core_metrics()}
+    data = {f"Δ {SHORT.get(m, m)}": [delta(r, m, drift) for r in done] for m in core_metrics()}
     data["best val acc"] = [num(final(r).get("best_val_acc")) for r in done]
+    data["test acc"] = [num(final(r).get("test_acc")) for r in done]
     for t in zs_tasks(done):
         data[f"retained {t}"] = [zs(r, t, "retention_pct") for r in done]
     return data
-
-
-def metric_correlations(runs: Sequence[Run]) -> Table:
-    data = outcome_columns(runs)
-    rows = []
-    if len(completed(runs)) >= 3:
-        pear = stats.correlation_matrix(data, "pearson")
-        spear = stats.correlation_matrix(data, "spearman")
-        for i, j in itertools.combinations(range(len(pear.names)), 2):
-            if math.isfinite(pear.r[i, j]):
-                rows.append({"a": pear.names[i], "b": pear.names[j], "n": int(pear.n[i, j]),
-                             "r": pear.r[i, j], "p": pear.p[i, j], "rho": spear.r[i, j],
-                             "p_rho": spear.p[i, j]})
-    cols = (Column("a", "A"), Column("b", "B"), Column("n", "runs", "int"),
-            Column("r", "Pearson r", "num"), Column("p", "p", "p"),
-            Column("rho", "Spearman ρ", "num"), Column("p_rho", "p (ρ)", "p"))
-    return make_table("metric_correlations", "Cross-metric correlations",
-                      "Correlations across completed runs of drift, accuracy and zero-shot "
-                      "retention (asymptotic two-sided p of scipy). Descriptive: runs differ in "
-                      "several factors at once, so a correlation is not the effect of one.",
-                      cols, rows,
-                      "needs three or more completed runs with varying metrics")

@@ -40,9 +40,11 @@ AUX = {
     "rollout_erf": ("rollout ERF@0.95", "higher = broader"),
     "rollout_gini": ("rollout Gini", "higher = more concentrated"),
     "p2p_entropy": ("patch-to-patch entropy", "higher = broader patch-to-patch attention"),
+    "p2p_entropy_layers": ("patch-to-patch entropy, layer mean", "per-layer values averaged"),
     "cka_cls": ("mean CKA (CLS)", "layer-mean CKA to the pretrained model; 1 = unchanged"),
     "cka_patch": ("mean CKA (patches)", "layer-mean CKA to the pretrained model; 1 = unchanged"),
     "weight_drift": ("weight drift", "relative distance of the weights from the pretrained"),
+    "weight_drift_layers": ("weight drift, layer mean", "per-layer values averaged"),
     "embedding_drift": ("embedding drift", "change of the image embeddings on the probe set"),
 }
 

@@ -69,3 +69,33 @@ def peak_velocity(fractions: Sequence[float], delta_pct: Sequence[float]) -> flo
         return math.nan
     slopes = np.diff(d)[ok] / df[ok]
     return float(slopes[np.argmax(np.abs(slopes))])
+
+
+def mean_trajectory(records: Sequence[dict[str, Any]], metric: str = "entropy",
+                    atol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seed mean of the drift trajectories of one setting's records: ``(fractions, mean, sd,
+    n)``, each [P]. A point is a probe fraction (matched within ``atol``) that any run reached;
+    ``n`` says how many runs have a finite value there (a diverged seed stops early), ``sd`` is
+    the sample sd (NaN where n < 2). Pass the records of one setting only: the function cannot
+    tell settings apart."""
+    curves = [trajectory(r, metric) for r in records]
+    points: list[float] = []
+    for fractions, _ in curves:
+        for f in fractions:
+            if math.isfinite(f) and not any(abs(f - p) <= atol for p in points):
+                points.append(float(f))
+    points.sort()
+    values = np.full((len(curves), len(points)), np.nan)
+    for i, (fractions, deltas) in enumerate(curves):
+        for f, d in zip(fractions, deltas, strict=True):
+            j = next((j for j, p in enumerate(points) if abs(f - p) <= atol), None)
+            if j is not None and math.isfinite(d):
+                values[i, j] = d
+    ok = np.isfinite(values)
+    n = ok.sum(axis=0)
+    total = np.where(ok, values, 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+        sq = np.where(ok, (values - mean) ** 2, 0.0).sum(axis=0)
+        sd = np.where(n > 1, np.sqrt(sq / np.maximum(n - 1, 1)), np.nan)
+    return np.asarray(points), mean, sd, n

@@ -205,7 +205,7 @@ def method_label(config: dict[str, Any]) -> str:
     label = _METHOD_NAMES.get(method, str(method))
     if method == "lora":
         lora = config.get("lora") or {}
-        label += f" r={lora.get('r', '?')}"
+        label += f" r={lora.get('r', '?')} α={short_number(lora.get('alpha', '?'))}"
         targets = lora.get("targets") or []
         if targets and sorted(targets) != ["q_proj", "v_proj"]:
             label += " (" + ",".join(t.removesuffix("_proj") for t in targets) + ")"
@@ -333,7 +333,7 @@ def _reg_part(f: dict[str, Any]) -> str:
     return "no reg." if label == "none" else label
 
 
-def _other_part(key: str, value: Any) -> str:
+def key_label(key: str, value: Any) -> str:
     names = {"train.weight_decay": "wd", "train.epochs": "ep", "train.lr": "lr",
              "train.max_steps": "max steps", "train.batch_size": "batch",
              "train.warmup_frac": "warmup", "train.precision": "train precision"}
@@ -376,12 +376,9 @@ def labels_of(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
     models = _short_models(f.get("model") for f in factor_sets)
     if not varying:
         varying, method_varies = {"model", "data.dataset"}, True
-    rest = sorted(k for k in varying if k not in ("model", "data.dataset", "method",
-                                                   "freeze_layers", "train.lr")
-                  and not k.startswith(("lora.", "regularizer.")))
-    usual = {k: _modal([f.get(k) for f in factor_sets]) for k in rest}
+    others = other_labels(factor_sets)
     out = []
-    for f in factor_sets:
+    for i, f in enumerate(factor_sets):
         parts = []
         if "model" in varying:
             parts.append(models.get(str(f.get("model")), str(f.get("model"))))
@@ -391,13 +388,29 @@ def labels_of(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
             parts.append(_method_part(f, lora_shown))
         if reg_varies and f.get("regularizer.name", "none") != "none":
             parts.append(_reg_part(f))
-        for k in rest:
-            if repr(f.get(k)) != repr(usual[k]):
-                parts.append(_other_part(k, f[k]) if k in f else f"{k}: not set")
+        if others[i] != "—":
+            parts.append(others[i])
         if "train.lr" in varying:
-            parts.append(_other_part("train.lr", f.get("train.lr")))
+            parts.append(key_label("train.lr", f.get("train.lr")))
         out.append(" · ".join(parts))
     return _disambiguate(out, factor_sets)
+
+
+def other_labels(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
+    """Per factor set, the keys outside the model / dataset / method / regularizer / lr axes
+    (weight decay, epochs, ...) where it departs from their most common value among
+    ``factor_sets``, e.g. 'wd 0.1'; '—' where it departs in none."""
+    keys = sorted({k for f in factor_sets for k in f})
+    rest = [k for k in keys if len({repr(f.get(k)) for f in factor_sets}) > 1
+            and k not in ("model", "data.dataset", "method", "freeze_layers", "train.lr")
+            and not k.startswith(("lora.", "regularizer."))]
+    usual = {k: _modal([f.get(k) for f in factor_sets]) for k in rest}
+    out = []
+    for f in factor_sets:
+        parts = [(key_label(k, f[k]) if k in f else f"{k}: not set") for k in rest
+                 if repr(f.get(k)) != repr(usual[k])]
+        out.append(" · ".join(parts) or "—")
+    return out
 
 
 _METHOD_RANK = {"full_ft": 0, "lora": 1, "freeze": 2, "linear_probe": 3}

@@ -124,8 +124,9 @@ def bootstrap_ci(x: ArrayLike, statistic: Callable[[np.ndarray], float] = np.mea
     value = float(statistic(x)) if x.size else math.nan
     ci = (math.nan, math.nan)
     if x.size >= 2 and np.ptp(x) > 0:
+        vectorized = statistic in (np.mean, np.median)  # these take axis=: one numpy call
         res = stats.bootstrap((x,), statistic, n_resamples=n_resamples, confidence_level=level,
-                              method="percentile", vectorized=False,
+                              method="percentile", vectorized=vectorized,
                               rng=np.random.default_rng(seed))
         ci = (float(res.confidence_interval.low), float(res.confidence_interval.high))
     elif x.size >= 2:  # constant data: every resample gives the same value

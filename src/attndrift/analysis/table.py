@@ -2,7 +2,8 @@
 
 A table is data: rows of raw values (fractions, percentages, p-values as floats) keyed by
 column, plus how each column reads. CSV keeps the raw values; Markdown and HTML show formatted
-strings. A table with no rows carries ``skipped``, the reason it does not apply to a store.
+strings, a missing value as "n/a" (not available). A table with no rows carries ``skipped``, the
+reason it does not apply to a store.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attndrift.analysis.runs import short_number
+
 
 @dataclass(frozen=True)
 class Column:
     """``fmt``: str | int | acc (fraction shown as %) | pct (signed %) | pct0 (plain %) |
-    num (4 significant digits) | lr | p (p-value). ``sd``: key of a spread shown as ``± sd``."""
+    num (4 significant digits) | f2 (2 decimals) | lr | p (p-value). ``sd``: key of a spread
+    shown as ``± sd``."""
 
     key: str
     label: str
@@ -40,6 +44,9 @@ class Table:
     def empty(self) -> bool:
         return not self.rows
 
+
+# How a missing value (not recorded, or undefined such as the sd of one seed) reads.
+NOT_AVAILABLE = "n/a"
 
 # Descriptive columns left out when every row has the default: no "other settings" column when
 # nothing else varies, no "regularizer" column when no run used one.
@@ -64,7 +71,7 @@ def format_value(value: Any, fmt: str) -> str:
     if isinstance(value, str):
         return value
     if _missing(value):
-        return "—"
+        return NOT_AVAILABLE
     if fmt == "acc":
         return f"{100 * value:.2f}"
     if fmt == "pct":
@@ -73,8 +80,10 @@ def format_value(value: Any, fmt: str) -> str:
         return f"{value:.1f}"
     if fmt == "num":
         return f"{value:.4g}"
+    if fmt == "f2":
+        return f"{value:.2f}"
     if fmt == "lr":
-        return f"{value:g}"
+        return short_number(value)
     if fmt == "p":
         return "<0.0001" if value < 1e-4 else f"{value:.4f}"
     if fmt == "int":
