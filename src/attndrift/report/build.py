@@ -39,6 +39,28 @@ def _overlay(runs: Sequence[Run]) -> Figure:
 
 
 _SEEDS = "mean over the seeds of each setting"
+# Which drift a figure reads (issue 12 item 3): run-level Δ is the mean over the fixed probe
+# subsets of each subset's drift, as 002 reports it; per-layer and over-training values exist
+# for probe subset 0 only (the subset probed during training).
+_SUBSET_MEAN = " Δ of a run: mean over the fixed probe subsets (002)."
+_SUBSET0 = " Per-layer and over-training values: probe subset 0, the subset probed in training."
+DRIFT_NOTES = {
+    "dashboard": _SUBSET_MEAN,
+    "lr_panels": _SUBSET_MEAN,
+    "regularization": _SUBSET_MEAN,
+    "statistical_summary": _SUBSET_MEAN,
+    "structure_vs_zeroshot": _SUBSET_MEAN,
+    "frozen_layers": _SUBSET_MEAN,
+    "lora_targets": _SUBSET_MEAN,
+    "metric_correlations": _SUBSET_MEAN,
+    "layer_delta_heatmaps": _SUBSET0,
+    "trajectories": _SUBSET0,
+    "layer_time_heatmap": _SUBSET0,
+    "training_dynamics": _SUBSET0,
+    "gini_evolution": _SUBSET0,
+    "erf_evolution": _SUBSET0,
+    "accuracy_entropy": _SUBSET0,
+}
 FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec(
         "dashboard",
@@ -219,6 +241,9 @@ class ReportResult:
 def draw_figures(runs: Sequence[Run]) -> list[FigureOut]:
     out = []
     for spec in FIGURES:
+        spec = FigureSpec(
+            spec.name, spec.title, spec.caption + DRIFT_NOTES.get(spec.name, ""), spec.draw
+        )
         try:
             fig = spec.draw(runs)
         except figures.NoData as why:

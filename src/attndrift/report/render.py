@@ -15,6 +15,7 @@ import jinja2
 import numpy as np
 
 import attndrift
+from attndrift.analysis import SECTIONS as ANALYSIS_SECTIONS
 from attndrift.analysis.common import completed, delta, final, num, zs, zs_tasks
 from attndrift.analysis.runs import Run, dataset_of, lr_of
 from attndrift.analysis.table import Table, display, to_markdown
@@ -26,27 +27,8 @@ if TYPE_CHECKING:
     from attndrift.report.build import FigureOut
 
 STATUS_ORDER = ("completed", "diverged", "failed", "running", "corrupt", "missing")
-SECTIONS = (
-    ("runs", "Run status", ("runs",)),
-    (
-        "results",
-        "Results",
-        (
-            "main_comparison",
-            "baseline_structure",
-            "lr_sweep",
-            "matched_lr",
-            "grid_aggregate",
-            "regularization",
-            "auxiliary",
-            "zeroshot",
-            "per_layer_delta",
-            "collapse_onset",
-        ),
-    ),
-    ("statistics", "Statistics", ("run_level", "inference", "metric_correlations")),
-    ("provenance", "Provenance", ("provenance",)),
-)
+# Which table goes in which section, in reading order: analysis owns the list (one place).
+SECTIONS = ANALYSIS_SECTIONS
 COLLAPSE_ROWS = 24  # longer tables fold into <details> in the HTML
 STATISTICS_INTRO = (
     "Inference is run-level: seeds are the units, so a method contrast needs two or more "
@@ -118,8 +100,8 @@ GLANCE_CAPTION = (
     "Like with like: each setting family (everything but the seed and the learning rate) at "
     "its best learning rate, chosen by mean best validation accuracy (never the test split); "
     "means over that setting's completed seeds. Test accuracy %, drift of the layer-mean "
-    "CLS→patch entropy vs the pretrained model %, and the share of pretrained zero-shot "
-    "accuracy retained %."
+    "CLS→patch entropy vs the pretrained model % (mean over the fixed probe subsets, 002), "
+    "and the share of pretrained zero-shot accuracy retained %."
 )
 
 
