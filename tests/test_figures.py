@@ -243,8 +243,20 @@ def _overlaps(fig: Figure) -> list[tuple[str, str]]:
     return bad
 
 
-def test_no_text_overlaps_in_any_figure(drawn):
-    problems = {name: _overlaps(fig)[:5] for name, fig in drawn.items()}
+def _clipped(fig: Figure) -> list[str]:
+    """Drawn texts that reach past the figure's edge (cut off in the PNG)."""
+    renderer = _rendered(fig)
+    w, h = fig.canvas.get_width_height()
+    out = []
+    for t in _texts(fig):
+        b = t.get_window_extent(renderer)
+        if b.x0 < -1 or b.y0 < -1 or b.x1 > w + 1 or b.y1 > h + 1:
+            out.append(t.get_text())
+    return out
+
+
+def test_no_text_overlaps_or_is_cut_off_in_any_figure(drawn):
+    problems = {name: _overlaps(fig)[:5] + _clipped(fig)[:5] for name, fig in drawn.items()}
     assert not {k: v for k, v in problems.items() if v}
 
 

@@ -164,7 +164,7 @@ FIGURES: tuple[FigureSpec, ...] = (
         "Left: Δ entropy per setting with its percentile bootstrap 95% CI over seeds "
         "(2,000 seeded resamples; settings with ≥ 2 seeds). Right: Cohen's d (pooled "
         "sd) of each setting against the unregularized full-FT setting of the same "
-        "backbone, dataset and lr (003 Fig. 11, §3.2.2).",
+        "backbone, dataset and lr; dotted lines at |d| = 0.2 and 0.8 (003 Fig. 11, §3.2.2).",
         summary.statistical_summary,
     ),
     FigureSpec(

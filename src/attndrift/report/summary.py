@@ -176,7 +176,7 @@ def statistical_summary(runs: Sequence[Run]) -> Figure:
         ax.axvline(0, **ZERO)
         ax.set_yticks(y, [e[0] for e in effects], fontsize=6 if len(effects) > 30 else 7)
         ax.set_ylim(len(effects) - 0.5, -0.5)
-        ax.set_xlabel("Cohen's d on Δ entropy over seeds (dotted: |d| = 0.2, 0.8)", fontsize=8)
+        ax.set_xlabel("Cohen's d of Δ entropy over seeds", fontsize=8)
         ax.grid(alpha=0.3, axis="x")
     return fig
 
