@@ -375,5 +375,11 @@ def layer_time_heatmap(runs: Sequence[Run], metric: str = "entropy") -> Figure:
         ax.set_xticks(range(0, len(fracs), step), [f"{f:.1f}" for f in fracs[::step]], fontsize=6)
         ax.set_xlabel("fraction of training", fontsize=7)
         ax.set_ylabel("layer", fontsize=7)
-    fig.colorbar(image, ax=axes, shrink=0.8, label=f"Δ {metric} % per layer")
+    fig.colorbar(
+        image,
+        ax=axes,
+        shrink=min(0.8, 4.0 / fig.get_figheight()),
+        aspect=15,
+        label=f"Δ {metric} % per layer",
+    )
     return fig

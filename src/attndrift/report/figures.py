@@ -216,7 +216,8 @@ def layer_delta_heatmaps(runs: Sequence[Run], metric: str = "entropy") -> Figure
     fig.colorbar(
         image,
         ax=axes,
-        shrink=min(0.8, 4.0 / max(axes.shape[0] * (0.3 * n_rows + 1.2), 1)),
+        shrink=min(0.8, 4.0 / fig.get_figheight()),
+        aspect=15,
         label=f"Δ {SHORT.get(metric, metric)} % per layer",
     )
     return fig

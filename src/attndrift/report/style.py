@@ -286,11 +286,10 @@ def tick_step(n: int, length_pt: float, label_pt: float) -> int:
 def layer_ticks(
     ax: Axes, n_layers: int, axis: str = "x", length_in: float = 3.0, fontsize: float = 7
 ) -> None:
-    """Layer ticks 1..L, thinned so labels never touch (every layer up to ~16 in a panel)."""
+    """Layer ticks 1..L, thinned so labels never touch: every k-th layer counted back from
+    the last, so the last layer (the one nearest the output) is always labelled."""
     step = tick_step(n_layers, length_in * 72, fontsize * 1.6 + 3)
-    idx = list(range(0, n_layers, step))
-    if (n_layers - 1) not in idx and n_layers - 1 - idx[-1] >= step / 2:
-        idx.append(n_layers - 1)
+    idx = list(range(n_layers - 1, -1, -step))[::-1]
     labels = [str(i + 1) for i in idx]
     (ax.set_xticks if axis == "x" else ax.set_yticks)(idx, labels, fontsize=fontsize)
 
