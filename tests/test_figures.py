@@ -345,3 +345,13 @@ def test_report_of_the_fixture_writes_nothing_to_stderr(store, tmp_path, capfd):
     assert "not shown" in html.lower() and "froze layers" in html
     assert "No artists" not in html and "Mean of empty slice" not in html
     assert not math.isnan(result.seconds)
+
+
+def test_regularization_pairs_each_variant_with_its_unregularized_setting(drawn):
+    """APR (one lr) and the weight-decay variant (another lr) each stand next to the full FT
+    setting of the same backbone, dataset and lr, even though no lr has all three."""
+    rows = [t.get_text() for t in drawn["regularization"].axes[0].get_yticklabels()]
+    apr = [i for i, r in enumerate(rows) if "APR" in r]
+    assert apr and all("lr 0.0001" in rows[i] and "ViT-B/32 · eurosat" in rows[i] for i in apr)
+    assert "ViT-B/32 · eurosat · full FT · lr 0.0001  (n=3)" in rows
+    assert sum("wd 0.1" in r for r in rows) == 4  # every backbone × dataset

@@ -321,10 +321,11 @@ def regularization(runs: Sequence[Run]) -> Figure:
         for group in by_base.values():
             if len(group) < 2:
                 continue
-            lrs = set.intersection(*(set(s.by_lr()) for s in group))
-            for lr in sorted(lrs):
-                for s in group:
-                    bars.append((panel, s.label, lr, s.by_lr()[lr]))
+            # at each lr, every family of the group run there (if it is not alone)
+            for lr in sorted(set().union(*(s.by_lr() for s in group))):
+                here = [s for s in group if lr in s.by_lr()]
+                if len(here) >= 2:
+                    bars += [(panel, s.label, lr, s.by_lr()[lr]) for s in here]
     if not bars:
         raise NoData(
             "no regularized or weight-decay variant next to a run that differs only in that"
