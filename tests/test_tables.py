@@ -289,3 +289,14 @@ def test_every_table_has_one_report_section(built):
 
     placed = [name for _, _, names in SECTIONS for name in names]
     assert sorted(placed) == sorted(built) and len(placed) == len(set(placed))
+
+
+def test_records_without_subset_means_are_read_on_subset_0(tmp_path):
+    recs = {f"a_{s}": fake_record(name="a", seed=s) for s in range(2)}
+    for rec in recs.values():
+        del rec["final"]["delta_pct_subset_mean"]
+    out = {t.name: t for t in all_tables(load_store(write_store(tmp_path, recs)))}
+    row = out["matched_lr"].rows[0]
+    assert row["d_entropy"] == pytest.approx(
+        np.mean([r["final"]["delta_pct"]["entropy"] for r in recs.values()]))
+    assert "subset 0" in out["matched_lr"].caption

@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from attndrift.analysis import associations, comparisons, inference, supplementary, tables
-from attndrift.analysis.common import SUBSET0, SUBSET_MEAN, converged
+from attndrift.analysis.common import SUBSET0, SUBSET_MEAN, converged, resolve_drift
 from attndrift.analysis.runs import Run, discover_run_dirs, load_run, load_store
 from attndrift.analysis.table import Column, Table, to_markdown, write_csv
 
 __all__ = ["SECTIONS", "SUBSET0", "SUBSET_MEAN", "TABLES", "Column", "Run", "Table", "all_tables",
-           "converged", "discover_run_dirs", "load_run", "load_store", "to_markdown",
-           "write_csv"]
+           "converged", "discover_run_dirs", "load_run", "load_store", "resolve_drift",
+           "to_markdown", "write_csv"]
 
 # Report order. Each builder: (runs, drift=SUBSET_MEAN) -> Table.
 TABLES: tuple[Callable[..., Table], ...] = (
@@ -63,8 +63,10 @@ def all_tables(runs: Sequence[Run], store_root: str = "", drift: str = SUBSET_ME
                ) -> list[Table]:
     """The run-status table, then every table of `TABLES`, drift read as ``drift``
     (`SUBSET_MEAN`: the mean over the fixed probe subsets, as 002; `SUBSET0`: the first
-    subset). A builder that fails on odd records yields an empty table naming the error, so
-    one bad record cannot stop a report."""
+    subset; a store without subset means is read on subset 0, see `resolve_drift`). A builder
+    that fails on odd records yields an empty table naming the error, so one bad record cannot
+    stop a report."""
+    drift = resolve_drift(runs, drift)
     out = [tables.run_status(runs, store_root)]
     for build in TABLES:
         try:

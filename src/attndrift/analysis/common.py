@@ -75,6 +75,17 @@ def delta(run: Run, metric: str, drift: str = SUBSET_MEAN) -> float:
     return num((fin.get("delta_pct") or {}).get(metric))
 
 
+def resolve_drift(runs: Iterable[Run], drift: str = SUBSET_MEAN) -> str:
+    """``drift``, except that a store none of whose completed runs recorded subset means (records
+    written before attndrift wrote them) is read on subset 0, not shown as all n/a. A store
+    where some runs have them keeps the subset mean: the others read n/a, never a mix."""
+    done = completed(runs)
+    if drift == SUBSET_MEAN and done and not any(
+            final(r).get("delta_pct_subset_mean") is not None for r in done):
+        return SUBSET0
+    return drift
+
+
 def layer_deltas(run: Run, metric: str = "entropy") -> list[float]:
     """Per-layer drift % (probe subset 0), layer 1 first; [] when not recorded."""
     return [num(v) for v in (final(run).get("delta_pct_layers") or {}).get(metric) or []]
