@@ -17,7 +17,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from attndrift.analysis import Run, Table, all_tables, load_store, write_csv
+from attndrift.analysis import Run, Table, all_tables, load_store, resolve_drift, write_csv
+from attndrift.analysis.common import SUBSET0
 from attndrift.report import dynamics, figures, overlay, summary
 from attndrift.report.render import render_html, render_markdown, report_context
 
@@ -240,10 +241,12 @@ class ReportResult:
 
 def draw_figures(runs: Sequence[Run]) -> list[FigureOut]:
     out = []
+    on_subset0 = resolve_drift(runs) == SUBSET0
     for spec in FIGURES:
-        spec = FigureSpec(
-            spec.name, spec.title, spec.caption + DRIFT_NOTES.get(spec.name, ""), spec.draw
-        )
+        note = DRIFT_NOTES.get(spec.name, "")
+        if on_subset0 and note == _SUBSET_MEAN:
+            note = " Δ of a run: probe subset 0 (these records have no subset means)."
+        spec = FigureSpec(spec.name, spec.title, spec.caption + note, spec.draw)
         try:
             fig = spec.draw(runs)
         except figures.NoData as why:

@@ -17,7 +17,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from attndrift.analysis.common import completed, delta, final, num, zs, zs_tasks
+from attndrift.analysis.common import completed, final, num, zs, zs_tasks
 from attndrift.analysis.inference import outcome_columns
 from attndrift.analysis.metadata import SHORT, core_metrics, metric_info
 from attndrift.analysis.runs import Run, method_label, regularizer_label
@@ -28,6 +28,7 @@ from attndrift.report.style import (
     ZERO,
     Palette,
     annotation_size,
+    drift_reader,
     layer_ticks,
     legend_outside,
     mean_sd,
@@ -226,6 +227,7 @@ def layer_delta_heatmaps(runs: Sequence[Run], metric: str = "entropy") -> Figure
 def lr_panels(runs: Sequence[Run]) -> Figure:
     """Accuracy, Δ entropy and zero-shot vs learning rate: mean ± sd over seeds per setting
     family, one row per backbone and dataset; the pretrained zero-shot accuracy drawn."""
+    delta = drift_reader(runs)
     done = completed(runs)
     tasks = zs_tasks(done)
     pal = Palette(runs)
@@ -303,6 +305,7 @@ def regularization(runs: Sequence[Run]) -> Figure:
     """Drift of entropy, ERF and Gini of every setting whose family differs from another only in
     the regularizer or the weight decay (so the unregularized run stands next to its variants),
     mean ± sd over seeds."""
+    delta = drift_reader(runs)
     pal = Palette(runs)
     metrics = [m for m in ("entropy", "erf", "gini") if m in core_metrics()]
     bars = []  # (panel, label, lr, group)
@@ -355,6 +358,7 @@ def regularization(runs: Sequence[Run]) -> Figure:
 def structure_vs_zeroshot(runs: Sequence[Run]) -> Figure:
     """Δ entropy against zero-shot retention per transfer task, one point per run, one row per
     backbone and dataset (retention is not pooled across datasets)."""
+    delta = drift_reader(runs)
     done = completed(runs)
     tasks = zs_tasks(done)
     if not tasks:

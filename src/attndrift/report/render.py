@@ -16,11 +16,11 @@ import numpy as np
 
 import attndrift
 from attndrift.analysis import SECTIONS as ANALYSIS_SECTIONS
-from attndrift.analysis.common import completed, delta, final, num, zs, zs_tasks
+from attndrift.analysis.common import completed, final, num, zs, zs_tasks
 from attndrift.analysis.runs import Run, dataset_of, lr_of
 from attndrift.analysis.table import Table, display, to_markdown
 from attndrift.report.figures import series_label
-from attndrift.report.style import model_name, panel_title, series_of
+from attndrift.report.style import drift_reader, model_name, panel_title, series_of
 from attndrift.report.summary import best_lr
 
 if TYPE_CHECKING:
@@ -108,6 +108,7 @@ GLANCE_CAPTION = (
 def _glance(runs: Sequence[Run]) -> dict[str, Any]:
     """Per backbone × dataset × setting family, at the family's best lr: seeds, test accuracy,
     mean Δ entropy, mean zero-shot retention per task (one format per column)."""
+    delta = drift_reader(runs)
     done = completed(runs)
     tasks = zs_tasks(done)
     panels = series_of([r for r in runs if r.record is not None])

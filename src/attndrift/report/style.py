@@ -23,6 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 
+from attndrift.analysis.common import delta, resolve_drift
 from attndrift.analysis.runs import (
     LR_KEYS,
     Family,
@@ -222,6 +223,13 @@ def lr_shade(color: str, lr: float, lrs: Sequence[float]) -> str:
         return color
     k = lrs.index(lr)
     return _shade(color, 0.45 - 0.75 * k / (len(lrs) - 1))
+
+
+def drift_reader(runs: Sequence[Run]) -> Any:
+    """``(run, metric) -> Δ %`` as the tables read it for this store: the mean over the fixed
+    probe subsets (002), or subset 0 for a store whose records have no subset means."""
+    drift = resolve_drift(runs)
+    return lambda run, metric: delta(run, metric, drift)
 
 
 # --- numbers ---------------------------------------------------------------------------------

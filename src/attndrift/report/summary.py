@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from attndrift.analysis.common import completed, delta, final, num, zs, zs_tasks
+from attndrift.analysis.common import completed, final, num, zs, zs_tasks
 from attndrift.analysis.runs import Run
 from attndrift.analysis.stats import bootstrap_ci, cohens_d
 from attndrift.report.figures import NoData, figure_grid, hbars
@@ -22,6 +22,7 @@ from attndrift.report.style import (
     ZERO,
     Palette,
     Series,
+    drift_reader,
     mean_sd,
     nanmean,
     panel_title,
@@ -52,6 +53,7 @@ def _retention(r: Run) -> float:
 def dashboard(runs: Sequence[Run]) -> Figure:
     """003 Fig. 16: per backbone, dataset and setting family at its best learning rate (by
     validation accuracy): test accuracy, Δ entropy, mean zero-shot retention, Δ head diversity."""
+    delta = drift_reader(runs)
     done = completed(runs)
     if not done:
         raise NoData("no completed runs")
@@ -104,6 +106,7 @@ def dashboard(runs: Sequence[Run]) -> Figure:
 def statistical_summary(runs: Sequence[Run]) -> Figure:
     """003 Fig. 11: Δ entropy per setting with its bootstrap 95% CI over seeds (003 §3.2.2), and
     Cohen's d of each setting against the panel's unregularized full-FT setting at the same lr."""
+    delta = drift_reader(runs)
     done = completed(runs)
     pal = Palette(runs)
     all_series = series_of(done, runs)
@@ -279,11 +282,13 @@ def _comparison(
     return fig
 
 
-_OUTCOMES = (
-    ("best val acc %", lambda r: 100 * _val(r)),
-    ("Δ entropy %", lambda r: delta(r, "entropy")),
-    ("Δ head div. %", lambda r: delta(r, "head_diversity")),
-)
+def _outcomes(runs: Sequence[Run]) -> tuple[tuple[str, Callable[[Run], float]], ...]:
+    delta = drift_reader(runs)
+    return (
+        ("best val acc %", lambda r: 100 * _val(r)),
+        ("Δ entropy %", lambda r: delta(r, "entropy")),
+        ("Δ head div. %", lambda r: delta(r, "head_diversity")),
+    )
 
 
 def frozen_layers(runs: Sequence[Run]) -> Figure:
@@ -295,7 +300,7 @@ def frozen_layers(runs: Sequence[Run]) -> Figure:
         m = r.config.get("method")
         return 0 if m == "full_ft" else r.config.get("freeze_layers") if m == "freeze" else None
 
-    return _comparison(runs, vary, "the number of frozen layers", _OUTCOMES)
+    return _comparison(runs, vary, "the number of frozen layers", _outcomes(runs))
 
 
 def lora_targets(runs: Sequence[Run]) -> Figure:
@@ -306,4 +311,4 @@ def lora_targets(runs: Sequence[Run]) -> Figure:
             return None
         return tuple(sorted((r.config.get("lora") or {}).get("targets") or ()))
 
-    return _comparison(runs, vary, "the LoRA target modules", _OUTCOMES)
+    return _comparison(runs, vary, "the LoRA target modules", _outcomes(runs))
