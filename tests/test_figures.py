@@ -355,3 +355,12 @@ def test_regularization_pairs_each_variant_with_its_unregularized_setting(drawn)
     assert apr and all("lr 0.0001" in rows[i] and "ViT-B/32 · eurosat" in rows[i] for i in apr)
     assert "ViT-B/32 · eurosat · full FT · lr 0.0001  (n=3)" in rows
     assert sum("wd 0.1" in r for r in rows) == 4  # every backbone × dataset
+
+
+def test_convergence_rings_the_runs_that_did_not_converge(drawn, runs):
+    from attndrift.analysis import converged
+
+    fig = drawn["convergence"]
+    assert "not converged (late val acc sd ≥ 0.005)" in _legend_labels(fig)
+    rings = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_markerfacecolor() == "none"]
+    assert len(rings) == sum(converged(r) is False for r in runs if r.record)

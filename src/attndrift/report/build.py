@@ -205,7 +205,9 @@ FIGURES: tuple[FigureSpec, ...] = (
         "Convergence",
         "Training loss per logged step and validation accuracy per epoch of every run "
         "with a history, one row per backbone and dataset; colour = setting family, "
-        "darker = higher lr, marker = seed (003 Fig. 14).",
+        "darker = higher lr, marker = seed; a black ring marks a run whose last three "
+        "epochs of validation accuracy vary by sd ≥ 0.005 (not converged, 003 §4.5) "
+        "(003 Fig. 14).",
         dynamics.convergence,
     ),
     FigureSpec(

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from attndrift.analysis.common import completed, num
+from attndrift.analysis.common import completed, converged, num
 from attndrift.analysis.metadata import SHORT, metric_info
 from attndrift.analysis.onset import (
     ONSET_THRESHOLD_PCT,
@@ -40,6 +40,11 @@ from attndrift.report.style import (
     series_of,
     setting_series,
 )
+
+
+def _seed_key(run: Run) -> tuple:
+    seed = run.config.get("seed")
+    return (0, seed, "") if isinstance(seed, int | float) else (1, 0, str(seed))
 
 
 def _probed(runs: Sequence[Run]) -> list[Run]:
@@ -228,12 +233,13 @@ def convergence(runs: Sequence[Run]) -> Figure:
     panels = setting_series(have, runs)
     fig, axes = figure_grid(len(panels), 2, height=3.0)
     seed_markers = ("o", "s", "^", "D", "v", "P")
+    unconverged = False
     for row, (panel, settings) in enumerate(panels.items()):
         loss_ax, acc_ax = axes[row]
         for s, lr, group in settings:
             color = lr_shade(pal.color(s.label), lr, list(s.by_lr()))
             ls = pal.linestyle(s.label)
-            for i, r in enumerate(sorted(group, key=lambda r: str(r.config.get("seed")))):
+            for i, r in enumerate(sorted(group, key=_seed_key)):
                 label = f"{s.label} · lr {lr:g}" if i == 0 else None
                 pts = [
                     (p["step"], p["loss"])
@@ -260,6 +266,9 @@ def convergence(runs: Sequence[Run]) -> Figure:
                         ms=4,
                         label=label if not pts else None,
                     )
+                    if converged(r) is False:  # 003 §4.5: late val acc still moving
+                        acc_ax.plot(*eps[-1], "o", ms=10, mfc="none", mec="black", mew=1.2)
+                        unconverged = True
         head = panel_title(panel, panels)
         for ax, name in ((loss_ax, "training loss"), (acc_ax, "validation accuracy %")):
             if not ax.lines:
@@ -275,7 +284,17 @@ def convergence(runs: Sequence[Run]) -> Figure:
             acc_ax.set_ylim(max(0, mid - 2), min(100.5, mid + 2))
     n_seeds = max(len(g) for v in panels.values() for _, _, g in v)
     title = "setting · lr" + (" (marker = seed)" if n_seeds > 1 else "")
-    legend_outside(fig, title=title)
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if unconverged:
+        ring = Line2D([], [], marker="o", ms=9, mfc="none", mec="black", ls="")
+        handles.append(ring)
+        labels.append("not converged (late val acc sd ≥ 0.005)")
+    legend_outside(fig, title=title, handles=handles, labels=labels)
     return fig
 
 
