@@ -216,3 +216,18 @@ def test_empty_store_report(tmp_path):
     assert result.counts == {} and result.figures == [] and result.tables == ["runs"]
     html = result.html.read_text()
     assert "Not shown" in html and "no completed runs" in html
+
+
+def test_repeated_provenance_rows_fold_into_one_line():
+    from attndrift.analysis import Column, Table
+    from attndrift.report.render import _table_ctx
+
+    rows = [{"run": f"r{i}", "status": "completed", "platform": "Linux-x86_64"} for i in range(5)]
+    rows.append({"run": "gpu", "status": "completed", "platform": "Linux-aarch64"})
+    cols = (Column("run", "run"), Column("status", "status"), Column("platform", "platform"))
+    ctx = _table_ctx(Table("provenance", "Provenance per run", "", cols, rows))
+    cells = [r for _, r in ctx["rows"]]
+    assert cells == [
+        ["5 runs (r0, r1, r2, … 2 more)", "completed", "Linux-x86_64"],
+        ["gpu", "completed", "Linux-aarch64"],
+    ]

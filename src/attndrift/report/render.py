@@ -65,10 +65,8 @@ def _fold_repeats(
         row = list(rows[members[0]])
         if len(members) > 1:
             names = [rows[k][first] for k in members]
-            shown = ", ".join(names[:6]) + (
-                f", … ({len(names) - 6} more)" if len(names) > 6 else ""
-            )
-            row[first] = f"{len(members)} runs: {shown}"
+            shown = ", ".join(names[:3]) + (f", … {len(names) - 3} more" if len(names) > 3 else "")
+            row[first] = f"{len(members)} runs ({shown})"
             for i in idx[1:]:
                 row[i] = ", ".join(sorted({rows[k][i] for k in members}))
         out_rows.append(row)
