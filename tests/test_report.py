@@ -22,8 +22,25 @@ from attndrift.report.overlay import AttentionSample, attention_overlay
 from conftest import ROOT, tiny_config
 from test_tables import fake_record, matched_store, write_store
 
-ALWAYS = {"baseline_structure", "layer_delta_heatmaps", "lr_panels", "trajectories",
-          "structure_vs_zeroshot", "training_dynamics", "metric_correlations", "convergence"}
+ALWAYS = {
+    "baseline_structure",
+    "layer_delta_heatmaps",
+    "lr_panels",
+    "trajectories",
+    "structure_vs_zeroshot",
+    "training_dynamics",
+    "metric_correlations",
+    "convergence",
+    "dashboard",
+    "accuracy_entropy",
+    "layer_time_heatmap",
+    "gini_evolution",
+    "erf_evolution",
+    "zeroshot_per_model",
+}
+# Figures that need runs the small stores here do not have (layer freezing, two LoRA target
+# sets): they must say so instead of drawing.
+NEEDS_MORE = {"frozen_layers": "froze layers", "lora_targets": "LoRA target modules"}
 
 
 def _add_broken_runs(store: Path) -> None:
@@ -44,8 +61,11 @@ def real_store(tmp_path_factory, request) -> Path:
     store = tmp_path_factory.mktemp("real_store")
     shutil.copytree(request.getfixturevalue("full_ft_run"), store / "full_ft")
     shutil.copytree(request.getfixturevalue("lora_run"), store / "lora")
-    run(tiny_config("tiny_full_ft", "train.lr=3e-3", "name=full_ft_hi"),
-        store / "full_ft_hi", progress=False)
+    run(
+        tiny_config("tiny_full_ft", "train.lr=3e-3", "name=full_ft_hi"),
+        store / "full_ft_hi",
+        progress=False,
+    )
     with pytest.raises(KeyError):
         # validation refuses unknown task names; a config edited after validation fails late
         cfg = tiny_config("tiny_full_ft", "name=broken")
@@ -69,7 +89,8 @@ def test_end_to_end_report_from_real_runs(real_report):
     html = (out / "report.html").read_text()
     # self-contained: every drawn figure embedded, nothing fetched from elsewhere
     assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', html)) == len(
-        result.figures)
+        result.figures
+    )
     assert not re.search(r'(src|href)="(https?:)?//', html)
     for status in ("failed", "corrupt", "missing"):
         assert f'class="status-{status}"' in html
@@ -79,8 +100,15 @@ def test_end_to_end_report_from_real_runs(real_report):
         assert f"](figures/{name}.png)" in md and (out / "figures" / f"{name}.png").stat().st_size
     csvs = sorted((out / "tables").glob("*.csv"))
     assert {p.stem for p in csvs} == set(result.tables)
-    assert {"runs", "main_comparison", "zeroshot", "lr_sweep", "per_layer_delta",
-            "collapse_onset", "provenance"} <= set(result.tables)
+    assert {
+        "runs",
+        "main_comparison",
+        "zeroshot",
+        "lr_sweep",
+        "per_layer_delta",
+        "collapse_onset",
+        "provenance",
+    } <= set(result.tables)
     for path in csvs:
         with open(path) as fh:
             rows = list(csv.reader(fh))
@@ -90,8 +118,9 @@ def test_end_to_end_report_from_real_runs(real_report):
 def test_report_command(tmp_path):
     from attndrift.cli import app
 
-    store = write_store(tmp_path / "store", {"a": fake_record(status="failed"),
-                                             "b": fake_record(status="diverged")})
+    store = write_store(
+        tmp_path / "store", {"a": fake_record(status="failed"), "b": fake_record(status="diverged")}
+    )
     _add_broken_runs(store)
     runner = CliRunner()
     res = runner.invoke(app, ["report", str(store), "--out", str(tmp_path / "r")])
@@ -109,9 +138,15 @@ def _fake_attention(run_dir: Path, n_patches: int = 16, drift: float = 0.5) -> N
     rng = np.random.default_rng(0)
     pre = rng.dirichlet(np.ones(n_patches), size=(8, 4, 4)).astype(np.float32)
     fin = ((1 - drift) * pre + drift * np.eye(n_patches, dtype=np.float32)[0]).astype(np.float32)
-    save_file({"pretrained": pre, "final": fin, "labels": np.arange(8, dtype=np.int64),
-               "images": rng.integers(0, 255, (8, 3, 32, 32), dtype=np.uint8)},
-              str(run_dir / "attention.safetensors"))
+    save_file(
+        {
+            "pretrained": pre,
+            "final": fin,
+            "labels": np.arange(8, dtype=np.int64),
+            "images": rng.integers(0, 255, (8, 3, 32, 32), dtype=np.uint8),
+        },
+        str(run_dir / "attention.safetensors"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,22 +158,35 @@ def fake_store(tmp_path_factory) -> Path:
 
 
 def test_report_runs_without_torch(fake_store, tmp_path):
-    code = ("import sys; from attndrift.report import build_report; import attndrift.stats; "
-            f"r = build_report({str(fake_store)!r}, {str(tmp_path)!r}); "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'transformers', 'peft')); "
-            "assert not bad, bad; print(len(r.figures), sorted(r.counts.items()))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, check=False,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    code = (
+        "import sys; from attndrift.report import build_report; import attndrift.stats; "
+        f"r = build_report({str(fake_store)!r}, {str(tmp_path)!r}); "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'peft')); "
+        "assert not bad, bad; print(len(r.figures), sorted(r.counts.items()))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split()[0] == "11"  # every figure, the attention overlay included
+    # every figure, the attention overlay included, but those the store has no runs for
+    assert proc.stdout.split()[0] == str(len(FIGURES) - len(NEEDS_MORE))
     assert "('failed', 1)" in proc.stdout and "('corrupt', 1)" in proc.stdout
     assert (tmp_path / "tables" / "regularization.csv").is_file()
 
 
 @pytest.mark.parametrize("spec", FIGURES, ids=[f.name for f in FIGURES])
 def test_each_figure_draws_or_says_why(spec, fake_store):
+    if spec.name in NEEDS_MORE:
+        with pytest.raises(NoData, match=NEEDS_MORE[spec.name]):
+            spec.draw(load_store(fake_store))
+        return
     fig = spec.draw(load_store(fake_store))
     assert isinstance(fig, Figure) and fig.axes
     with pytest.raises(NoData):
@@ -151,7 +199,9 @@ def test_attention_overlay_layout():
     maps = rng.dirichlet(np.ones(49), size=(8, 2, 3)).astype(np.float32)  # 7x7 patches
     samples = [AttentionSample(f"run {i}", images, maps, maps[:, ::-1]) for i in range(2)]
     fig = attention_overlay(samples, max_images=3)
-    assert len(fig.axes) == 3 * 4  # image, pretrained, two adapted
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 3 * 4  # image, pretrained, two adapted
+    assert len(fig.axes) - len(panels) == 3  # a colour bar per row (one scale per row)
     assert "layer 2 of 2" in fig.get_suptitle()
     with pytest.raises(NoData, match="square"):
         odd = rng.dirichlet(np.ones(50), size=(8, 2, 3)).astype(np.float32)
@@ -166,3 +216,18 @@ def test_empty_store_report(tmp_path):
     assert result.counts == {} and result.figures == [] and result.tables == ["runs"]
     html = result.html.read_text()
     assert "Not shown" in html and "no completed runs" in html
+
+
+def test_repeated_provenance_rows_fold_into_one_line():
+    from attndrift.analysis import Column, Table
+    from attndrift.report.render import _table_ctx
+
+    rows = [{"run": f"r{i}", "status": "completed", "platform": "Linux-x86_64"} for i in range(5)]
+    rows.append({"run": "gpu", "status": "completed", "platform": "Linux-aarch64"})
+    cols = (Column("run", "run"), Column("status", "status"), Column("platform", "platform"))
+    ctx = _table_ctx(Table("provenance", "Provenance per run", "", cols, rows))
+    cells = [r for _, r in ctx["rows"]]
+    assert cells == [
+        ["5 runs (r0, r1, r2, … 2 more)", "completed", "Linux-x86_64"],
+        ["gpu", "completed", "Linux-aarch64"],
+    ]

@@ -1,70 +1,159 @@
-"""Figures over training time: metric trajectories, collapse onset, convergence.
+"""Figures over training time: metric trajectories, collapse onset, convergence, the accuracy +
+entropy curves (003 Fig. 3), the layer × training-time heatmap (003 Fig. 4) and the evolution of
+Gini and ERF (003 Fig. 17).
 
 Same contract as `attndrift.report.figures`: runs in, Figure out, `NoData` when the runs hold
-nothing to show, no IO.
+nothing to show, no IO. Every curve is one run or the seed mean of one setting; colour = the
+setting family (method hue), darker = higher learning rate, line style = regularizer.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import LogNorm
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
-from attndrift.analysis.common import completed
-from attndrift.analysis.metadata import metric_info
-from attndrift.analysis.onset import ONSET_THRESHOLD_PCT, collapse_onset, trajectory
-from attndrift.analysis.runs import Run, dataset_of, lr_of
-from attndrift.report.figures import (
-    NoData,
-    figure_grid,
-    grouped,
-    method_color,
-    regularizer_style,
-    series_label,
+from attndrift.analysis.common import completed, converged, num
+from attndrift.analysis.metadata import SHORT, metric_info
+from attndrift.analysis.onset import (
+    ONSET_THRESHOLD_PCT,
+    collapse_onset,
+    layer_trajectory,
+    trajectory,
 )
+from attndrift.analysis.runs import Run
+from attndrift.report.figures import NoData, figure_grid
+from attndrift.report.style import (
+    REFERENCE,
+    ZERO,
+    Palette,
+    layer_ticks,
+    legend_outside,
+    lr_shade,
+    nanmean,
+    panel_title,
+    series_of,
+    setting_series,
+)
+
+
+def _seed_key(run: Run) -> tuple:
+    seed = run.config.get("seed")
+    return (0, seed, "") if isinstance(seed, int | float) else (1, 0, str(seed))
 
 
 def _probed(runs: Sequence[Run]) -> list[Run]:
     return [r for r in runs if r.record and (r.record.get("history") or {}).get("probes")]
 
 
+def _not_available(ax) -> None:
+    ax.text(
+        0.5, 0.5, "not available", ha="center", va="center", transform=ax.transAxes, color="grey"
+    )
+
+
+def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    width = min(len(c[0]) for c in curves)
+    return (
+        nanmean([c[0][:width] for c in curves], axis=0),
+        nanmean([c[1][:width] for c in curves], axis=0),
+    )
+
+
 def trajectories(runs: Sequence[Run]) -> Figure:
-    """Drift of each metric's layer mean over training, mean over seeds, per method and lr:
-    full FT vs LoRA (and any other method) side by side, one row per dataset."""
+    """Drift of each metric's layer mean over training, seed mean per setting; one row per
+    backbone and dataset, one column per metric."""
     done = _probed(completed(runs))
     if not done:
         raise NoData("no completed run recorded attention probes")
+    pal = Palette(runs)
     info = metric_info()
-    datasets = sorted({dataset_of(r.config) for r in done})
-    fig, axes = figure_grid(len(datasets), len(info), height=2.8)
-    for (dataset, label, lr), group in grouped(
-            done, lambda r: (dataset_of(r.config), series_label(r), lr_of(r.config))).items():
-        row = datasets.index(dataset)
-        lrs = sorted({lr_of(r.config) for r in done if series_label(r) == label})
-        shade = 0.35 + 0.65 * (lrs.index(lr) + 1) / len(lrs)
+    panels = setting_series(done, runs)
+    fig, axes = figure_grid(len(panels), len(info), height=2.6)
+    for row, (panel, settings) in enumerate(panels.items()):
+        head = panel_title(panel, panels)
         for col, m in enumerate(info):
-            curves = [trajectory(r.record, m) for r in group]
-            width = min(len(c[0]) for c in curves)
-            x = np.nanmean([c[0][:width] for c in curves], axis=0)
-            y = np.nanmean([c[1][:width] for c in curves], axis=0)
             ax = axes[row, col]
-            ax.plot(x, y, color=method_color(group[0]), alpha=shade, marker=".", ms=3,
-                    ls=regularizer_style(group[0])[1],
-                    label=f"{label}, lr {lr:g}" + (f" (n={len(group)})" if len(group) > 1
-                                                  else ""))
-            ax.axhline(0, color="grey", lw=0.8)
-            ax.set_title(f"{dataset}: Δ {info[m].label} %" if len(datasets) > 1
-                         else f"Δ {info[m].label} %", fontsize=9)
+            for s, lr, group in settings:
+                x, y = _mean_curve([trajectory(r.record, m) for r in group])
+                if not np.isfinite(y[1:]).any():
+                    continue
+                kw = pal.kw(s.label)
+                kw["color"] = lr_shade(kw["color"], lr, list(s.by_lr()))
+                ax.plot(x, y, ms=3, lw=1.2, label=f"{s.label} · lr {lr:g}", **kw)
+            if not ax.lines:
+                _not_available(ax)
+            ax.axhline(0, **ZERO)
+            name = f"Δ {SHORT.get(m, m)} %"
+            ax.set_title(f"{head}\n{name}" if head else name, fontsize=8)
             ax.set_xlabel("fraction of training", fontsize=8)
             ax.grid(alpha=0.3)
-    for row in range(len(datasets)):
-        axes[row, 0].legend(fontsize=6)
+    legend_outside(fig, title="setting · lr (seed mean)")
     return fig
+
+
+def metric_evolution(runs: Sequence[Run], metric: str) -> Figure:
+    """The absolute layer-mean ``metric`` over training, seed mean per setting, with the
+    pretrained value as the reference line (003 Fig. 17 for Gini; ERF likewise)."""
+    done = _probed(completed(runs))
+    pal = Palette(runs)
+    panels = {p: v for p, v in setting_series(done, runs).items()}
+    info = metric_info()
+    if metric not in info:
+        raise NoData(f"no metric {metric!r}")
+
+    def curve(r: Run) -> tuple[np.ndarray, np.ndarray]:
+        base = num(((r.record.get("baseline") or {}).get("mean") or {}).get(metric))
+        x, y = [0.0], [base]
+        for p in r.record["history"]["probes"]:
+            x.append(num(p.get("fraction")))
+            y.append(num(((p.get("metrics") or {}).get("mean") or {}).get(metric)))
+        return np.asarray(x), np.asarray(y)
+
+    have = {
+        p: [
+            (s, lr, g) for s, lr, g in v if np.isfinite(_mean_curve([curve(r) for r in g])[1]).any()
+        ]
+        for p, v in panels.items()
+    }
+    have = {p: v for p, v in have.items() if v}
+    if not have:
+        raise NoData(f"no completed run recorded {info[metric].label.lower()} at its probes")
+    cols = min(2, len(have))
+    rows = math.ceil(len(have) / cols)
+    fig, axes = figure_grid(rows, cols, width=11.0 if cols == 2 else 7.5, height=3.0)
+    for ax in axes.flat[len(have) :]:
+        ax.set_visible(False)
+    for ax, (panel, settings) in zip(axes.flat, have.items(), strict=False):
+        bases = []
+        for s, lr, group in settings:
+            x, y = _mean_curve([curve(r) for r in group])
+            bases.append(y[0])
+            kw = pal.kw(s.label)
+            kw["color"] = lr_shade(kw["color"], lr, list(s.by_lr()))
+            ax.plot(x, y, ms=3, lw=1.2, label=f"{s.label} · lr {lr:g}", **kw)
+        base = nanmean(bases)
+        if math.isfinite(base):
+            ax.axhline(base, label="pretrained", **REFERENCE)
+        ax.set_title(panel_title(panel, have) or info[metric].label, fontsize=9)
+        ax.set_xlabel("fraction of training", fontsize=8)
+        ax.set_ylabel(f"{info[metric].label} (layer mean)", fontsize=8)
+        ax.grid(alpha=0.3)
+    legend_outside(fig, title="setting · lr (seed mean)")
+    return fig
+
+
+def gini_evolution(runs: Sequence[Run]) -> Figure:
+    return metric_evolution(runs, "gini")
+
+
+def erf_evolution(runs: Sequence[Run]) -> Figure:
+    return metric_evolution(runs, "erf")
 
 
 def training_dynamics(runs: Sequence[Run]) -> Figure:
@@ -73,66 +162,243 @@ def training_dynamics(runs: Sequence[Run]) -> Figure:
     probed = _probed(runs)
     if not probed:
         raise NoData("no run recorded attention probes")
-    datasets = sorted({dataset_of(r.config) for r in probed})
-    lrs = [lr_of(r.config) for r in probed]
-    norm = LogNorm(min(lrs), max(lrs)) if min(lrs) < max(lrs) else None
-    cmap = colormaps["viridis"]
-    fig, axes = figure_grid(1, len(datasets), width=min(11.0, 5.0 * len(datasets)), height=3.6)
-    for r in probed:
-        ax = axes[0, datasets.index(dataset_of(r.config))]
-        x, y = trajectory(r.record, "entropy")
-        # viridis without its pale yellow end, which vanishes on white
-        color = cmap(0.85 * float(norm(lr_of(r.config)))) if norm else method_color(r)
-        style = "-" if r.config.get("method") == "full_ft" else "--"
-        ax.plot(x, y, style, color=color, lw=1.1, alpha=0.85)
-        onset = collapse_onset(x, y)
-        if onset is not None:
-            ax.plot(onset, y[list(x).index(onset)], "v", color=color, ms=7, mec="black")
-        if r.status != "completed":
-            ax.plot(x[-1], y[-1], "x", color="black", ms=8)
-    for ax, dataset in zip(axes[0], datasets, strict=True):
-        ax.axhline(ONSET_THRESHOLD_PCT, color="#c0392b", lw=0.8, ls=":")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_title(f"{dataset}: Δ entropy %", fontsize=9)
-        ax.set_xlabel("fraction of training")
+    pal = Palette(runs)
+    panels = setting_series(probed, runs)
+    cols = min(2, len(panels))
+    fig, axes = figure_grid(
+        math.ceil(len(panels) / cols), cols, width=11.0 if cols == 2 else 7.5, height=3.3
+    )
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (panel, settings) in zip(axes.flat, panels.items(), strict=False):
+        for s, lr, group in settings:
+            kw = pal.kw(s.label)
+            color = lr_shade(kw["color"], lr, list(s.by_lr()))
+            for i, r in enumerate(group):
+                x, y = trajectory(r.record, "entropy")
+                ax.plot(
+                    x,
+                    y,
+                    color=color,
+                    ls=kw["ls"],
+                    lw=1.0,
+                    alpha=0.85,
+                    label=f"{s.label} · lr {lr:g}" if i == 0 else None,
+                )
+                onset = collapse_onset(x, y)
+                if onset is not None:
+                    ax.plot(onset, y[list(x).index(onset)], "v", color=color, ms=6, mec="black")
+                if r.status != "completed":
+                    ax.plot(x[-1], y[-1], "x", color="black", ms=8)
+        ax.axhline(ONSET_THRESHOLD_PCT, color="#7f8c8d", lw=0.8, ls=(0, (1, 2)))
+        ax.axhline(0, **ZERO)
+        head = panel_title(panel, panels)
+        ax.set_title(f"{head}: Δ entropy %" if head else "Δ entropy %", fontsize=9)
+        ax.set_xlabel("fraction of training", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(handles=[Line2D([], [], color="black", ls="-", label="full FT"),
-                               Line2D([], [], color="black", ls="--", label="other methods"),
-                               Line2D([], [], color="black", marker="v", ls="", label="onset"),
-                               Line2D([], [], color="black", marker="x", ls="",
-                                      label="not completed")], fontsize=7)
-    if norm:
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8,
-                     label="learning rate")
+    handles, labels = [], []
+    seen = set()
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in seen:
+                seen.add(lab)
+                handles.append(h)
+                labels.append(lab)
+    extra = [
+        Line2D([], [], color="black", marker="v", ls="", label="collapse onset"),
+        Line2D([], [], color="#7f8c8d", ls=(0, (1, 2)), label="−1% threshold"),
+    ]
+    if any(r.status != "completed" for r in probed):
+        extra.append(Line2D([], [], color="black", marker="x", ls="", label="not completed"))
+    legend_outside(
+        fig,
+        handles=handles + extra,
+        labels=labels + [h.get_label() for h in extra],
+        title="setting · lr (one line per run)",
+    )
     return fig
 
 
 def convergence(runs: Sequence[Run]) -> Figure:
-    """Training loss per step and validation accuracy per epoch of every run with a history."""
-    have = [r for r in runs if r.record and ((r.record.get("history") or {}).get("loss")
-                                             or (r.record.get("history") or {}).get("epochs"))]
+    """Training loss per step and validation accuracy per epoch of every run with a history;
+    one row per backbone and dataset, seeds told apart by marker."""
+
+    def hist(r: Run) -> dict:
+        return (r.record or {}).get("history") or {}
+
+    have = [r for r in runs if r.record and (hist(r).get("loss") or hist(r).get("epochs"))]
     if not have:
         raise NoData("no run recorded a training history")
-    fig, axes = figure_grid(1, 2, height=3.4)
-    loss_ax, acc_ax = axes[0]
-    for label, group in grouped(have, series_label).items():
-        for i, r in enumerate(group):
-            hist = r.record["history"]
-            pts = [(p["step"], p["loss"]) for p in hist.get("loss", []) if p.get("loss")
-                   is not None]
-            kw = {"color": method_color(r), "alpha": 0.6, "lw": 1.0,
-                  "ls": regularizer_style(r)[1],
-                  "label": label if i == 0 else None}
-            if pts:
-                loss_ax.plot(*zip(*pts, strict=True), **kw)
-            eps = [(e["epoch"], 100 * e["val_acc"]) for e in hist.get("epochs", [])
-                   if e.get("val_acc") is not None]
-            if eps:
-                acc_ax.plot(*zip(*eps, strict=True), marker="o", ms=3, **kw)
-    loss_ax.set(xlabel="step", ylabel="training loss", title="training loss")
-    acc_ax.set(xlabel="epoch", ylabel="val acc %", title="validation accuracy")
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-        ax.title.set_fontsize(9)
-    loss_ax.legend(fontsize=7)
+    pal = Palette(runs)
+    panels = setting_series(have, runs)
+    fig, axes = figure_grid(len(panels), 2, height=3.0)
+    seed_markers = ("o", "s", "^", "D", "v", "P")
+    unconverged = False
+    for row, (panel, settings) in enumerate(panels.items()):
+        loss_ax, acc_ax = axes[row]
+        for s, lr, group in settings:
+            color = lr_shade(pal.color(s.label), lr, list(s.by_lr()))
+            ls = pal.linestyle(s.label)
+            for i, r in enumerate(sorted(group, key=_seed_key)):
+                label = f"{s.label} · lr {lr:g}" if i == 0 else None
+                pts = [
+                    (p["step"], p["loss"])
+                    for p in hist(r).get("loss", [])
+                    if isinstance(p.get("loss"), int | float) and math.isfinite(p["loss"])
+                ]
+                if pts:
+                    loss_ax.plot(
+                        *zip(*pts, strict=True), color=color, ls=ls, lw=1.0, alpha=0.7, label=label
+                    )
+                eps = [
+                    (e["epoch"], 100 * e["val_acc"])
+                    for e in hist(r).get("epochs", [])
+                    if isinstance(e.get("val_acc"), int | float)
+                ]
+                if eps:
+                    acc_ax.plot(
+                        *zip(*eps, strict=True),
+                        color=color,
+                        ls=ls,
+                        lw=1.0,
+                        alpha=0.8,
+                        marker=seed_markers[i % len(seed_markers)],
+                        ms=4,
+                        label=label if not pts else None,
+                    )
+                    if converged(r) is False:  # 003 §4.5: late val acc still moving
+                        acc_ax.plot(*eps[-1], "o", ms=10, mfc="none", mec="black", mew=1.2)
+                        unconverged = True
+        head = panel_title(panel, panels)
+        for ax, name in ((loss_ax, "training loss"), (acc_ax, "validation accuracy %")):
+            if not ax.lines:
+                _not_available(ax)
+            ax.set_title(f"{head}: {name}" if head else name, fontsize=9)
+            ax.grid(alpha=0.3)
+        loss_ax.set_xlabel("step", fontsize=8)
+        acc_ax.set_xlabel("epoch", fontsize=8)
+        acc_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        lo, hi = acc_ax.get_ylim()
+        if acc_ax.lines and hi - lo < 4:  # no 0.96-1.04 axis: at least 4 points of accuracy
+            mid = (hi + lo) / 2
+            acc_ax.set_ylim(max(0, mid - 2), min(100.5, mid + 2))
+    n_seeds = max(len(g) for v in panels.values() for _, _, g in v)
+    title = "setting · lr" + (" (marker = seed)" if n_seeds > 1 else "")
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if unconverged:
+        ring = Line2D([], [], marker="o", ms=9, mfc="none", mec="black", ls="")
+        handles.append(ring)
+        labels.append("not converged (late val acc sd ≥ 0.005)")
+    legend_outside(fig, title=title, handles=handles, labels=labels)
+    return fig
+
+
+def accuracy_entropy(runs: Sequence[Run]) -> Figure:
+    """003 Fig. 3: validation accuracy and layer-mean entropy over the epochs, seed mean, each
+    setting family at its best learning rate (by validation accuracy); per backbone and dataset
+    a pair of panels on one epoch axis (003 drew the two on twin y axes; side by side, every
+    family keeps its colour and line style)."""
+    from attndrift.report.summary import best_lr
+
+    done = [r for r in _probed(completed(runs)) if (r.record.get("history") or {}).get("epochs")]
+    if not done:
+        raise NoData("no completed run recorded both validation accuracy and probes")
+    pal = Palette(runs)
+    panels = series_of(done, runs)
+    per_row = 2 if len(panels) > 1 else 1
+    fig, axes = figure_grid(math.ceil(len(panels) / per_row), 2 * per_row, height=2.8)
+    for ax in axes.flat[2 * len(panels) :]:
+        ax.set_visible(False)
+    flat = list(axes.flat)
+    for k, (panel, fams) in enumerate(panels.items()):
+        acc_ax, ent_ax = flat[2 * k], flat[2 * k + 1]
+        for s in fams:
+            lr, group = best_lr(s)
+            kw = {**pal.kw(s.label), "ms": 3, "lw": 1.1, "label": f"{s.label} · lr {lr:g}"}
+            acc = [
+                [
+                    (num(e.get("epoch")), 100 * num(e.get("val_acc")))
+                    for e in r.record["history"]["epochs"]
+                ]
+                for r in group
+            ]
+            ent = [
+                [
+                    (
+                        num(p.get("epoch")),
+                        num(((p.get("metrics") or {}).get("mean") or {}).get("entropy")),
+                    )
+                    for p in r.record["history"]["probes"]
+                ]
+                for r in group
+            ]
+            for ax, curves in ((acc_ax, acc), (ent_ax, ent)):
+                width = min(len(c) for c in curves)
+                if width:
+                    pts = nanmean([c[:width] for c in curves], axis=0)
+                    ax.plot(pts[:, 0], pts[:, 1], **kw)
+        head = panel_title(panel, panels)
+        for ax, name in ((acc_ax, "val acc %"), (ent_ax, "entropy, nats (layer mean)")):
+            if not ax.lines:
+                _not_available(ax)
+            ax.set_title(f"{head}\n{name}" if head else name, fontsize=8)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    legend_outside(fig, title="setting at its best lr (seed mean)")
+    return fig
+
+
+def layer_time_heatmap(runs: Sequence[Run], metric: str = "entropy") -> Figure:
+    """003 Fig. 4: per-layer drift at each probe (layers × training time), seed mean, for each
+    backbone, dataset and setting family at its highest learning rate."""
+    done = _probed(completed(runs))
+    cells = []
+    for panel, fams in series_of(done, runs).items():
+        for s in fams:
+            lr, group = list(s.by_lr().items())[-1]
+            mats = [layer_trajectory(r.record, metric) for r in group]
+            mats = [m for m in mats if m.size]
+            if not mats:
+                continue
+            n_probes = min(m.shape[0] for m in mats)
+            n_layers = min(m.shape[1] for m in mats)
+            grid = nanmean([m[:n_probes, :n_layers] for m in mats], axis=0).T
+            fracs = [num(p.get("fraction")) for p in group[0].record["history"]["probes"]]
+            if np.isfinite(grid).any():
+                cells.append((panel, s.label, lr, len(group), grid, fracs[:n_probes]))
+    if not cells:
+        raise NoData("no completed run recorded per-layer metrics at its probes")
+    span = max(float(np.nanmax(np.abs(c[4]))) for c in cells) or 1.0
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
+    cols = min(4, len(cells))
+    n_layers = max(c[4].shape[0] for c in cells)
+    height = min(4.5, 0.12 * n_layers + 1.6)
+    fig, axes = figure_grid(math.ceil(len(cells) / cols), cols, height=height)
+    for ax in axes.flat[len(cells) :]:
+        ax.set_visible(False)
+    image = None
+    panels = [c[0] for c in cells]
+    for ax, (panel, label, lr, n, grid, fracs) in zip(axes.flat, cells, strict=False):
+        image = ax.imshow(grid, cmap="RdBu", norm=norm, aspect="auto", origin="lower")
+        head = panel_title(panel, panels)
+        ax.set_title((f"{head}\n" if head else "") + f"{label} · lr {lr:g} (n={n})", fontsize=7)
+        layer_ticks(ax, grid.shape[0], axis="y", length_in=height - 1.2, fontsize=6)
+        step = max(1, math.ceil(len(fracs) / 5))
+        ax.set_xticks(range(0, len(fracs), step), [f"{f:.1f}" for f in fracs[::step]], fontsize=6)
+        ax.set_xlabel("fraction of training", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+    fig.colorbar(
+        image,
+        ax=axes,
+        shrink=min(0.8, 4.0 / fig.get_figheight()),
+        aspect=15,
+        label=f"Δ {metric} % per layer",
+    )
     return fig

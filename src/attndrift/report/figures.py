@@ -2,245 +2,435 @@
 
 No IO and no pyplot state: each function builds a `matplotlib.figure.Figure` (rendered by Agg
 when saved). A figure whose data the runs do not hold raises `NoData` with the reason, which
-the report shows instead of the figure.
+the report shows instead of the figure. Every series is the seeds of one setting; panels split
+by backbone and dataset; colours, markers and line styles come from `style.Palette`, so a
+method looks the same in every figure.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from attndrift.analysis.common import completed, delta, final, num, zs, zs_tasks
+from attndrift.analysis.common import completed, final, num, zs, zs_tasks
 from attndrift.analysis.inference import outcome_columns
 from attndrift.analysis.metadata import SHORT, core_metrics, metric_info
-from attndrift.analysis.runs import Run, dataset_of, lr_of, method_label, regularizer_label
+from attndrift.analysis.runs import Run, method_label, regularizer_label
 from attndrift.analysis.stats import correlation_matrix
-from attndrift.analysis.tables import regularization as regularization_table
-
-_COLORS = {"full_ft": "#c0392b", "lora": "#2471a3", "freeze": "#229954",
-           "linear_probe": "#7d3c98"}
+from attndrift.report import style
+from attndrift.report.style import (
+    REFERENCE,
+    ZERO,
+    Palette,
+    annotation_size,
+    drift_reader,
+    layer_ticks,
+    legend_outside,
+    mean_sd,
+    nanmean,
+    panel_title,
+    series_of,
+)
 
 
 class NoData(Exception):
     """The runs hold nothing this figure can show; ``str()`` says why."""
 
 
-_MARKERS = {"none": "o", "apr": "^", "entropy_floor": "s", "l2sp": "D"}
-
-
-def method_color(run: Run) -> str:
-    return _COLORS.get(run.config.get("method", ""), "#555555")
-
-
-def regularizer_style(run: Run) -> tuple[str, str]:
-    """(marker, linestyle): regularized runs share their method's colour, so they differ here."""
-    reg = run.config.get("regularizer") or {}
-    name = reg.get("name", "none") if isinstance(reg, dict) else "none"
-    return _MARKERS.get(name, "P"), "-" if name == "none" else "--"
-
-
 def series_label(run: Run) -> str:
-    """Method, plus the regularizer when there is one."""
+    """Method, plus the regularizer when there is one (the summary's coarse label)."""
     reg = regularizer_label(run.config)
     return method_label(run.config) + ("" if reg == "none" else f" + {reg}")
 
 
-def figure_grid(rows: int, cols: int, width: float = 11.0,
-                height: float = 2.9) -> tuple[Figure, np.ndarray]:
+def method_color(run: Run) -> str:
+    return style.method_color(run)
+
+
+def figure_grid(
+    rows: int, cols: int, width: float = 11.0, height: float = 2.9
+) -> tuple[Figure, np.ndarray]:
     """A pyplot-free figure with a ``[rows, cols]`` array of axes; ``height`` is per row."""
     fig = Figure(figsize=(width, height * rows), layout="constrained")
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
-def grouped(runs: Sequence[Run], key: Callable[[Run], Any]) -> dict[Any, list[Run]]:
-    """Runs grouped by ``key``, groups in sorted key order (labels case-insensitively, so
-    "full FT" comes before "LoRA" as in the study's tables)."""
-    out: dict[Any, list[Run]] = {}
-    for r in runs:
-        out.setdefault(key(r), []).append(r)
+def clipped_yerr(
+    mean: Sequence[float], sd: Sequence[float], lo: float = -math.inf, hi: float = math.inf
+) -> np.ndarray:
+    """``[2, n]`` error bars of ± sd, cut at the valid range [lo, hi] (no bar above 100%)."""
+    m = np.asarray(mean, dtype=float)
+    s = np.nan_to_num(np.asarray(sd, dtype=float), nan=0.0)
+    return np.vstack(
+        [np.clip(np.minimum(s, m - lo), 0, None), np.clip(np.minimum(s, hi - m), 0, None)]
+    )
 
-    def fold(k: Any) -> Any:
-        parts = k if isinstance(k, tuple) else (k,)
-        return tuple(p.casefold() if isinstance(p, str) else p for p in parts)
 
-    return dict(sorted(out.items(), key=lambda kv: fold(kv[0])))
+def hbars(
+    ax,
+    labels: list[str],
+    stats: list[tuple[float, float, int]],
+    families: list[str],
+    pal: Palette,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+) -> None:
+    """Horizontal bars of (mean, sd, n) per row, coloured and hatched by family; ±1 sd clipped
+    to [lo, hi]; 'not available' where a row has no value."""
+    y = np.arange(len(labels))
+    means = [s[0] for s in stats]
+    err = clipped_yerr(np.nan_to_num(means), [s[1] for s in stats], lo, hi)
+    bars = ax.barh(
+        y,
+        np.nan_to_num(means),
+        0.7,
+        xerr=err,
+        edgecolor="black",
+        lw=0.4,
+        capsize=2,
+        color=[pal.color(f) for f in families],
+    )
+    for patch, fam in zip(bars.patches, families, strict=True):
+        patch.set_hatch(pal.hatch(fam))
+    for yi, (_, _, n) in zip(y, stats, strict=True):
+        if n == 0:
+            ax.text(0, yi, " not available", va="center", fontsize=6, color="grey")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.grid(alpha=0.3, axis="x")
 
 
 def baseline_structure(runs: Sequence[Run]) -> Figure:
-    """The pretrained model's four metrics per layer, one line per probe set (dataset)."""
+    """The pretrained model's four metrics per layer, one line per backbone and probe set."""
     bases = {}
     for r in completed(runs):
         base = (r.record or {}).get("baseline") or {}
         if base.get("entropy"):
-            bases.setdefault((r.config.get("model"), dataset_of(r.config)), base)
+            bases.setdefault(style.panel_of(r), base)
     if not bases:
         raise NoData("no completed run has a pretrained baseline")
     info = metric_info()
     fig, axes = figure_grid(1, len(info), height=3.0)
     for ax, m in zip(axes[0], info, strict=True):
-        for (model, dataset), base in bases.items():
-            layers = (base.get(m) or {}).get("layers") or []
-            ax.plot(range(1, len(layers) + 1), layers, marker="o", ms=3,
-                    label=f"{dataset}" if len({b[0] for b in bases}) == 1 else
-                    f"{model}: {dataset}")
+        n_layers = 1
+        for panel, base in bases.items():
+            layers = [num(v) for v in (base.get(m) or {}).get("layers") or []]
+            if layers and any(math.isfinite(v) for v in layers):
+                ax.plot(
+                    range(len(layers)),
+                    layers,
+                    marker="o",
+                    ms=3,
+                    label=panel_title(panel, bases) or panel[1],
+                )
+                n_layers = max(n_layers, len(layers))
+        if not ax.lines:
+            ax.text(
+                0.5,
+                0.5,
+                "not available",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="grey",
+            )
+        layer_ticks(ax, n_layers, length_in=2.0)
         ax.set_title(info[m].label, fontsize=10)
         ax.set_xlabel("layer")
         ax.set_ylabel(info[m].unit or "value")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7, title="probe images", title_fontsize=7)
+    legend_outside(fig, title="probe images")
     return fig
 
 
+def _cell_text(v: float) -> str:
+    return f"{v:+.0f}" if abs(v) >= 99.5 else f"{v:+.1f}"
+
+
 def layer_delta_heatmaps(runs: Sequence[Run], metric: str = "entropy") -> Figure:
-    """Per-layer drift (seed mean), layers × learning rate, one panel per dataset and method."""
-    panels = grouped(completed(runs), lambda r: (dataset_of(r.config), series_label(r)))
-    panels = {k: v for k, v in panels.items()
-              if any(final(r).get("delta_pct_layers", {}).get(metric) for r in v)}
-    if not panels:
+    """Per-layer drift (seed mean): one panel per backbone and dataset, one row per setting
+    (its family's rows together, learning rates ascending, families divided by a line)."""
+    grids = []
+    for panel, fams in series_of(completed(runs), runs).items():
+        rows, labels, breaks = [], [], []
+        for s in fams:
+            start = len(rows)
+            for lr, group in s.by_lr().items():
+                vals = [final(r).get("delta_pct_layers", {}).get(metric) or [] for r in group]
+                vals = [[num(x) for x in v] for v in vals if v]
+                if vals:
+                    width = min(len(v) for v in vals)
+                    rows.append(nanmean([v[:width] for v in vals], axis=0))
+                    labels.append(f"{s.label} · lr {lr:g} (n={len(vals)})")
+            if len(rows) > start and start:
+                breaks.append(start - 0.5)
+        if rows:
+            width = min(len(r) for r in rows)
+            grids.append((panel, labels, breaks, np.array([r[:width] for r in rows])))
+    if not grids:
         raise NoData("no completed run has per-layer drift")
-    grids = {}
-    for key, group in panels.items():
-        lrs = sorted({lr_of(r.config) for r in group})
-        rows = []
-        for lr in lrs:
-            vals = [final(r)["delta_pct_layers"].get(metric) or [] for r in group
-                    if lr_of(r.config) == lr]
-            width = min(len(v) for v in vals)
-            rows.append(np.nanmean([[num(x) for x in v[:width]] for v in vals], axis=0))
-        width = min(len(r) for r in rows)
-        grids[key] = (lrs, np.array([r[:width] for r in rows]))
-    span = max(float(np.nanmax(np.abs(g))) for _, g in grids.values()) or 1.0
+    finite = [np.abs(g[3][np.isfinite(g[3])]) for g in grids]
+    span = max((float(f.max()) for f in finite if f.size), default=0.0) or 1.0
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
-    cols = min(4, len(grids))
-    nrows = math.ceil(len(grids) / cols)
-    fig, axes = figure_grid(nrows, cols, width=min(11.0, 3.0 * cols + 1.5),
-                        height=0.45 * max(len(v[0]) for v in grids.values()) + 1.6)
-    for ax in axes.flat[len(grids):]:
+    n_layers = max(g[3].shape[1] for g in grids)
+    label_in = 0.055 * max(len(lab) for g in grids for lab in g[1]) + 0.3
+    # wide enough panels that a 5-character number fits its cell at >= 6 pt, up to 24 layers
+    cols = 2 if len(grids) > 1 and (10.0 / 2 - label_in - 0.3) / n_layers >= 0.3 else 1
+    panel_w = 10.0 / cols - label_in - 0.4 - (0.8 if cols == 1 else 0.4)
+    n_rows = max(len(g[1]) for g in grids)
+    fig, axes = figure_grid(
+        math.ceil(len(grids) / cols), cols, width=11.0, height=0.3 * n_rows + 1.2
+    )
+    for ax in axes.flat[len(grids) :]:
         ax.set_visible(False)
     image = None
-    for ax, ((dataset, label), (lrs, grid)) in zip(axes.flat, grids.items(), strict=False):
+    panels = [g[0] for g in grids]
+    for ax, (panel, labels, breaks, grid) in zip(axes.flat, grids, strict=False):
         image = ax.imshow(grid, cmap="RdBu", norm=norm, aspect="auto")
-        ax.set_title(f"{dataset}\n{label}", fontsize=9)
-        ax.set_xticks(range(grid.shape[1]), [str(i + 1) for i in range(grid.shape[1])],
-                      fontsize=7)
-        ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=7)
+        ax.set_title(panel_title(panel, panels) or f"Δ {SHORT.get(metric, metric)} %", fontsize=9)
+        layer_ticks(ax, grid.shape[1], length_in=panel_w)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        for y in breaks:
+            ax.axhline(y, color="black", lw=1.2)
         ax.set_xlabel("layer", fontsize=8)
-        ax.set_ylabel("lr", fontsize=8)
-        if grid.size <= 80:
+        texts = [_cell_text(v) for v in grid.flat if math.isfinite(v)]
+        size = annotation_size(
+            panel_w / grid.shape[1], 0.3, max((len(t) for t in texts), default=4)
+        )
+        if size is not None:
             for (i, j), v in np.ndenumerate(grid):
-                ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=6,
-                        color="white" if abs(v) > 0.6 * span else "black")
-    fig.colorbar(image, ax=axes, shrink=0.8, label=f"Δ {SHORT.get(metric, metric)} % per layer")
+                if math.isfinite(v):
+                    ax.text(
+                        j,
+                        i,
+                        _cell_text(v),
+                        ha="center",
+                        va="center",
+                        fontsize=size,
+                        color="white" if abs(v) > 0.6 * span else "black",
+                    )
+    fig.colorbar(
+        image,
+        ax=axes,
+        shrink=min(0.8, 4.0 / fig.get_figheight()),
+        aspect=15,
+        label=f"Δ {SHORT.get(metric, metric)} % per layer",
+    )
     return fig
 
 
 def lr_panels(runs: Sequence[Run]) -> Figure:
-    """Accuracy, Δ entropy and zero-shot vs learning rate: mean ± sd over seeds per method."""
+    """Accuracy, Δ entropy and zero-shot vs learning rate: mean ± sd over seeds per setting
+    family, one row per backbone and dataset; the pretrained zero-shot accuracy drawn."""
+    delta = drift_reader(runs)
     done = completed(runs)
     tasks = zs_tasks(done)
-    series = grouped(done, lambda r: (dataset_of(r.config), series_label(r)))
-    series = {k: v for k, v in series.items() if len({lr_of(r.config) for r in v}) >= 2}
-    if not series:
-        raise NoData("no method was run at two or more learning rates")
-    datasets = sorted({k[0] for k in series})
-    outcomes = [("best val acc %", lambda r: 100 * num(final(r).get("best_val_acc"))),
-                ("Δ entropy %", lambda r: delta(r, "entropy"))]
-    outcomes += [(f"zero-shot {t} %", lambda r, t=t: 100 * zs(r, t)) for t in tasks]
-    all_lrs = sorted({lr_of(r.config) for g in series.values() for r in g})
-    fig, axes = figure_grid(len(datasets), len(outcomes), height=2.8)
-    for (dataset, label), group in series.items():
-        row = datasets.index(dataset)
-        lrs = sorted({lr_of(r.config) for r in group})
-        for col, (name, get) in enumerate(outcomes):
-            vals = [[get(r) for r in group if lr_of(r.config) == lr] for lr in lrs]
-            mean = [np.nanmean(v) for v in vals]
-            sd = [np.nanstd(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
+    pal = Palette(runs)
+    panels = {
+        p: [s for s in fams if len(s.by_lr()) >= 2] for p, fams in series_of(done, runs).items()
+    }
+    panels = {p: f for p, f in panels.items() if f}
+    if not panels:
+        raise NoData("no setting was run at two or more learning rates")
+    outcomes = [
+        ("test acc %", lambda r: 100 * num(final(r).get("test_acc")), (0, 100)),
+        ("Δ entropy %", lambda r: delta(r, "entropy"), (-100, math.inf)),
+    ]
+    outcomes += [(f"zero-shot {t} %", lambda r, t=t: 100 * zs(r, t), (0, 100)) for t in tasks]
+    if not any(math.isfinite(outcomes[0][1](r)) for r in done):
+        outcomes[0] = (
+            "best val acc %",
+            lambda r: 100 * num(final(r).get("best_val_acc")),
+            (0, 100),
+        )
+    all_lrs = sorted({lr for fams in panels.values() for s in fams for lr in s.by_lr()})
+    fig, axes = figure_grid(len(panels), len(outcomes), height=2.8)
+    for row, (panel, fams) in enumerate(panels.items()):
+        head = panel_title(panel, panels)
+        for col, (name, get, (lo, hi)) in enumerate(outcomes):
             ax = axes[row, col]
-            marker, style = regularizer_style(group[0])
-            ax.errorbar(lrs, mean, yerr=sd, marker=marker, ms=4, capsize=3, label=label,
-                        color=method_color(group[0]), linestyle=style)
+            for s in fams:
+                pts = [(lr, *mean_sd(get(r) for r in g)) for lr, g in s.by_lr().items()]
+                pts = [p for p in pts if p[3] > 0]
+                if not pts:
+                    continue
+                lrs, mean, sd, _ = zip(*pts, strict=True)
+                ax.errorbar(
+                    lrs,
+                    mean,
+                    yerr=clipped_yerr(mean, sd, lo, hi),
+                    ms=4,
+                    capsize=3,
+                    label=s.label,
+                    **pal.kw(s.label),
+                )
+            if name.startswith("zero-shot"):
+                task = name.split()[1]
+                before = nanmean([100 * zs(r, task, "before") for s in fams for r in s.runs])
+                if math.isfinite(before):
+                    ax.axhline(before, label="pretrained", **REFERENCE)
+            if not ax.lines and not ax.collections:
+                ax.text(
+                    0.5,
+                    0.5,
+                    "not available",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    color="grey",
+                )
             ax.set_xscale("log")
-            ax.set_xticks(all_lrs, [f"{lr:g}" for lr in all_lrs], fontsize=7,
-                          rotation=30 if len(all_lrs) > 3 else 0)
+            ax.set_xticks(
+                all_lrs,
+                [f"{lr:g}" for lr in all_lrs],
+                fontsize=7,
+                rotation=30 if len(all_lrs) > 3 else 0,
+            )
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_title(f"{dataset}: {name}" if len(datasets) > 1 else name, fontsize=9)
+            ax.set_title(f"{head}\n{name}" if head else name, fontsize=8)
             ax.set_xlabel("learning rate", fontsize=8)
             ax.grid(alpha=0.3)
             if name.startswith("Δ"):
-                ax.axhline(0, color="grey", lw=0.8)
-    for row in range(len(datasets)):
-        axes[row, 0].legend(fontsize=7)
+                ax.axhline(0, **ZERO)
+    legend_outside(fig, title="setting (±1 sd over seeds)")
     return fig
 
 
 def regularization(runs: Sequence[Run]) -> Figure:
-    """Drift of entropy, ERF and Gini per regularization setting, next to no regularizer."""
-    table = regularization_table(runs)
-    if table.empty:
-        raise NoData(table.skipped or "no regularization runs")
+    """Drift of entropy, ERF and Gini of every setting whose family differs from another only in
+    the regularizer or the weight decay (so the unregularized run stands next to its variants),
+    mean ± sd over seeds."""
+    delta = drift_reader(runs)
+    pal = Palette(runs)
     metrics = [m for m in ("entropy", "erf", "gini") if m in core_metrics()]
-    labels = [f"{r['regularizer']}" + (f" ({r['other']})" if r["other"] != "—" else "")
-              + f"\n{r['dataset']}, {r['method']}, lr {r['lr']:g}" for r in table.rows]
-    fig, axes = figure_grid(1, 1, height=max(3.0, 0.45 * len(labels) * len(metrics) / 2))
-    ax = axes[0, 0]
-    y = np.arange(len(labels))
-    h = 0.8 / len(metrics)
-    for k, m in enumerate(metrics):
-        ax.barh(y + k * h, [r[f"d_{m}"] for r in table.rows], h,
-                xerr=[0 if not math.isfinite(num(r.get(f"d_{m}_sd"))) else r[f"d_{m}_sd"]
-                      for r in table.rows], label=f"Δ {SHORT[m]} %")
-    ax.set_yticks(y + h * (len(metrics) - 1) / 2, labels, fontsize=7)
-    ax.axvline(0, color="grey", lw=0.8)
-    ax.invert_yaxis()
-    ax.set_xlabel("drift vs pretrained (%)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, axis="x")
+    bars = []  # (panel, label, lr, group)
+    for panel, fams in series_of(completed(runs), runs).items():
+
+        def base(s: style.Series) -> tuple:
+            return tuple(
+                kv
+                for kv in s.key
+                if not kv[0].startswith("regularizer.") and kv[0] != "train.weight_decay"
+            )
+
+        by_base: dict[tuple, list[style.Series]] = {}
+        for s in fams:
+            by_base.setdefault(base(s), []).append(s)
+        for group in by_base.values():
+            if len(group) < 2:
+                continue
+            # at each lr, every family of the group run there (if it is not alone)
+            for lr in sorted(set().union(*(s.by_lr() for s in group))):
+                here = [s for s in group if lr in s.by_lr()]
+                if len(here) >= 2:
+                    bars += [(panel, s.label, lr, s.by_lr()[lr]) for s in here]
+    if not bars:
+        raise NoData(
+            "no regularized or weight-decay variant next to a run that differs only in that"
+        )
+    panels = [b[0] for b in bars]
+    labels = [
+        " · ".join(p for p in (panel_title(b[0], panels), b[1], f"lr {b[2]:g}") if p)
+        + f"  (n={len(b[3])})"
+        for b in bars
+    ]
+    fig, axes = figure_grid(1, len(metrics), height=max(2.6, 0.32 * len(bars) + 1.2))
+    for ax, m in zip(axes[0], metrics, strict=True):
+        hbars(
+            ax,
+            labels if m == metrics[0] else [""] * len(bars),
+            [mean_sd(delta(r, m) for r in b[3]) for b in bars],
+            [b[1] for b in bars],
+            pal,
+        )
+        ax.axvline(0, **ZERO)
+        ax.set_title(f"Δ {SHORT[m]} %", fontsize=9)
+        ax.set_xlabel("drift vs pretrained (%), ±1 sd over seeds", fontsize=8)
+        ax.grid(alpha=0.3, axis="x")
     return fig
 
 
 def structure_vs_zeroshot(runs: Sequence[Run]) -> Figure:
-    """Δ entropy against zero-shot retention per transfer task, one point per run."""
+    """Δ entropy against zero-shot retention per transfer task, one point per run, one row per
+    backbone and dataset (retention is not pooled across datasets)."""
+    delta = drift_reader(runs)
     done = completed(runs)
     tasks = zs_tasks(done)
     if not tasks:
         raise NoData("no completed run evaluated zero-shot transfer")
-    fig, axes = figure_grid(1, len(tasks), width=min(11.0, 4.2 * len(tasks)), height=3.4)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for label, group in grouped(done, series_label).items():
-            ax.scatter([delta(r, "entropy") for r in group],
-                       [zs(r, task, "retention_pct") for r in group], s=22, alpha=0.8,
-                       color=method_color(group[0]), marker=regularizer_style(group[0])[0],
-                       label=label)
-        ax.axvline(0, color="grey", lw=0.8)
-        ax.axhline(100, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("Δ entropy % (layer mean)")
-        ax.set_ylabel(f"{task}: retained %")
-        ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
+    pal = Palette(runs)
+    panels = series_of(done, runs)
+    fig, axes = figure_grid(
+        len(panels), len(tasks), width=min(11.0, 4.2 * len(tasks) + 2.5), height=3.2
+    )
+    for row, (panel, fams) in enumerate(panels.items()):
+        head = panel_title(panel, panels)
+        for ax, task in zip(axes[row], tasks, strict=True):
+            for s in fams:
+                pts = [(delta(r, "entropy"), zs(r, task, "retention_pct")) for r in s.runs]
+                pts = [p for p in pts if all(map(math.isfinite, p))]
+                if pts:
+                    ax.scatter(
+                        *zip(*pts, strict=True),
+                        s=22,
+                        alpha=0.85,
+                        color=pal.color(s.label),
+                        marker=pal.marker(s.label),
+                        label=s.label,
+                    )
+            if not ax.collections:
+                ax.text(
+                    0.5,
+                    0.5,
+                    "not available",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    color="grey",
+                )
+            ax.axvline(0, **ZERO)
+            ax.axhline(100, label="pretrained (100%)", **REFERENCE)
+            ax.set_xlabel("Δ entropy % (layer mean)", fontsize=8)
+            ax.set_ylabel(f"{task}: retained %", fontsize=8)
+            if head:
+                ax.set_title(head, fontsize=9)
+            ax.grid(alpha=0.3)
+    legend_outside(fig, title="setting (one point per run)")
     return fig
 
 
 def metric_correlations(runs: Sequence[Run]) -> Figure:
     """Pearson correlations across completed runs of drift, accuracy and retention."""
-    data = {k: v for k, v in outcome_columns(runs).items()
-            if np.isfinite(np.asarray(v, dtype=float)).sum() >= 3}
+    data = {
+        k: v
+        for k, v in outcome_columns(runs).items()
+        if np.isfinite(np.asarray(v, dtype=float)).sum() >= 3
+    }
     if len(completed(runs)) < 3 or len(data) < 2:
         raise NoData("needs three or more completed runs")
     cm = correlation_matrix(data)
     k = len(cm.names)
-    fig, axes = figure_grid(1, 1, width=min(8.0, 1.1 * k + 2.5), height=min(7.0, 0.9 * k + 1.5))
+    fig, axes = figure_grid(1, 1, width=min(9.0, 0.9 * k + 3.5), height=min(8.0, 0.75 * k + 2))
     ax = axes[0, 0]
     image = ax.imshow(cm.r, cmap="RdBu", vmin=-1, vmax=1)
-    ax.set_xticks(range(k), cm.names, rotation=40, ha="right", fontsize=8)
-    ax.set_yticks(range(k), cm.names, fontsize=8)
-    for (i, j), v in np.ndenumerate(cm.r):
-        ax.text(j, i, "—" if not math.isfinite(v) else f"{v:.2f}", ha="center", va="center",
-                fontsize=7, color="white" if math.isfinite(v) and abs(v) > 0.6 else "black")
+    size = 7 if k <= 10 else 6
+    ax.set_xticks(range(k), cm.names, rotation=90, fontsize=size + 1)
+    ax.set_yticks(range(k), cm.names, fontsize=size + 1)
+    if k <= 14:
+        for (i, j), v in np.ndenumerate(cm.r):
+            ax.text(
+                j,
+                i,
+                "—" if not math.isfinite(v) else f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=size,
+                color="white" if math.isfinite(v) and abs(v) > 0.6 else "black",
+            )
     fig.colorbar(image, ax=ax, shrink=0.8, label="Pearson r")
     return fig

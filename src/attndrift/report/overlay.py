@@ -8,6 +8,7 @@ it with safetensors' numpy API (no torch); `attention_overlay` is the pure figur
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from attndrift.analysis.common import completed
-from attndrift.analysis.runs import Run, dataset_of, lr_of
-from attndrift.report.figures import NoData, figure_grid, series_label
+from attndrift.analysis.runs import Run
+from attndrift.report.figures import NoData, figure_grid
+from attndrift.report.style import Series, panel_of, series_of
 
 ATTENTION_FILE = "attention.safetensors"
 
@@ -45,19 +47,40 @@ def load_attention(run_dir: Path, label: str) -> AttentionSample | None:
         return None
 
 
-def overlay_runs(runs: Sequence[Run], limit: int = 3) -> list[Run]:
-    """Runs worth overlaying: of the dataset with the most completed runs, one per method
-    (its highest learning rate, where drift is largest), at most ``limit``."""
+def overlay_runs(runs: Sequence[Run], limit: int = 8) -> list[tuple[Run, str]]:
+    """Runs worth overlaying, with their labels: of the backbone and dataset with the most
+    completed runs that saved maps, every method at its lowest and highest learning rate (its
+    unregularized family with the most runs, lowest seed), then other families (regularized,
+    other variants) at their highest lr while fewer than ``limit`` are chosen."""
     done = [r for r in completed(runs) if (r.path / ATTENTION_FILE).is_file()]
     if not done:
         return []
-    datasets = [dataset_of(r.config) for r in done]
-    dataset = max(sorted(set(datasets)), key=datasets.count)
-    chosen: dict[str, Run] = {}
-    for r in sorted(done, key=lambda r: (-lr_of(r.config), r.config.get("seed", 0))):
-        if dataset_of(r.config) == dataset:
-            chosen.setdefault(series_label(r), r)
-    return [chosen[k] for k in sorted(chosen, key=str.casefold)][:limit]
+    panels = [panel_of(r) for r in done]
+    panel = max(sorted(set(panels)), key=panels.count)
+    fams = series_of([r for r in done if panel_of(r) == panel], runs)[panel]
+
+    def rank(s: Series) -> tuple:
+        reg = (s.runs[0].config.get("regularizer") or {}).get("name", "none")
+        return (reg != "none", -len(s.runs), s.label.casefold())
+
+    def first_seed(group: list[Run]) -> Run:
+        return min(group, key=lambda r: (str(r.config.get("seed")), r.run_id))
+
+    chosen: list[tuple[Run, str]] = []
+    methods = sorted({str(s.runs[0].config.get("method")) for s in fams})
+    for method in methods:
+        s = min((s for s in fams if str(s.runs[0].config.get("method")) == method), key=rank)
+        by_lr = s.by_lr()
+        for lr in sorted({min(by_lr), max(by_lr)}):
+            chosen.append((first_seed(by_lr[lr]), f"{s.label} · lr {lr:g}"))
+    for s in sorted(fams, key=rank):
+        lr = max(s.by_lr())
+        run = first_seed(s.by_lr()[lr])
+        if len(chosen) >= limit:
+            break
+        if all(run is not c[0] for c in chosen):
+            chosen.append((run, f"{s.label} · lr {lr:g}"))
+    return chosen
 
 
 def _grid(attn: np.ndarray, layer: int) -> np.ndarray:
@@ -74,38 +97,66 @@ def _entropy(p: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def attention_overlay(samples: Sequence[AttentionSample], layer: int = -1,
-                      max_images: int = 4) -> Figure:
+def attention_overlay(
+    samples: Sequence[AttentionSample], layer: int = -1, max_images: int = 4
+) -> Figure:
     """Rows: probe images. Columns: the image, its pretrained map, then each run's adapted map
-    (head mean at ``layer``, upsampled bilinearly over the image; one colour scale per row)."""
+    (head mean at ``layer``, one patch per block of pixels, nearest, aligned with the image's
+    pixels; one colour scale per row, with its colour bar)."""
     samples = [s for s in samples if s.images.size and np.array_equal(s.images, samples[0].images)]
     if not samples:
         raise NoData("no run saved attention maps (attention.safetensors)")
     n = min(max_images, samples[0].images.shape[0])
     cols = 2 + len(samples)
-    fig, axes = figure_grid(n, cols, width=min(11.0, 2.2 * cols), height=2.2)
+    width = min(13.0, 1.75 * cols + 0.9)
+    fig, axes = figure_grid(n, cols, width=width, height=1.75)
     n_layers = samples[0].pretrained.shape[1]
     shown_layer = layer % n_layers + 1
+    chars = max(12, int((width - 0.9) / cols * 72 / (0.55 * 7)))
+    titles = ["probe image", "pretrained"] + [textwrap.fill(s.label, chars) for s in samples]
     for i in range(n):
         image = np.transpose(samples[0].images[i], (1, 2, 0))
         h, w = image.shape[:2]
-        maps = [_grid(samples[0].pretrained[i], layer)] + [_grid(s.final[i], layer)
-                                                           for s in samples]
+        maps = [_grid(samples[0].pretrained[i], layer)] + [
+            _grid(s.final[i], layer) for s in samples
+        ]
         vmax = max(float(m.max()) for m in maps)
         axes[i, 0].imshow(image, interpolation="nearest")
-        titles = ["probe image", "pretrained"] + [f"adapted: {s.label}" for s in samples]
+        shown = None
         for j, m in enumerate(maps, start=1):
             ax = axes[i, j]
             ax.imshow(image, interpolation="nearest")
-            ax.imshow(m, extent=(0, w, h, 0), cmap="inferno", alpha=0.6, vmin=0, vmax=vmax,
-                      interpolation="bilinear")
-            ax.text(0.03, 0.04, f"H={_entropy(m):.2f}", transform=ax.transAxes, fontsize=7,
-                    color="white", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1.5})
+            # the image's pixels span [-0.5, w - 0.5]: the patch grid must span the same
+            shown = ax.imshow(
+                m,
+                extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+                cmap="inferno",
+                alpha=0.65,
+                vmin=0,
+                vmax=vmax,
+                interpolation="nearest",
+            )
+            ax.text(
+                0.03,
+                0.04,
+                f"H={_entropy(m):.2f}",
+                transform=ax.transAxes,
+                fontsize=6,
+                color="white",
+                bbox={"facecolor": "black", "alpha": 0.5, "pad": 1.0},
+            )
         for j, ax in enumerate(axes[i]):
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(titles[j], fontsize=8)
-    fig.suptitle(f"CLS→patch attention, layer {shown_layer} of {n_layers}, mean over heads "
-                 "(H = entropy of the shown map, nats)", fontsize=9)
+                ax.set_title(titles[j], fontsize=7)
+        bar = fig.colorbar(shown, ax=axes[i, :].tolist(), shrink=0.9, pad=0.01, aspect=12)
+        bar.ax.tick_params(labelsize=6)
+        if i == 0:
+            bar.set_label("attention", fontsize=7)
+    fig.suptitle(
+        f"CLS→patch attention, layer {shown_layer} of {n_layers}, mean over heads "
+        "(H = entropy of the shown map, nats; colour scale per row)",
+        fontsize=8,
+    )
     return fig
