@@ -28,28 +28,25 @@ import torch.nn.functional as F
 
 from attndrift.config import RunConfig, identity
 from attndrift.data.registry import load_task
-from attndrift.data.splits import (
-    balanced_subset,
-    index_fingerprint,
-    probe_subsets,
-    stratified_split,
-)
+from attndrift.data.splits import balanced_subset, index_fingerprint
 from attndrift.evaluate import (
     accuracy,
     attention_cache,
     autocast,
     auxiliary_metrics,
-    coefficient_of_variation,
+    drift_summary,
     probe_attention,
     sanity_check,
+    validation_probe_sets,
     zeroshot_all,
+    zeroshot_summary,
 )
 from attndrift.models.adapt import adapt, method_kwargs
 from attndrift.models.classifier import CLIPClassifier, count_parameters, trainable_state
 from attndrift.models.clip import load_clip
 from attndrift.probes.capture import AttentionProbe
 from attndrift.probes.drift import vision_weight_snapshot
-from attndrift.probes.metrics import METRICS, delta_pct, renormalize_patches, summarize
+from attndrift.probes.metrics import renormalize_patches, summarize
 from attndrift.records import (
     RECORD_FILE,
     file_sha256,
@@ -222,15 +219,14 @@ def _prepare_data(r: _Run) -> None:
     source = load_task(cfg.data.dataset, "train", image_size=size, progress=progress)
     # decoded (and cached) now, read at the end: a bad test image stops the run before training
     load_task(cfg.data.dataset, "test", image_size=size, progress=progress)
-    train_idx, val_idx = stratified_split(source.labels, cfg.data.val_frac, cfg.data.split_seed)
+    train_idx, val_idx, r.val_set, r.subsets = validation_probe_sets(
+        source, cfg.data.val_frac, cfg.data.split_seed, cfg.probe.images, cfg.probe.subsets,
+        cfg.probe.seed)
     if cfg.data.train_limit is not None:
         train_idx = train_idx[balanced_subset(source.labels[train_idx], cfg.data.train_limit,
                                               cfg.data.split_seed)]
     r.source = source
     r.train_set = source.subset(train_idx, f"{source.name}/train")
-    r.val_set = source.subset(val_idx, f"{source.name}/val")
-    r.subsets = probe_subsets(r.val_set.labels, cfg.probe.images, cfg.probe.subsets,
-                              cfg.probe.seed)
     r.probe_idx = r.subsets[0]  # probed during training too
     r.probe_images = r.val_set.images[r.probe_idx]
     r.zs_tasks = {name: load_task(name, "test", image_size=size, progress=progress)
@@ -614,8 +610,10 @@ def _final_evaluation(r: _Run, state: dict[str, Any], final_attn: torch.Tensor) 
 def _record_final(r: _Run, state: dict[str, Any], final_subsets: list[dict[str, float]],
                   final_aux: dict[str, Any], test_acc: float) -> None:
     """``record["final"]``: accuracies, final attention and its drift from the baseline."""
-    history, base = r.history, r.record["baseline"]
+    history = r.history
     final_metrics = history["probes"][-1]["metrics"]
+    drift = drift_summary(final_metrics, r.record["baseline"], final_subsets)
+    subset_cv = drift.pop("subset_cv")
     r.record["final"] = {
         "step": state["step"], "epochs": state["step"] / r.steps_per_epoch,
         "val_acc": history["epochs"][-1]["val_acc"] if history["epochs"] else None,
@@ -623,25 +621,12 @@ def _record_final(r: _Run, state: dict[str, Any], final_subsets: list[dict[str, 
         "test_acc": test_acc,
         "train_loss": history["loss"][-1]["loss"] if history["loss"] else None,
         "metrics": final_metrics,
-        "delta_pct": {m: delta_pct(final_metrics["mean"][m], base["mean"][m]) for m in METRICS},
-        "delta_pct_layers": {
-            m: [delta_pct(a, b) for a, b in zip(final_metrics[m]["layers"],
-                                                 base[m]["layers"], strict=True)]
-            for m in METRICS},
-        "subsets": final_subsets,
-        # the study's reporting: drift averaged over the fixed probe subsets
-        "delta_pct_subset_mean": {m: sum(delta_pct(f[m], b[m]) for f, b in zip(
-            final_subsets, base["subsets"], strict=True)) / len(final_subsets) for m in METRICS},
+        **drift,
         # auxiliary analyses, and how much the core metrics depend on which probe subset is
         # used (coefficient of variation over the fixed subsets)
-        "aux": {**final_aux, "subset_cv": {
-            m: coefficient_of_variation([f[m] for f in final_subsets]) for m in METRICS}},
+        "aux": {**final_aux, "subset_cv": subset_cv},
     }
 
 
 def _record_zeroshot(r: _Run, before: dict[str, float], after: dict[str, float]) -> None:
-    r.record["zeroshot"] = {
-        name: {"before": before[name], "after": after[name],
-               "retention_pct": 100.0 * after[name] / before[name] if before[name] > 0 else None,
-               "chance": 1.0 / task.num_classes, "classes": task.num_classes}
-        for name, task in r.zs_tasks.items()}
+    r.record["zeroshot"] = zeroshot_summary(before, after, r.zs_tasks)
