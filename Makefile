@@ -11,8 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 
 setup: $(STAMP)
 
-# The install reruns when the C kernel or its build script changes, so the .so is never stale.
-$(STAMP): pyproject.toml setup.py src/attndrift/probes/_rowstats.c
+# The install reruns when pyproject.toml (dependencies, extras) changes.
+$(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python >= 3.11 or run make PYTHON=python3.12"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

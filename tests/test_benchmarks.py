@@ -13,8 +13,8 @@ def test_naive_reference_matches_summarize(monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import run as benchmark
 
-    # 40 images: big enough for summarize's CPU fast path (numpy sort, scratch buffer), with
-    # the real layer/head/patch shape; batches of 32 leave a ragged last batch for the naive.
+    # 40 images with the real layer/head/patch shape: batches of 32 leave a ragged last batch
+    # for the naive.
     x = benchmark.random_probe((40, 12, 12, 49), seed=3)
     fast, naive = summarize(x), benchmark.naive_summarize(x)
     assert len(benchmark._flatten(fast)) == 3 * (12 + 12 * 12) + 12 + 4
