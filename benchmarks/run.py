@@ -217,7 +217,7 @@ def bench_demo(args) -> list[dict[str, Any]]:
     of the run's total: baseline/final evaluation, records, checkpoints). ``--demo-store DIR``
     reads an existing store instead (no wall time then)."""
     store = args.demo_store
-    cli = [sys.executable, "-m", "attndrift.cli"]
+    cli = [sys.executable, "-c", "from attndrift.cli import main; main()"]
     wall = report_s = None
     with tempfile.TemporaryDirectory() as tmp:
         if store is None:
