@@ -214,14 +214,14 @@ def bench_demo(args) -> list[dict[str, Any]]:
     in a fresh store, as ``make demo`` runs them, timed from outside; then the per-run
     breakdown from each record's ``timing`` (what train.py measured inside the run: set-up,
     training steps with validation, probes, zero-shot, auxiliary metrics; "other" is the rest
-    of the run's total: baseline/final evaluation, records, checkpoints). ``--demo-store DIR``
-    reads an existing store instead (no wall time then)."""
+    of the run's total: baseline/final evaluation, records, checkpoints). ``--demo-store DIR``:
+    run into DIR and keep it, or only read its records if it has some (no wall time then)."""
     store = args.demo_store
     cli = [sys.executable, "-c", "from attndrift.cli import main; main()"]
     wall = report_s = None
     with tempfile.TemporaryDirectory() as tmp:
-        if store is None:
-            store = Path(tmp) / "demo"
+        if store is None or not any(store.glob("runs/*/record.json")):
+            store = store or Path(tmp) / "demo"
             env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
             start = time.perf_counter()
             subprocess.run([*cli, "study", "run", str(REPO / "configs/studies/demo.yaml"),
@@ -300,7 +300,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--flop-estimate", metavar="BF16,FP32", help="only print the studies' projected wall "
         "time from FLOP counts at these sustained TFLOP/s (measures nothing), e.g. 320,50")
     add("--demo-workers", type=int, default=2, help="demo row: study run --workers")
-    add("--demo-store", type=Path, help="demo row: read this store's records, run nothing")
+    add("--demo-store", type=Path, help="demo row: run into this store and keep it; if it "
+        "has records, only read them")
     add("--worker", help=argparse.SUPPRESS)
     add("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
