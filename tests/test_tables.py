@@ -162,6 +162,17 @@ def test_store_loading_shows_every_run_with_its_status(store):
     table = tables.run_status(runs, str(store))
     assert len(table.rows) == len(runs) == 28
     assert _rows(table, dir="failed")[0]["error"] == "RuntimeError: boom"
+    # these directories are not named by their run ids, so the ids get a column
+    assert "run_id" in [c.key for c in table.columns]
+
+
+def test_run_status_shows_no_run_id_column_that_repeats_the_directory(tmp_path):
+    recs = {f"lora_{s}": fake_record(name="lora", method="lora", seed=s) for s in range(2)}
+    recs = {rec["run_id"]: rec for rec in recs.values()}  # a study names directories by id
+    runs = load_store(write_store(tmp_path, recs))
+    table = tables.run_status(runs, str(tmp_path))
+    assert len(table.rows) == 2 and "run_id" not in [c.key for c in table.columns]
+    assert "named by its run id" in table.caption
 
 
 def test_main_comparison_holds_completed_runs_only(store):

@@ -65,15 +65,20 @@ def run_status(runs: Sequence[Run], store_root: str = "") -> Table:
                     "error": (r.error or "")[:300] or "—",
                     "steps": (final(r) or {}).get("step"), "total_s": num(timing.get("total_s"))})
         rows.append(row)
-    cols = (Column("dir", "directory"), Column("run_id", "run id"), Column("status", "status"),
-            Column("model", "backbone"), Column("dataset", "dataset"), Column("method", "method"),
+    # a study's run directory is named by its run id: the id gets a column only where it says
+    # something the directory does not
+    same = all(r.run_id == r.path.name for r in runs)
+    cols = (Column("dir", "directory"), *(() if same else (Column("run_id", "run id"),)),
+            Column("status", "status"), Column("model", "backbone"),
+            Column("dataset", "dataset"), Column("method", "method"),
             Column("lr", "lr", "lr"), SEED, Column("steps", "steps", "int"),
             Column("total_s", "time s", "num"), Column("error", "error"))
     return make_table("runs", "All runs",
                       "Every run directory in the store with its status. Only completed runs "
                       "enter the result tables; failed, diverged, running (or dead), corrupt and "
-                      "missing runs are listed here with the reason.", cols, rows,
-                      "the store holds no run directories")
+                      "missing runs are listed here with the reason."
+                      + (" Each directory is named by its run id." if same and runs else ""),
+                      cols, rows, "the store holds no run directories")
 
 
 def main_comparison(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
