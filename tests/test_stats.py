@@ -223,3 +223,20 @@ def test_bootstrap_ci_of_three_seeds_lies_on_attainable_means():
     assert len(means) == 10
     res = bootstrap_ci(x, n_resamples=10_000)
     assert means[0] <= res.ci[0] <= means[2] and means[-3] <= res.ci[1] <= means[-1]
+
+
+def test_sample_size_note_gives_the_smallest_attainable_mann_whitney_p():
+    from attndrift.analysis.inference import sample_size_note
+
+    note = sample_size_note([{"n": "2 vs 2"}, {"n": "3 vs 3"}, {"n": "3 vs 2"}, {"n": "2 vs 2"}])
+    # perfectly separated samples reach the smallest two-sided exact p (scipy, independently)
+    for na, nb in ((2, 2), (3, 2), (3, 3)):
+        a, b = np.arange(na) + 10.0, np.arange(nb) * 1.0
+        p = sps.mannwhitneyu(a, b, alternative="two-sided", method="exact").pvalue
+        assert f"{na} vs {nb} seeds: smallest Mann-Whitney p {p:.3g}" in note
+    assert "2 vs 2 seeds: smallest Mann-Whitney p 0.333, Welch t = d·√(n/2) = Cohen's d" in note
+    # equal sides: Welch t = d sqrt(n/2), checked on data
+    xa, xb = [1.0, 2.5, 4.0], [0.0, 0.5, 2.0]
+    t = welch(xa, xb).statistic
+    assert t == pytest.approx(cohens_d(xa, xb).statistic * np.sqrt(3 / 2))
+    assert sample_size_note([]) == ""

@@ -151,6 +151,23 @@ def _contrast_row(a: list[Run], b: list[Run], get: Any) -> dict[str, Any]:
             "p_mw": stats.mann_whitney(xa, xb).pvalue}
 
 
+def sample_size_note(rows: Sequence[dict[str, Any]]) -> str:
+    """What the seeds per side allow, computed from the rows' "n" ("3 vs 3"): the smallest
+    two-sided exact Mann-Whitney p, 2 / C(na + nb, na) (no ties), and, with equal sides, that
+    Welch t = d sqrt(n / 2) (so t equals Cohen's d at 2 vs 2: not an error)."""
+    sizes = sorted({tuple(int(x) for x in str(r["n"]).split(" vs ")) for r in rows
+                    if " vs " in str(r.get("n", ""))})
+    parts = []
+    for na, nb in sizes:
+        if na < 1 or nb < 1:
+            continue
+        part = f"{na} vs {nb} seeds: smallest Mann-Whitney p {2 / math.comb(na + nb, na):.3g}"
+        if na == nb:
+            part += (", Welch t = d·√(n/2)" + (" = Cohen's d" if na == 2 else ""))
+        parts.append(part)
+    return ("; ".join(parts) + ".") if parts else ""
+
+
 def _holm_by(rows: list[dict[str, Any]], key: str) -> None:
     for value in {r[key] for r in rows}:
         family = [r for r in rows if r[key] == value]
@@ -195,7 +212,7 @@ def run_level(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "other setting; same dataset and lr, named under 'shared setting'), each "
                       f"with two or more completed seeds; {RUN_LEVEL}. Means ± sample sd; Welch "
                       "t test (two-sided), Cohen's d (A - B over the pooled sd), Mann-Whitney U "
-                      "(two-sided; with 3 vs 3 seeds its smallest p is 0.1). Holm p adjusts "
+                      f"(two-sided; exact without ties). {sample_size_note(rows)} Holm p adjusts "
                       f"across the contrasts of each outcome. {drift_note(drift)}", cols, rows,
                       "no two settings with two or more completed seeds differ in one factor")
 
@@ -229,8 +246,9 @@ def method_lr_contrasts(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "FT at 1e-5 vs LoRA at 1e-4): full FT vs each other method of the same "
                       "backbone, dataset and other settings where the two also differ in lr "
                       f"(same-lr pairs are in the run-level table); {RUN_LEVEL}. Welch t, "
-                      "Cohen's d, Mann-Whitney U; Holm across all rows. Method and lr change "
-                      f"together, so a difference is not the effect of either. "
+                      f"Cohen's d, Mann-Whitney U; {sample_size_note(rows)} Holm across all "
+                      "rows. Method and lr change together, so a difference is not the effect "
+                      "of either. "
                       f"{drift_note(drift)}", cols, rows,
                       "no full FT and other-method settings (two or more seeds each) of one "
                       "backbone and dataset at different learning rates")
