@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from attndrift.cli import app
+from attndrift.records import read_record
 from conftest import FAST, ROOT
 
 runner = CliRunner()
@@ -59,6 +60,9 @@ def test_run_then_compare(tmp_path, full_ft_run, lora_run):
     # labelled by run directory (config names need not differ), not by config name
     for needle in (full_ft_run.name, lora_run.name, "shapes-zs-shape", "Per-layer change"):
         assert needle in result.output
+    # drift as the report reads it: the mean over the fixed probe subsets (002)
+    final = read_record(full_ft_run)["final"]
+    assert f"{final['delta_pct_subset_mean']['entropy']:+.2f}%" in result.output
     result = runner.invoke(app, ["compare", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "no record" in result.output
 

@@ -47,13 +47,16 @@ def run_labels(dirs: list[Path]) -> list[str]:
 def comparison_tables(records: list[dict[str, Any]],
                       labels: list[str] | None = None) -> list[Table]:
     labels = labels or [r["run_id"] for r in records]
-    summary = Table(title="Runs: accuracy and layer-mean attention drift vs pretrained")
+    summary = Table(title="Runs: accuracy and layer-mean attention drift vs pretrained "
+                          "(mean over the fixed probe subsets, 002; subset 0 where a record has "
+                          "no subset means)")
     for col in ("run", "method", "lr", "status", "val acc", "test acc",
                 *(f"Δ {m}" for m in CORE)):
         summary.add_column(col, justify="left" if col in ("run", "method", "status") else "right")
     for label, r in zip(labels, records, strict=True):
         final = r.get("final") or {}
-        delta = final.get("delta_pct", {})
+        # the study's drift (002): the mean over the fixed probe subsets, as the report reads it
+        delta = final.get("delta_pct_subset_mean") or final.get("delta_pct", {})
         lr = (r["config"].get("train") or {}).get("lr")  # a measured checkpoint may have none
         summary.add_row(label, r["config"]["method"], "-" if lr is None else f"{lr:g}",
                         r["status"], _acc(final.get("best_val_acc")), _acc(final.get("test_acc")),
@@ -74,7 +77,7 @@ def comparison_tables(records: list[dict[str, Any]],
                 "-" if z["retention_pct"] is None else f"{z['retention_pct']:.0f}%"]
         zeroshot.add_row(label, *cells)
 
-    layers = Table(title="Per-layer change of CLS→patch entropy (%)")
+    layers = Table(title="Per-layer change of CLS→patch entropy (%, probe subset 0)")
     layers.add_column("layer", justify="right")
     per_layer = [(r.get("final") or {}).get("delta_pct_layers", {}).get("entropy", [])
                  for r in records]
