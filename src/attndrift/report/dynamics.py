@@ -36,6 +36,7 @@ from attndrift.report.style import (
     legend_outside,
     lr_shade,
     nanmean,
+    not_available,
     panel_title,
     series_of,
     setting_series,
@@ -49,12 +50,6 @@ def _seed_key(run: Run) -> tuple:
 
 def _probed(runs: Sequence[Run]) -> list[Run]:
     return [r for r in runs if r.record and (r.record.get("history") or {}).get("probes")]
-
-
-def _not_available(ax) -> None:
-    ax.text(
-        0.5, 0.5, "not available", ha="center", va="center", transform=ax.transAxes, color="grey"
-    )
 
 
 def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +82,7 @@ def trajectories(runs: Sequence[Run]) -> Figure:
                 kw["color"] = lr_shade(kw["color"], lr, list(s.by_lr()))
                 ax.plot(x, y, ms=3, lw=1.2, label=f"{s.label} · lr {lr:g}", **kw)
             if not ax.lines:
-                _not_available(ax)
+                not_available(ax)
             ax.axhline(0, **ZERO)
             name = f"Δ {SHORT.get(m, m)} %"
             ax.set_title(f"{head}\n{name}" if head else name, fontsize=8)
@@ -272,7 +267,7 @@ def convergence(runs: Sequence[Run]) -> Figure:
         head = panel_title(panel, panels)
         for ax, name in ((loss_ax, "training loss"), (acc_ax, "validation accuracy %")):
             if not ax.lines:
-                _not_available(ax)
+                not_available(ax)
             ax.set_title(f"{head}: {name}" if head else name, fontsize=9)
             ax.grid(alpha=0.3)
         loss_ax.set_xlabel("step", fontsize=8)
@@ -345,7 +340,7 @@ def accuracy_entropy(runs: Sequence[Run]) -> Figure:
         head = panel_title(panel, panels)
         for ax, name in ((acc_ax, "val acc %"), (ent_ax, "entropy, nats (layer mean)")):
             if not ax.lines:
-                _not_available(ax)
+                not_available(ax)
             ax.set_title(f"{head}\n{name}" if head else name, fontsize=8)
             ax.set_xlabel("epoch", fontsize=8)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -33,6 +33,7 @@ from attndrift.report.style import (
     legend_outside,
     mean_sd,
     nanmean,
+    not_available,
     panel_title,
     series_of,
 )
@@ -130,15 +131,7 @@ def baseline_structure(runs: Sequence[Run]) -> Figure:
                 )
                 n_layers = max(n_layers, len(layers))
         if not ax.lines:
-            ax.text(
-                0.5,
-                0.5,
-                "not available",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                color="grey",
-            )
+            not_available(ax)
         layer_ticks(ax, n_layers, length_in=2.0)
         ax.set_title(info[m].label, fontsize=10)
         ax.set_xlabel("layer")
@@ -275,15 +268,7 @@ def lr_panels(runs: Sequence[Run]) -> Figure:
                 if math.isfinite(before):
                     ax.axhline(before, label="pretrained", **REFERENCE)
             if not ax.lines and not ax.collections:
-                ax.text(
-                    0.5,
-                    0.5,
-                    "not available",
-                    ha="center",
-                    va="center",
-                    transform=ax.transAxes,
-                    color="grey",
-                )
+                not_available(ax)
             ax.set_xscale("log")
             ax.set_xticks(
                 all_lrs,
@@ -384,15 +369,7 @@ def structure_vs_zeroshot(runs: Sequence[Run]) -> Figure:
                         label=s.label,
                     )
             if not ax.collections:
-                ax.text(
-                    0.5,
-                    0.5,
-                    "not available",
-                    ha="center",
-                    va="center",
-                    transform=ax.transAxes,
-                    color="grey",
-                )
+                not_available(ax)
             ax.axvline(0, **ZERO)
             ax.axhline(100, label="pretrained (100%)", **REFERENCE)
             ax.set_xlabel("Δ entropy % (layer mean)", fontsize=8)

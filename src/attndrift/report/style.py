@@ -256,6 +256,13 @@ def mean_sd(values: Iterable[float]) -> tuple[float, float, int]:
 # --- layout ----------------------------------------------------------------------------------
 
 
+def not_available(ax: Axes) -> None:
+    """Mark a panel the runs hold no data for (never an empty panel)."""
+    ax.text(
+        0.5, 0.5, "not available", ha="center", va="center", transform=ax.transAxes, color="grey"
+    )
+
+
 def legend_outside(
     fig: Figure,
     axes: Sequence[Axes] | None = None,
