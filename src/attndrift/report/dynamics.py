@@ -52,7 +52,7 @@ def _probed(runs: Sequence[Run]) -> list[Run]:
     return [r for r in runs if r.record and (r.record.get("history") or {}).get("probes")]
 
 
-def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     width = min(len(c[0]) for c in curves)
     return (
         nanmean([c[0][:width] for c in curves], axis=0),
@@ -75,7 +75,7 @@ def trajectories(runs: Sequence[Run]) -> Figure:
         for col, m in enumerate(info):
             ax = axes[row, col]
             for s, lr, group in settings:
-                x, y = _mean_curve([trajectory(r.record, m) for r in group])
+                x, y = mean_curve([trajectory(r.record, m) for r in group])
                 if not np.isfinite(y[1:]).any():
                     continue
                 kw = pal.kw(s.label)
@@ -112,7 +112,7 @@ def metric_evolution(runs: Sequence[Run], metric: str) -> Figure:
 
     have = {
         p: [
-            (s, lr, g) for s, lr, g in v if np.isfinite(_mean_curve([curve(r) for r in g])[1]).any()
+            (s, lr, g) for s, lr, g in v if np.isfinite(mean_curve([curve(r) for r in g])[1]).any()
         ]
         for p, v in panels.items()
     }
@@ -127,7 +127,7 @@ def metric_evolution(runs: Sequence[Run], metric: str) -> Figure:
     for ax, (panel, settings) in zip(axes.flat, have.items(), strict=False):
         bases = []
         for s, lr, group in settings:
-            x, y = _mean_curve([curve(r) for r in group])
+            x, y = mean_curve([curve(r) for r in group])
             bases.append(y[0])
             kw = pal.kw(s.label)
             kw["color"] = lr_shade(kw["color"], lr, list(s.by_lr()))

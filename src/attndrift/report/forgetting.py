@@ -20,7 +20,7 @@ from attndrift.analysis.forgetting import (
     tracked_tasks,
 )
 from attndrift.analysis.runs import Run
-from attndrift.report.dynamics import _mean_curve
+from attndrift.report.dynamics import mean_curve
 from attndrift.report.figures import NoData, figure_grid
 from attndrift.report.style import (
     REFERENCE,
@@ -62,9 +62,9 @@ def forgetting_dynamics(runs: Sequence[Run]) -> Figure:
             kw = pal.kw(s.label)
             kw["color"] = lr_shade(kw["color"], lr, list(s.by_lr()))
             label = f"{s.label} · lr {lr:g}"
-            left.plot(*_mean_curve([retention_trajectory(r.record, task) for r in group]),
+            left.plot(*mean_curve([retention_trajectory(r.record, task) for r in group]),
                       ms=3, lw=1.2, label=label, **kw)
-            right.plot(*_mean_curve([entropy_trajectory(r.record) for r in group]),
+            right.plot(*mean_curve([entropy_trajectory(r.record) for r in group]),
                        ms=3, lw=1.2, label=label, **kw)
         for ax, ylabel in ((left, f"{task}: retention %"), (right, "Δ entropy %")):
             ax.axvspan(*EARLY_WINDOW, color="grey", alpha=0.15, lw=0)
