@@ -86,6 +86,7 @@ def test_every_figure_of_003_that_the_store_supports_is_drawn(drawn):
         "metric_correlations",
         "convergence",
         "attention_overlay",
+        "forgetting",
     }
     assert expected <= set(drawn)
     # this store has no freezing and a single LoRA target set: those say why instead

@@ -427,8 +427,37 @@ def test_mean_trajectory_of_one_setting(store, records):
     assert fractions.tolist() == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert n.tolist() == [4] * 6
     base = [r["baseline"]["mean"]["entropy"] for r in recs]
-    last = [100 * (r["history"]["probes"][-1]["metrics"]["mean"]["entropy"] - b) / b
-            for r, b in zip(recs, base, strict=True)]
+    last = [
+        100 * (r["history"]["probes"][-1]["metrics"]["mean"]["entropy"] - b) / b
+        for r, b in zip(recs, base, strict=True)
+    ]
     assert mean[-1] == pytest.approx(_mean_sd(last)[0])
     assert sd[-1] == pytest.approx(_mean_sd(last)[1])
     assert mean[0] == 0.0
+
+
+def test_forgetting_during_training_is_per_setting(store, built, records):
+    """Zero-shot tracked during training (B/32 EuroSAT, seeds 11 and 19; seed 7 did not
+    track): one row per setting and task over the seeds that tracked, retention at the end of
+    training = the mean of 100 x last tracked accuracy / pretrained subset accuracy."""
+    _, truth = store
+    rows = built["forgetting_dynamics"].rows
+    tracked = {
+        s
+        for d, s in truth.items()
+        if records[d]["history"]["probes"] and "zeroshot" in records[d]["history"]["probes"][-1]
+    }
+    assert len(rows) == len(tracked) * len(rs.ZS_TASKS)
+    for row in rows:
+        specs = {_spec_of(truth, m) for m in row["members"]}
+        assert len(specs) == 1, row["setting"]
+        recs = [records[Path(m).name] for m in row["members"]]
+        assert row["n"] == len(recs) == 2
+        task = row["task"]
+        end = [
+            100
+            * r["history"]["probes"][-1]["zeroshot"][task]
+            / r["baseline"]["zeroshot_subset"][task]
+            for r in recs
+        ]
+        assert row["ret_1"] == pytest.approx(math.fsum(end) / len(end), rel=1e-12)

@@ -125,7 +125,8 @@ def forgetting_dynamics(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     for setting in _settings(runs):
         group = list(setting.runs)
         for task in tracked_tasks(group[0].record):
-            row = {**describe(group[0], ctx), "task": task, "n": len(group)}
+            row = {**describe(group[0], ctx), "task": task, "n": len(group),
+                   "members": tuple(str(r.path) for r in group)}
             for c in CHECKPOINTS:
                 row[f"ret_{c:g}"] = _mean([value_at(*retention_trajectory(r.record, task), c)
                                            for r in group])

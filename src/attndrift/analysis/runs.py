@@ -37,6 +37,9 @@ MANIFEST_FILE = "study.json"
 #   probe.precision                probe forwards in bf16 or fp32: the CLS attention row is
 #                                  recomputed in fp32 from q and k either way
 #   probe.aux, probe.aux_every     which auxiliary metrics were measured, and how often
+#   probe.zeroshot_every,          zero-shot tracked during training, how often and on how
+#   probe.zeroshot_images          many images (eval mode, no RNG drawn: the run's weights and
+#                                  record are otherwise identical, checked on the tiny CLIP)
 # Everything else is a factor, including train.precision (bf16 training changes the
 # optimisation), probe.per_epoch (the trajectories' time points) and the probe set
 # (probe.images, probe.subsets, probe.seed).
@@ -44,7 +47,8 @@ NOT_A_FACTOR = frozenset({
     "name", "seed", "device", "tensorboard", "save_checkpoints",
     "train.compile", "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
     "data.eval_batch_size", "data.resident_mb", "data.zeroshot",
-    "probe.batch_size", "probe.precision", "probe.aux", "probe.aux_every"})
+    "probe.batch_size", "probe.precision", "probe.aux", "probe.aux_every",
+    "probe.zeroshot_every", "probe.zeroshot_images"})
 _METHOD_NAMES = {"full_ft": "full FT", "lora": "LoRA", "freeze": "freeze",
                  "linear_probe": "linear probe"}
 _REG_NAMES = {"apr": "APR", "entropy_floor": "entropy floor", "l2sp": "L2-SP"}
