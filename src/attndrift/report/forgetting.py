@@ -28,6 +28,7 @@ from attndrift.report.style import (
     Palette,
     legend_outside,
     lr_shade,
+    panel_of,
     panel_title,
     setting_series,
 )
@@ -48,13 +49,15 @@ def forgetting_dynamics(runs: Sequence[Run]) -> Figure:
                      "(set probe.zeroshot_every > 0)")
     pal = Palette(runs)
     panels = setting_series(done, runs)
+    # titles name the backbone / dataset where the store has several, tracked or not
+    every_panel = {panel_of(r) for r in runs if r.record is not None}
     rows = [(panel, task) for panel, settings in panels.items()
             for task in sorted({t for _, _, g in settings for r in g
                                 for t in tracked_tasks(r.record)}, key=str.casefold)]
     fig, axes = figure_grid(len(rows), 2, width=10, height=3.0)
     for row, (panel, task) in enumerate(rows):
         left, right = axes[row]
-        head = panel_title(panel, panels)
+        head = panel_title(panel, every_panel)
         for s, lr, group in panels[panel]:
             group = [r for r in group if task in tracked_tasks(r.record)]
             if not group:
