@@ -17,13 +17,12 @@ from attndrift.analysis import SUBSET0, all_tables, converged, load_store, table
 from attndrift.analysis.runs import (
     LR_KEYS,
     METHOD_KEYS,
-    group_families,
-    group_settings,
     model_of,
     setting_key,
     short_model,
     short_number,
 )
+from attndrift.analysis.settings import group_families, group_settings
 
 
 @pytest.fixture(scope="module")

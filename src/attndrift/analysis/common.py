@@ -20,19 +20,16 @@ import numpy as np
 from attndrift.analysis.metadata import SHORT, core_metrics
 from attndrift.analysis.runs import (
     Run,
-    Setting,
     dataset_of,
     factors,
-    group_settings,
     lr_of,
     method_label,
     model_of,
-    other_labels,
     regularizer_label,
     setting_key,
-    setting_order,
     short_model,
 )
+from attndrift.analysis.settings import Setting, group_settings, other_labels, setting_order
 from attndrift.analysis.table import Column
 
 SUBSET_MEAN, SUBSET0 = "subset_mean", "subset0"

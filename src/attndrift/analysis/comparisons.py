@@ -25,7 +25,8 @@ from attndrift.analysis.common import (
     settings,
 )
 from attndrift.analysis.inference import contrasts, level_label, where_label
-from attndrift.analysis.runs import Run, setting_order
+from attndrift.analysis.runs import Run
+from attndrift.analysis.settings import setting_order
 from attndrift.analysis.table import Column, Table, make_table
 
 CI_LEVEL, CI_RESAMPLES = 0.95, 10_000

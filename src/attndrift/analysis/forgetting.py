@@ -27,14 +27,8 @@ from typing import Any
 import numpy as np
 
 from attndrift.analysis.common import DESCRIBE, SUBSET_MEAN, context, describe
-from attndrift.analysis.runs import (
-    Run,
-    Setting,
-    dataset_of,
-    group_settings,
-    model_of,
-    short_model,
-)
+from attndrift.analysis.runs import Run, dataset_of, model_of, short_model
+from attndrift.analysis.settings import Setting, group_settings
 from attndrift.analysis.stats import permutation_corr_test
 from attndrift.analysis.table import Column, Table, make_table
 
@@ -107,7 +101,7 @@ def _tracked(runs: Sequence[Run]) -> list[Run]:
 
 
 def _settings(runs: Sequence[Run]) -> list[Setting]:
-    """Settings (the one definition, `runs.group_settings`) of the runs that tracked zero-shot."""
+    """The settings (`settings.group_settings`) of the runs that tracked zero-shot."""
     return group_settings(_tracked(runs))
 
 

@@ -35,18 +35,15 @@ from attndrift.analysis.runs import (
     LR_KEYS,
     METHOD_KEYS,
     Run,
-    Setting,
     factors,
-    group_families,
-    key_label,
     lr_of,
     method_label,
     model_of,
     regularizer_label,
-    setting_order,
     short_model,
     short_number,
 )
+from attndrift.analysis.settings import Setting, group_families, key_label, setting_order
 from attndrift.analysis.table import Column, Table, make_table
 
 RUN_LEVEL = "run-level (seeds are the units)"

@@ -32,7 +32,8 @@ from attndrift.analysis.common import (
 )
 from attndrift.analysis.metadata import AUX, SHORT, core_metrics
 from attndrift.analysis.onset import ONSET_THRESHOLD_PCT, collapse_onset, peak_velocity, trajectory
-from attndrift.analysis.runs import LR_KEYS, Run, group_families, lr_of, model_of, short_model
+from attndrift.analysis.runs import LR_KEYS, Run, lr_of, model_of, short_model
+from attndrift.analysis.settings import group_families
 from attndrift.analysis.table import Column, Table, make_table
 
 # Entropies the matched-LR preprint reports in bits (002 Table 2); records hold nats.

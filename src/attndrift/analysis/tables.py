@@ -39,13 +39,13 @@ from attndrift.analysis.metadata import SHORT, core_metrics, metric_info
 from attndrift.analysis.runs import (
     LR_KEYS,
     Run,
-    Setting,
     dataset_of,
     family_key,
     model_of,
     regularizer_label,
     short_model,
 )
+from attndrift.analysis.settings import Setting
 from attndrift.analysis.table import Column, Table, make_table
 
 RUN = Column("run", "run")

@@ -24,17 +24,9 @@ from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 
 from attndrift.analysis.common import delta, resolve_drift
-from attndrift.analysis.runs import (
-    LR_KEYS,
-    Family,
-    Run,
-    dataset_of,
-    group_families,
-    lr_of,
-    model_of,
-    short_model,
-)
+from attndrift.analysis.runs import LR_KEYS, Run, dataset_of, lr_of, model_of, short_model
 from attndrift.analysis.runs import family_key as analysis_family_key
+from attndrift.analysis.settings import Family, group_families
 
 METHOD_COLORS = {
     "full_ft": "#c0392b",
@@ -85,7 +77,7 @@ def family_key(run: Run) -> tuple:
 
 def families(runs: Sequence[Run]) -> list[Family]:
     """The families of ``runs`` in `setting_order`, labelled by what distinguishes them
-    (method with its options, regularizer, other keys: `attndrift.analysis.runs.labels_of`)."""
+    (method with its options, regularizer, other keys: `attndrift.analysis.settings.labels_of`)."""
     return group_families(runs, FAMILY_WITHOUT)
 
 
