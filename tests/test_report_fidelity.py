@@ -317,6 +317,12 @@ def test_convergence_flags_the_unconverged_setting(store, runs, built):
     flagged = {r["run"] for r in built["convergence"].rows if r["converged"] == "NO"}
     assert flagged == {rs.NOT_CONVERGED}
     assert "did NOT converge" in built["convergence"].caption
+    # the sd is read against 0.005: the same four decimals on every row
+    from attndrift.analysis.table import cell
+
+    col = next(c for c in built["convergence"].columns if c.key == "late_sd")
+    shown = [cell(r, col) for r in built["convergence"].rows]
+    assert all(len(v.split(".")[1]) == 4 for v in shown), shown[:5]
 
 
 def test_backbone_gap_and_bits(store, built, records):

@@ -190,7 +190,8 @@ def convergence(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
         rows.append(row)
     cols = (Column("run", "run"), *DESCRIBE, Column("seed", "seed", "int"),
             Column("epochs", "epochs", "int"), Column("last_val", "last val acc %", "acc"),
-            Column("late_sd", f"sd of last {LATE_EPOCHS} val acc", "num"),
+            # fixed decimals: read against the 0.005 threshold, one digit pattern per column
+            Column("late_sd", f"sd of last {LATE_EPOCHS} val acc", "f4"),
             Column("converged", "converged"))
     flagged = sum(r["converged"] == "NO" for r in rows)
     return make_table("convergence", "Convergence check",

@@ -21,7 +21,7 @@ from attndrift.analysis.runs import short_number
 @dataclass(frozen=True)
 class Column:
     """``fmt``: str | int | acc (fraction shown as %) | pct (signed %) | pct0 (plain %) |
-    num (4 significant digits) | f2 (2 decimals) | lr | p (p-value). ``sd``: key of a spread
+    num (4 significant digits) | f2 / f4 (2 / 4 decimals) | lr | p (p-value). ``sd``: key of a spread
     shown as ``± sd``."""
 
     key: str
@@ -82,6 +82,8 @@ def format_value(value: Any, fmt: str) -> str:
         return f"{value:.4g}"
     if fmt == "f2":
         return f"{value:.2f}"
+    if fmt == "f4":
+        return f"{value:.4f}"
     if fmt == "lr":
         return short_number(value)
     if fmt == "p":
