@@ -21,8 +21,8 @@ from attndrift.analysis.runs import short_number
 @dataclass(frozen=True)
 class Column:
     """``fmt``: str | int | acc (fraction shown as %) | pct (signed %) | pct0 (plain %) |
-    num (4 significant digits) | f2 / f4 (2 / 4 decimals) | lr | p (p-value). ``sd``: key of a spread
-    shown as ``± sd``."""
+    num (4 significant digits) | f2 / f4 (2 / 4 decimals) | lr | p (p-value). ``sd``: key of a
+    spread shown as ``± sd``."""
 
     key: str
     label: str
