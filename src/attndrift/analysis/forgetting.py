@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from attndrift.analysis.common import DESCRIBE, SUBSET_MEAN, context, describe
+from attndrift.analysis.common import DESCRIBE, SUBSET_MEAN, context, describe, mean_sd, num
+from attndrift.analysis.onset import trajectory
 from attndrift.analysis.runs import Run, dataset_of, model_of, short_model
 from attndrift.analysis.settings import Setting, group_settings
 from attndrift.analysis.stats import permutation_corr_test
@@ -34,15 +35,6 @@ from attndrift.analysis.table import Column, Table, make_table
 
 EARLY_WINDOW = (0.10, 0.20)  # share of training whose drift is "early"
 CHECKPOINTS = (0.1, 0.2, 0.5, 1.0)  # progress points of the dynamics table
-
-
-def _num(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) else math.nan
-
-
-def _drift(adapted: Any, pretrained: Any) -> float:
-    a, b = _num(adapted), _num(pretrained)
-    return 100.0 * (a - b) / b if math.isfinite(a) and math.isfinite(b) and b != 0 else math.nan
 
 
 def tracked_tasks(record: dict[str, Any]) -> list[str]:
@@ -53,24 +45,20 @@ def tracked_tasks(record: dict[str, Any]) -> list[str]:
 def retention_trajectory(record: dict[str, Any], task: str) -> tuple[np.ndarray, np.ndarray]:
     """``(fractions, retention %)`` of zero-shot on ``task``'s fixed subset, from (0, 100)
     through every probe that measured it."""
-    base = _num(((record.get("baseline") or {}).get("zeroshot_subset") or {}).get(task))
+    base = num(((record.get("baseline") or {}).get("zeroshot_subset") or {}).get(task))
     xs, ys = [0.0], [100.0 if base > 0 else math.nan]
     for probe in (record.get("history") or {}).get("probes") or []:
         acc = (probe.get("zeroshot") or {}).get(task)
         if acc is not None:
-            xs.append(_num(probe.get("fraction")))
-            ys.append(100.0 * _num(acc) / base if base > 0 else math.nan)
+            xs.append(num(probe.get("fraction")))
+            ys.append(100.0 * num(acc) / base if base > 0 else math.nan)
     return np.asarray(xs), np.asarray(ys)
 
 
 def entropy_trajectory(record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """``(fractions, Δ entropy %)`` of the layer-mean CLS entropy at every probe, from (0, 0)."""
-    base = ((record.get("baseline") or {}).get("mean") or {}).get("entropy")
-    xs, ys = [0.0], [0.0]
-    for probe in (record.get("history") or {}).get("probes") or []:
-        xs.append(_num(probe.get("fraction")))
-        ys.append(_drift(((probe.get("metrics") or {}).get("mean") or {}).get("entropy"), base))
-    return np.asarray(xs), np.asarray(ys)
+    """``(fractions, Δ entropy %)`` of the layer-mean CLS entropy at every probe, from (0, 0)
+    (`onset.trajectory`, the drift the collapse-onset table reads)."""
+    return trajectory(record, "entropy")
 
 
 def value_at(xs: np.ndarray, ys: np.ndarray, fraction: float) -> float:
@@ -93,7 +81,7 @@ def early_drift(record: dict[str, Any], window: tuple[float, float] = EARLY_WIND
 
 
 def final_retention(record: dict[str, Any], task: str) -> float:
-    return _num(((record.get("zeroshot") or {}).get(task) or {}).get("retention_pct"))
+    return num(((record.get("zeroshot") or {}).get(task) or {}).get("retention_pct"))
 
 
 def _tracked(runs: Sequence[Run]) -> list[Run]:
@@ -106,8 +94,7 @@ def _settings(runs: Sequence[Run]) -> list[Setting]:
 
 
 def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+    return mean_sd(values)[0]
 
 
 def forgetting_dynamics(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
