@@ -47,7 +47,8 @@ class Setting:
         return [r.config.get("seed") for r in self.runs]
 
 
-def _seed_order(run: Run) -> tuple:
+def seed_order(run: Run) -> tuple:
+    """Sort key of a run by seed: numeric seeds in numeric order (7, 11, 19), others after."""
     seed = run.config.get("seed")
     return (0, seed, "") if isinstance(seed, int | float) else (1, 0, str(seed))
 
@@ -222,7 +223,7 @@ def group_settings(runs: Iterable[Run]) -> list[Setting]:
             groups.setdefault(setting_key(r.config), []).append(r)
     keys = list(groups)
     labels = labels_of([factors(groups[k][0].config) for k in keys])
-    out = [Setting(k, tuple(sorted(groups[k], key=_seed_order)), lab)
+    out = [Setting(k, tuple(sorted(groups[k], key=seed_order)), lab)
            for k, lab in zip(keys, labels, strict=True)]
     return sorted(out, key=lambda s: (setting_order(s.config), s.label))
 

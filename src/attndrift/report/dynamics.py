@@ -27,6 +27,7 @@ from attndrift.analysis.onset import (
     trajectory,
 )
 from attndrift.analysis.runs import Run
+from attndrift.analysis.settings import seed_order
 from attndrift.report.figures import NoData, figure_grid
 from attndrift.report.style import (
     REFERENCE,
@@ -41,11 +42,6 @@ from attndrift.report.style import (
     series_of,
     setting_series,
 )
-
-
-def _seed_key(run: Run) -> tuple:
-    seed = run.config.get("seed")
-    return (0, seed, "") if isinstance(seed, int | float) else (1, 0, str(seed))
 
 
 def _probed(runs: Sequence[Run]) -> list[Run]:
@@ -234,7 +230,7 @@ def convergence(runs: Sequence[Run]) -> Figure:
         for s, lr, group in settings:
             color = lr_shade(pal.color(s.label), lr, list(s.by_lr()))
             ls = pal.linestyle(s.label)
-            for i, r in enumerate(sorted(group, key=_seed_key)):
+            for i, r in enumerate(sorted(group, key=seed_order)):
                 label = f"{s.label} · lr {lr:g}" if i == 0 else None
                 pts = [
                     (p["step"], p["loss"])
