@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from attndrift.analysis import all_tables, load_store, supplementary, tables
-from attndrift.analysis.metadata import _METRICS
 from attndrift.analysis.table import to_markdown, write_csv
 
 METRIC_NAMES = ("entropy", "erf", "gini", "head_diversity")
@@ -141,15 +140,6 @@ def built(store) -> dict:
 
 def _rows(table, **where):
     return [r for r in table.rows if all(r.get(k) == v for k, v in where.items())]
-
-
-def test_metric_labels_mirror_the_metric_registry():
-    from attndrift.probes.metrics import METRICS
-
-    assert list(_METRICS) == list(METRICS)
-    for name, info in METRICS.items():
-        assert (_METRICS[name].label, _METRICS[name].unit, _METRICS[name].meaning) == (
-            info.label, info.unit, info.meaning)
 
 
 def test_store_loading_shows_every_run_with_its_status(store):

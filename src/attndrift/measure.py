@@ -27,8 +27,8 @@ import torch
 
 from attndrift.models.classifier import CLIPClassifier
 from attndrift.models.external import detect_format, load_finetuned
+from attndrift.signals import ATTENTION_SAMPLES
 
-ATTENTION_SAMPLES = 8  # probe images whose maps are saved for heatmap overlays (as a run)
 OVERRIDABLE = ("data.", "probe.", "train.precision")
 
 

@@ -71,9 +71,8 @@ from attndrift.runtime import (
     save_weights,
     select_device,
 )
+from attndrift.signals import ATTENTION_SAMPLES
 from attndrift.zeroshot import text_classifier
-
-ATTENTION_SAMPLES = 8  # probe images whose maps are saved for heatmap overlays
 
 
 class Diverged(RuntimeError):

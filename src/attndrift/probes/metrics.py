@@ -9,40 +9,37 @@ per-layer/per-head table the reports use; ``METRICS`` holds each metric's displa
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, overload
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-__all__ = ["ERF_RTOL", "METRICS", "MetricInfo", "delta_pct", "entropy", "erf", "gini",
-           "head_diversity", "renormalize_patches", "summarize"]  # fmt: skip
+from attndrift.signals import ATTENTION, Signal, drift_pct
+
+__all__ = [
+    "ERF_RTOL",
+    "METRICS",
+    "PER_LAYER",
+    "PER_MAP",
+    "MetricInfo",
+    "delta_pct",
+    "entropy",
+    "erf",
+    "gini",
+    "head_diversity",
+    "renormalize_patches",
+    "summarize",
+]  # fmt: skip
 
 # Relative tolerance on the ERF mass comparison. A cumulative sum that should land exactly on the
 # target (e.g. [0.95, 0.05] with mass 0.95) can come out one ulp short in float32, which would
 # wrongly demand one more patch; accepting sums within 1e-6 (relative) of the target avoids that.
 ERF_RTOL = 1e-6
 
-
-@dataclass(frozen=True)
-class MetricInfo:
-    """Display metadata for one metric (used by tables and reports)."""
-
-    name: str
-    label: str
-    unit: str
-    meaning: str
-
-
-# name, label, unit, meaning
-_TABLE = (
-    ("entropy", "Attention entropy", "nats", "higher = broader, more diffuse attention"),
-    ("erf", "Effective receptive field", "fraction",
-     "higher = 95% of the attention is spread over more of the patches"),
-    ("gini", "Gini coefficient", "", "higher = attention concentrated on fewer patches"),
-    ("head_diversity", "Head diversity", "", "higher = heads attend to more different patches"),
-)  # fmt: skip
-METRICS: dict[str, MetricInfo] = {row[0]: MetricInfo(*row) for row in _TABLE}
+# The attention metrics and their display metadata are declared once, in `attndrift.signals`.
+MetricInfo = Signal
+METRICS: dict[str, Signal] = ATTENTION
+delta_pct = drift_pct  # the one drift formula (NaN where undefined), under its old name
 
 
 def _as_float(p: torch.Tensor) -> torch.Tensor:
@@ -136,65 +133,68 @@ def renormalize_patches(cls_row: torch.Tensor) -> torch.Tensor:
     return patches / patches.sum(dim=-1, keepdim=True)
 
 
+class _Sorted:
+    """One ascending sort of each row, shared by ERF and Gini, made on first use."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x, self._stats = x, None
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stats is None:
+            self._stats = _sorted_stats(self.x, 0.95)
+        return self._stats
+
+
+# How each attention metric of `attndrift.signals.ATTENTION` is computed from a probe set's
+# CLS->patch maps ``x`` ``[n_images, L, H, N]``. PER_MAP: a value per (image, layer, head)
+# ``[n_images, L, H]``; PER_LAYER: a value per layer ``[L]`` (float64, on the CPU).
+PER_MAP: dict[str, Callable[[torch.Tensor, _Sorted], torch.Tensor]] = {
+    "entropy": lambda x, srt: entropy(x),
+    "erf": lambda x, srt: _erf_of_fit(srt.stats()[0], x.shape[-1], x.dtype),
+    "gini": lambda x, srt: _gini_of_ratio(srt.stats()[1], x.shape[-1]),
+}
+PER_LAYER: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    # each head's map averaged over the images, then 1 - mean pairwise cosine between heads
+    "head_diversity": lambda x: head_diversity(x.mean(dim=0).to("cpu", torch.float64)),
+}
+
+
 def summarize(cls_patch: torch.Tensor) -> dict[str, Any]:
     """Per-layer and per-head metric table for a whole probe set ``cls_patch`` ``[n_images, L,
-    H, N]`` (CLS->patch attention, renormalised), as a plain-Python (JSON-able) dict::
+    H, N]`` (CLS->patch attention, renormalised), as a plain-Python (JSON-able) dict, one entry
+    per metric of `attndrift.signals.ATTENTION` in its order::
 
         {"entropy": {"layers": [L], "heads": [[H] x L]}, "erf": {...}, "gini": {...},
          "head_diversity": {"layers": [L]},
          "mean": {"entropy": float, "erf": float, "gini": float, "head_diversity": float}}
 
-    Per-head value: mean over images of the per-(image, head) metric. Per-layer value: mean over
-    images and heads. Head diversity of a layer: ``head_diversity`` of the ``[H, N]`` maps
-    obtained by averaging each head's map over the images. ``mean``: mean over layers of the
-    per-layer values.
+    Per-head value (``per_head`` metrics, `PER_MAP`): mean over images of the per-(image, head)
+    metric. Per-layer value: mean over images and heads; for the others (`PER_LAYER`), e.g.
+    head diversity: ``head_diversity`` of the ``[H, N]`` maps obtained by averaging each head's
+    map over the images. ``mean``: mean over layers of the per-layer values.
     """
     if cls_patch.dim() != 4:
         raise ValueError(f"cls_patch must be [n_images, L, H, N], got {tuple(cls_patch.shape)}")
     if cls_patch.shape[0] == 0:
         raise ValueError("cls_patch has no images")
+    missing = [m for m, s in ATTENTION.items() if m not in (PER_MAP if s.per_head else PER_LAYER)]
+    if missing:
+        raise KeyError(f"attention metrics {missing} are declared in attndrift.signals but have "
+                       "no function in probes.metrics PER_MAP / PER_LAYER")
     x = _as_float(cls_patch.detach())
-    n = x.shape[-1]
-    fit, ratio = _sorted_stats(x, 0.95)  # one sort serves ERF and Gini
-    per_image = torch.stack([entropy(x), _erf_of_fit(fit, n, x.dtype), _gini_of_ratio(ratio, n)])
+    srt = _Sorted(x)
+    per_head = [m for m, s in ATTENTION.items() if s.per_head]
+    per_image = torch.stack([PER_MAP[m](x, srt) for m in per_head])
     # float64 means on the host (a float32 mean of thousands of values ~3.6 is off by ~1e-6;
     # some devices, e.g. MPS, have no float64). Every (layer, head) has n images, so the
     # per-layer mean is the mean of the per-head means.
-    per_head = per_image.to("cpu", torch.float64).mean(dim=1)  # [3, L, H]
-    per_layer = per_head.mean(dim=-1)  # [3, L]
-    diversity = head_diversity(x.mean(dim=0).to("cpu", torch.float64))  # [L]
-    names = ("entropy", "erf", "gini")
-    out: dict[str, Any] = {
-        name: {"layers": layers, "heads": heads}
-        for name, layers, heads in zip(names, per_layer.tolist(), per_head.tolist(), strict=True)
-    }
-    out["head_diversity"] = {"layers": diversity.tolist()}
-    means = [*per_layer.mean(dim=-1).tolist(), diversity.mean().item()]
-    out["mean"] = dict(zip((*names, "head_diversity"), means, strict=True))
+    heads = per_image.to("cpu", torch.float64).mean(dim=1)  # [k, L, H]
+    layers = dict(zip(per_head, heads.mean(dim=-1), strict=True))  # [L] each
+    tables = {m: {"heads": h} for m, h in zip(per_head, heads.tolist(), strict=True)}
+    out: dict[str, Any] = {}
+    for m in ATTENTION:
+        value = layers[m] if m in layers else PER_LAYER[m](x)
+        out[m] = {"layers": value.tolist(), **tables.get(m, {})}
+        layers[m] = value
+    out["mean"] = {m: layers[m].mean(dim=-1).item() for m in ATTENTION}
     return out
-
-
-@overload
-def delta_pct(adapted: float, pretrained: float) -> float: ...
-@overload
-def delta_pct(adapted: torch.Tensor, pretrained: torch.Tensor | float) -> torch.Tensor: ...
-@overload
-def delta_pct(adapted: float, pretrained: torch.Tensor) -> torch.Tensor: ...
-
-
-def delta_pct(
-    adapted: float | torch.Tensor, pretrained: float | torch.Tensor
-) -> float | torch.Tensor:
-    """The study's drift: ``100 * (adapted - pretrained) / pretrained``.
-
-    Tensors follow IEEE division (``inf``/``nan`` where ``pretrained`` is 0); plain floats do
-    the same instead of raising ``ZeroDivisionError``.
-    """
-    if isinstance(adapted, torch.Tensor) or isinstance(pretrained, torch.Tensor):
-        return 100.0 * (adapted - pretrained) / pretrained
-    diff = float(adapted) - float(pretrained)
-    if pretrained == 0:
-        if diff == 0 or math.isnan(diff):
-            return math.nan
-        return math.copysign(math.inf, diff) * math.copysign(1.0, float(pretrained))
-    return 100.0 * diff / float(pretrained)
