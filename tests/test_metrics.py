@@ -11,7 +11,6 @@ import torch
 
 from attndrift.probes import METRICS as REEXPORTED_METRICS
 from attndrift.probes.metrics import (
-    ERF_RTOL,
     METRICS,
     MetricInfo,
     delta_pct,
@@ -61,8 +60,12 @@ def test_two_point_closed_forms(a: float, dtype: torch.dtype) -> None:
     p[3] = a
     p[7] = 1.0 - a
     assert entropy(p).item() == pytest.approx(-(a * math.log(a) + (1 - a) * math.log(1 - a)))
-    expected_erf = 1 / n if a >= 0.95 else 2 / n
+    # the row as represented (float32 0.95 holds 0.94999999869 of its row's mass: 2 patches)
+    hi, lo_ = float(p[3]), float(p[7])
+    expected_erf = 1 / n if max(hi, lo_) >= 0.95 * (hi + lo_) else 2 / n
     assert erf(p).item() == pytest.approx(expected_erf)
+    if dtype == torch.float64:
+        assert expected_erf == (1 / n if a >= 0.95 else 2 / n)
     # By hand: sorted ascending, the 8 zeros take ranks 1..8, then min(a, 1-a) has rank 9 and
     # max(a, 1-a) rank 10; total mass is 1.
     lo, hi = min(a, 1 - a), max(a, 1 - a)
@@ -70,13 +73,41 @@ def test_two_point_closed_forms(a: float, dtype: torch.dtype) -> None:
     assert gini(p).item() == pytest.approx(expected_gini, abs=1e-6)
 
 
+def _boundary_row(top12: float) -> list[float]:
+    """20 integer-valued weights (exact in float32, exact sums in float64) totalling 10^7 whose
+    12 largest hold ``top12``: eleven of 800,000, one of ``top12 - 8.8e6``, eight equal ones
+    (multiples of 0.5) holding the rest. 0.95 * 10^7 is 9,500,000.0 in float64 too."""
+    return [800_000.0] * 11 + [top12 - 8_800_000.0] + [(1e7 - top12) / 8] * 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("top12", "k"), [(9_499_996.0, 13), (9_500_000.0, 12),
+                                          (9_500_004.0, 12)])
+def test_erf_at_the_095_boundary_is_exact(top12: float, k: int, dtype: torch.dtype) -> None:
+    """000 eq. 2: the smallest k whose k largest weights hold >= 0.95 of the mass. A row whose
+    12 largest hold 0.9499996 needs 13 (a relative tolerance of 1e-6 counted it as 12); one
+    at exactly 0.95 or just above needs 12 (issue 24 item 17)."""
+    row = _boundary_row(top12)
+    assert math.fsum(sorted(row, reverse=True)[:12]) == top12  # the row is what it claims
+    assert sorted(row, reverse=True)[11] > sorted(row, reverse=True)[12]  # no tie at the cut
+    p = torch.tensor(row, dtype=dtype)
+    want = torch.tensor(k / 20, dtype=dtype).item()  # k / 20 in the input's dtype
+    assert erf(p).item() == want
+    assert summarize(p.reshape(1, 1, 1, 20))["erf"]["layers"] == [want]
+    if top12 != 9_500_000.0:  # normalised (as attention is), 4e-7 from the target is still
+        assert erf(p / p.sum()).item() == want  # unambiguous; exactly at it is not
+
+
 def test_erf_mass_argument_and_unnormalised_rows() -> None:
-    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    # integer weights: exact in float32, exact sums (5, 8, 10) and targets (5.0, 8.0, 8.1 x 10)
+    p = torch.tensor([5.0, 3.0, 2.0, 0.0])
     assert erf(p, mass=0.5).item() == pytest.approx(1 / 4)
     assert erf(p, mass=0.8).item() == pytest.approx(2 / 4)
     assert erf(p, mass=0.81).item() == pytest.approx(3 / 4)
-    # Mass is relative to the row's total.
-    assert erf(10 * p, mass=0.8).item() == pytest.approx(2 / 4)
+    # Mass is relative to the row's total (p / 16: dyadic, so still exact).
+    assert erf(p / 16, mass=0.8).item() == pytest.approx(2 / 4)
+    # the float32 row [0.5, 0.3, 0.2] holds 0.5 / 1.0000000149 < 0.5 in its largest weight
+    assert erf(torch.tensor([0.5, 0.3, 0.2]), mass=0.5).item() == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         erf(p, mass=0.0)
 
@@ -300,8 +331,8 @@ def test_leading_dims_preserved() -> None:
 
 def test_large_input_matches_float64_reference() -> None:
     """A probe-sized float32 input with exact zeros and many ties: ERF equals an independent
-    vectorised float64 computation (descending sort, running sum, first k reaching the mass
-    within ERF_RTOL), Gini and entropy within float32 rounding."""
+    vectorised float64 computation (descending sort, running sum, first k reaching the mass,
+    no tolerance), Gini and entropy within float32 rounding."""
     gen = torch.Generator().manual_seed(3)
     p = torch.softmax(4 * torch.randn(120, 4, 12, 49, generator=gen), dim=-1)
     p[:8, :, :, ::4] = 0.0  # exact zeros
@@ -310,7 +341,7 @@ def test_large_input_matches_float64_reference() -> None:
     desc = -np.sort(-x, axis=-1)
     cum = np.cumsum(desc, axis=-1)
     for mass in (0.5, 0.95, 1.0):
-        k = (cum < mass * cum[..., -1:] * (1 - ERF_RTOL)).sum(axis=-1) + 1
+        k = (cum < mass * cum[..., -1:]).sum(axis=-1) + 1
         np.testing.assert_array_equal(erf(p, mass=mass).numpy(), (k / 49).astype(np.float32))
     asc = np.sort(x, axis=-1)
     ranks = np.arange(1, 50)

@@ -3,8 +3,9 @@
 Each function reduces the *last* dimension (patches; for head diversity the last two), keeping
 any leading batch/layer/head dimensions: no IO, no model code, no Python loop over images,
 layers or heads, and the same torch code on every device. ``summarize`` scores a whole probe
-set, sorting each row once for both ERF and Gini (``_sorted_stats``), into the JSON-able
-per-layer/per-head table the reports use; ``METRICS`` holds each metric's display metadata.
+set, sorting each row once for both ERF and Gini (``_Sorted``), into the JSON-able
+per-layer/per-head table the reports use. Which metrics exist, and their display metadata,
+is declared in `attndrift.signals` (``METRICS`` here is its ``ATTENTION``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 from attndrift.signals import ATTENTION, Signal, drift_pct
 
 __all__ = [
-    "ERF_RTOL",
     "METRICS",
     "PER_LAYER",
     "PER_MAP",
@@ -30,11 +30,6 @@ __all__ = [
     "renormalize_patches",
     "summarize",
 ]  # fmt: skip
-
-# Relative tolerance on the ERF mass comparison. A cumulative sum that should land exactly on the
-# target (e.g. [0.95, 0.05] with mass 0.95) can come out one ulp short in float32, which would
-# wrongly demand one more patch; accepting sums within 1e-6 (relative) of the target avoids that.
-ERF_RTOL = 1e-6
 
 # The attention metrics and their display metadata are declared once, in `attndrift.signals`.
 MetricInfo = Signal
@@ -56,12 +51,13 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def erf(p: torch.Tensor, mass: float = 0.95) -> torch.Tensor:
-    """Effective receptive field: fraction of patches holding ``mass`` of the attention.
+    """Effective receptive field (000 eq. 2): fraction of patches holding ``mass`` of the
+    attention.
 
     For each row, the smallest ``k`` such that the ``k`` largest weights sum to at least
-    ``mass`` times the row's total, divided by ``N``. The comparison accepts sums within a
-    relative ``ERF_RTOL`` (1e-6) below the target, so round-off at an exact boundary does not
-    cost an extra patch. An all-zero row gives ``1/N``.
+    ``mass`` times the row's total, divided by ``N``. The sorted weights are accumulated in
+    float64 and compared with ``mass * total`` exactly, with no tolerance: a row whose 12
+    largest weights hold 0.94999958 needs a 13th. An all-zero row gives ``1/N``.
 
     ``p`` ``[..., N]`` non-negative weights (need not be normalised), ``mass`` in ``(0, 1]``
     -> ``[...]`` values in ``[1/N, 1]``, float32 (float64 for float64 input).
@@ -69,8 +65,7 @@ def erf(p: torch.Tensor, mass: float = 0.95) -> torch.Tensor:
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
     x = _as_float(p)
-    fit, _ = _sorted_stats(x, mass)
-    return _erf_of_fit(fit, x.shape[-1], x.dtype)
+    return _erf_of_sorted(torch.sort(x, dim=-1).values, mass)
 
 
 def gini(p: torch.Tensor) -> torch.Tensor:
@@ -79,35 +74,31 @@ def gini(p: torch.Tensor) -> torch.Tensor:
     row, NaN for an all-zero row. ``p`` ``[..., N]`` non-negative weights -> ``[...]``, float32
     (float64 for float64 input)."""
     x = _as_float(p)
-    _, ratio = _sorted_stats(x, 0.95)
-    return _gini_of_ratio(ratio, x.shape[-1])
+    return _gini_of_sorted(torch.sort(x, dim=-1).values)
 
 
-def _sorted_stats(x: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ERF and Gini need from one ascending sort of each row of ``x`` ``[..., N]``, with
-    ``A_j = x_(1) + ... + x_(j)`` its running sums (``A_N`` the row's total):
-
-    - ``fit`` ``[...]`` (int64): how many of the smallest weights fit in the spare mass, the
-      number of ``j`` with ``A_j <= A_N * (1 - mass * (1 - ERF_RTOL))``. The ``k`` largest
-      weights hold ``A_N - A_(N-k)``, so they reach the ERF target exactly when ``N - k`` of the
-      smallest fit.
-    - ``ratio`` ``[...]`` (``x``'s dtype): ``sum_j A_j / A_N``. ``sum_j A_j`` counts ``x_(i)``
-      ``N - i + 1`` times, so ``sum_i i * x_(i) = (N + 1) * A_N - sum_j A_j`` (Gini's numerator).
-    """
-    asc = torch.sort(x, dim=-1).values.cumsum(dim=-1)
-    total = asc[..., -1:]
-    spare = total * (1.0 - mass * (1.0 - ERF_RTOL))
-    fit = torch.searchsorted(asc.detach(), spare.detach(), right=True).squeeze(-1)
-    return fit, asc.sum(dim=-1) / total.squeeze(-1)
+def _erf_of_sorted(asc: torch.Tensor, mass: float) -> torch.Tensor:
+    """``erf`` of rows already sorted ascending ``[..., N]``: the running sums of the
+    descending weights, in float64 (on the CPU for a device without float64, e.g. MPS), ``c_k``
+    for ``k = 1..N``; ``k* = 1 + #{k : c_k < mass * c_N}``, the first ``k`` reaching the
+    target (``c_N`` reaches it for any ``mass <= 1``, and an all-zero row has ``k* = 1``)."""
+    desc = asc.detach().flip(-1)
+    desc = desc.cpu() if desc.device.type == "mps" else desc
+    running = desc.to(torch.float64).cumsum(dim=-1)
+    short = (running < mass * running[..., -1:]).sum(dim=-1)
+    return ((short + 1).to(asc.dtype) / asc.shape[-1]).to(asc.device)
 
 
-def _erf_of_fit(fit: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """``erf`` from ``_sorted_stats``' ``fit`` (at least one patch, for an all-zero row)."""
-    return (n - fit).clip(min=1).to(dtype) / n
+def _gini_of_sorted(asc: torch.Tensor) -> torch.Tensor:
+    """``gini`` of rows already sorted ascending, via ``A_j = x_(1) + ... + x_(j)``, the running
+    sums in the input's dtype: ``sum_j A_j`` counts ``x_(i)`` ``N - i + 1`` times, so
+    ``sum_i i * x_(i) = (N + 1) * A_N - sum_j A_j`` (the numerator)."""
+    run = asc.cumsum(dim=-1)
+    return _gini_of_ratio(run.sum(dim=-1) / run[..., -1], asc.shape[-1])
 
 
 def _gini_of_ratio(ratio: torch.Tensor, n: int) -> torch.Tensor:
-    """``gini`` from ``_sorted_stats``' ``ratio`` (see there for the identity)."""
+    """``gini`` from ``ratio = sum_j A_j / A_N`` (see `_gini_of_sorted`)."""
     return (n + 1) / n - (2.0 / n) * ratio
 
 
@@ -137,12 +128,13 @@ class _Sorted:
     """One ascending sort of each row, shared by ERF and Gini, made on first use."""
 
     def __init__(self, x: torch.Tensor) -> None:
-        self.x, self._stats = x, None
+        self.x, self._asc = x, None
 
-    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._stats is None:
-            self._stats = _sorted_stats(self.x, 0.95)
-        return self._stats
+    @property
+    def asc(self) -> torch.Tensor:
+        if self._asc is None:
+            self._asc = torch.sort(self.x, dim=-1).values
+        return self._asc
 
 
 # How each attention metric of `attndrift.signals.ATTENTION` is computed from a probe set's
@@ -150,8 +142,8 @@ class _Sorted:
 # ``[n_images, L, H]``; PER_LAYER: a value per layer ``[L]`` (float64, on the CPU).
 PER_MAP: dict[str, Callable[[torch.Tensor, _Sorted], torch.Tensor]] = {
     "entropy": lambda x, srt: entropy(x),
-    "erf": lambda x, srt: _erf_of_fit(srt.stats()[0], x.shape[-1], x.dtype),
-    "gini": lambda x, srt: _gini_of_ratio(srt.stats()[1], x.shape[-1]),
+    "erf": lambda x, srt: _erf_of_sorted(srt.asc, 0.95),
+    "gini": lambda x, srt: _gini_of_sorted(srt.asc),
 }
 PER_LAYER: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     # each head's map averaged over the images, then 1 - mean pairwise cosine between heads
