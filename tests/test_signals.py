@@ -49,10 +49,14 @@ def test_every_signal_is_fully_declared():
         assert s.name == name and s.label and s.short and s.meaning, name
         assert s.change in ("higher", "lower", "away", None), name
         assert s.better in ("higher", "lower", None), name
-        assert s.change is not None or s.better is not None, f"{name} has no direction"
+        assert s.change is not None, f"{name} has no direction"
+        assert s.needs in ("attention", "cka", "drift", "rollout", "zeroshot", "loss", "epochs",
+                           "config", "end"), name
         assert s.drift in ("relative", "none"), name
     for name, s in ATTENTION.items():
         assert s.kind == "attention" and s.drift == "relative" and "higher" in s.meaning, name
+        assert s.collapse in ("higher", "lower") and s.change == "away", name
+        assert SIGNALS[f"d_{name}"].change == s.collapse, name
         # each attention metric is a predictor, signed and absolute (issue 23 item 1)
         assert {f"d_{name}", f"abs_d_{name}"} <= set(PREDICTORS)
     assert set(PREDICTORS) <= set(SIGNALS) and len(set(PREDICTORS)) == len(PREDICTORS)
@@ -73,7 +77,7 @@ def test_metadata_is_a_view_of_the_spec_not_a_copy():
 
     assert core_metrics() == tuple(ATTENTION) and list(metric_info()) == list(ATTENTION)
     assert all(metric_info()[m] is ATTENTION[m] for m in ATTENTION)
-    assert SHORT == {m: s.short for m, s in ATTENTION.items()}
+    assert {m: s.short for m, s in ATTENTION.items()} == SHORT
     assert AUX["cka_cls"] == (SIGNALS["cka_cls"].label, SIGNALS["cka_cls"].meaning)
 
 
@@ -105,33 +109,39 @@ def test_read_signal_from_a_probe_entry():
     assert read_signal(rec, p, "embedding_drift") == 0.25
     assert read_signal(rec, p, "train_loss") == 1.5  # the last log at or before step 7
     assert read_signal(rec, p, "val_acc") == 0.4  # epoch 2 ended at step 8, after the probe
-    assert read_signal(rec, p, "zs_retention", task="a") == pytest.approx(50.0)
+    assert read_signal(rec, p, "zeroshot_track", task="a") == pytest.approx(50.0)
+    rec["baseline"]["zeroshot_subset"]["b"], p["zeroshot"]["b"] = 0.5, 0.4
+    assert read_signal(rec, p, "zeroshot_track") == pytest.approx(50.0)  # the lowest of a, b
+    assert read_signal(rec, p, "zeroshot_track", task="b") == pytest.approx(80.0)
+    rec["baseline"]["zeroshot_subset"]["b"], p["zeroshot"]["b"] = 0.0, 0.0
+    rec["config"] = {"train": {"lr": 1e-3}}
+    assert read_signal(rec, p, "log_lr") == pytest.approx(-3.0)
     # not measured, or undefined: NaN, never a made-up number
     assert math.isnan(read_signal(rec, p, "weight_drift"))
     assert math.isnan(read_signal(rec, p, "d_erf"))
-    assert math.isnan(read_signal(rec, p, "zs_retention", task="b"))  # pretrained 0
-    assert math.isnan(read_signal(rec, p, "zs_retention", task="c"))
-    with pytest.raises(ValueError, match="task"):
-        read_signal(rec, p, "zs_retention")
+    assert math.isnan(read_signal(rec, p, "zeroshot_track", task="b"))  # pretrained 0
+    assert math.isnan(read_signal(rec, p, "zeroshot_track", task="c"))
+    assert math.isnan(read_signal(rec, p, "test_acc"))  # only at the end
     with pytest.raises(KeyError):
         read_signal(rec, p, "no_such_signal")
 
 
-def test_final_probe_fills_in_the_final_aux_only_where_the_last_probe_has_none():
+def test_final_probe_is_the_last_probe_with_the_final_aux_and_test_accuracy():
     rec = _record()
-    assert final_probe(rec)["aux"]["cka_cls"] == [1.0, 0.5, 0.3]
-    del rec["history"]["probes"][0]["aux"]
+    rec["final"]["test_acc"] = 0.75
     last = final_probe(rec)
-    assert last["aux"] == {"cka_cls": [0.9]} and read_signal(rec, last, "cka_last") == 0.9
-    assert "aux" not in rec["history"]["probes"][0]  # the record is not modified
+    assert last["aux"]["cka_cls"] == [0.9] and last["aux"]["embedding_drift"] == 0.25
+    assert "subset_cv" not in last["aux"] and read_signal(rec, last, "cka_last") == 0.9
+    assert read_signal(rec, last, "test_acc") == 0.75 and last["step"] == 7
+    assert rec["history"]["probes"][0]["aux"]["cka_cls"] == [1.0, 0.5, 0.3]  # not modified
 
 
 def test_change_score_orients_every_signal_so_higher_means_more_change():
     assert change_score("cka_mean", 0.9) == -0.9
     assert change_score("embedding_drift", 0.2) == 0.2
     assert change_score("d_entropy", -7.0) == 7.0
-    assert change_score("zs_retention", 80.0) == -80.0
-    assert math.isnan(change_score("val_acc", 0.8))  # a quality signal, not a change
+    assert change_score("d_gini", 7.0) == 7.0  # Gini rises as attention collapses
+    assert change_score("zeroshot_track", 80.0) == -80.0
     assert math.isnan(change_score("entropy", 3.0))  # a raw metric: read its drift
 
 
@@ -159,3 +169,22 @@ def test_every_attention_signal_is_in_the_record_tables_and_compare(lora_run):
         assert f"d_{name}" in [c.key for c in main.columns], name
         assert math.isfinite(tables["absolute_metrics"].rows[0][f"{name}_f"]), name
         assert f"Δ {s.short}" in columns, name
+
+
+def test_every_predictor_signal_is_read_from_a_real_record(lora_run):
+    """With the default probe settings every predictor is tracked at least once per epoch: the
+    auxiliary metrics and the zero-shot track at each epoch's last probe."""
+    rec = json.loads((lora_run / "record.json").read_text())
+    last, tasks = final_probe(rec), list(rec["zeroshot"])
+    per_epoch = rec["config"]["probe"]["per_epoch"]
+    assert rec["config"]["probe"]["aux_every"] is None  # the default: once per epoch
+    for i, probe in enumerate(rec["history"]["probes"], start=1):
+        tracked = i % per_epoch == 0
+        assert ("aux" in probe) == tracked and ("zeroshot" in probe) == tracked, i
+    for name in PREDICTORS:
+        s = SIGNALS[name]
+        values = [read_signal(rec, last, name, task=t) for t in tasks] if s.per_task else [
+            read_signal(rec, last, name)]
+        assert all(math.isfinite(v) for v in values), name
+        epoch_end = rec["history"]["probes"][per_epoch - 1]
+        assert math.isfinite(read_signal(rec, epoch_end, name, task=tasks[0])) or name == "test_acc"

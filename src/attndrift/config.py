@@ -145,15 +145,23 @@ class ProbeConfig(_Strict):
     aux: list[Literal["rollout", "cka", "drift"]] = Field(
         ["rollout", "cka", "drift"], description="auxiliary metrics: attention rollout and "
         "patch-to-patch entropy, layerwise CKA to the pretrained model, weight/embedding drift")
-    aux_every: Annotated[int, Field(ge=0)] = Field(
-        0, description="also measure the auxiliary metrics at every k-th training probe "
-                       "(0: only before and after training)")
-    zeroshot_every: Annotated[int, Field(ge=0)] = Field(
-        0, description="zero-shot accuracy on a fixed class-balanced subset of each transfer "
-                       "task at every k-th training probe, into the history (0: only before "
-                       "and after training, on the whole test split)")
+    aux_every: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="also measure the auxiliary metrics at every k-th training probe "
+                          "(0: only before and after training; unset: once per epoch, every "
+                          "per_epoch-th probe)")
+    zeroshot_every: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="zero-shot accuracy on a fixed class-balanced subset of each transfer "
+                          "task at every k-th training probe and the last, into the history (0: "
+                          "only before and after training, on the whole test split; unset: once "
+                          "per epoch, every per_epoch-th probe)")
     zeroshot_images: PosInt = Field(
         1000, description="images per transfer task in that subset (seeded by probe.seed)")
+
+    def period(self, every: int | None) -> int:
+        """A tracking cadence in training probes (``aux_every``, ``zeroshot_every``): ``every``,
+        or once per epoch when unset (every ``per_epoch``-th probe, the epoch's last; every
+        probe when ``per_epoch`` is 0 and the last step is the only one). 0 = off."""
+        return max(1, self.per_epoch) if every is None else every
 
 
 class RegularizerConfig(_Strict):

@@ -233,9 +233,10 @@ def _prepare_data(r: _Run) -> None:
     r.zs_weights = {name: text_classifier(r.clip, loaded.tokenizer, t.class_names, t.templates,
                                           device) for name, t in r.zs_tasks.items()}
     # forgetting during training: the same class-balanced images of each task at every point
+    track = cfg.probe.period(cfg.probe.zeroshot_every)
     r.zs_subsets = {name: t.subset(balanced_subset(t.labels, cfg.probe.zeroshot_images,
                                                    cfg.probe.seed), f"{name}/subset")
-                    for name, t in r.zs_tasks.items()} if cfg.probe.zeroshot_every else {}
+                    for name, t in r.zs_tasks.items()} if track else {}
     weights_file = Path(loaded.source) / "model.safetensors"
     r.record["provenance"].update({
         "model_source": loaded.source,
@@ -526,11 +527,12 @@ def _probe(r: _Run, state: dict[str, Any]) -> torch.Tensor:
     attn = r.probe_of(r.probe_images)
     probe = {"step": step, "epoch": step / r.steps_per_epoch,
              "fraction": step / r.total_steps, "metrics": summarize(attn)}
-    every, number = r.cfg.probe.aux_every, len(history["probes"]) + 1
+    every, number = r.cfg.probe.period(r.cfg.probe.aux_every), len(history["probes"]) + 1
     if every and number % every == 0:
         probe["aux"] = r.aux_of(state["aux_ref"], r.pretrained_weights)[0]
     state["probe_s"] += time.perf_counter() - t
-    every = r.cfg.probe.zeroshot_every  # and at the last probe: the trajectory's end
+    # zero-shot on the fixed subsets, also at the last probe (the trajectory's end)
+    every = r.cfg.probe.period(r.cfg.probe.zeroshot_every)
     if every and (number % every == 0 or step == r.total_steps):
         t = time.perf_counter()
         probe["zeroshot"] = r.zeroshot(r.zs_weights, r.zs_subsets)
