@@ -287,12 +287,12 @@ def lr_panels(runs: Sequence[Run]) -> Figure:
 
 
 def regularization(runs: Sequence[Run]) -> Figure:
-    """Drift of entropy, ERF and Gini of every setting whose family differs from another only in
-    the regularizer or the weight decay (so the unregularized run stands next to its variants),
-    mean ± sd over seeds."""
+    """Drift of every attention metric of every setting whose family differs from another only
+    in the regularizer or the weight decay (so the unregularized run stands next to its
+    variants), mean ± sd over seeds."""
     delta = drift_reader(runs)
     pal = Palette(runs)
-    metrics = [m for m in ("entropy", "erf", "gini") if m in core_metrics()]
+    metrics = list(core_metrics())
     bars = []  # (panel, label, lr, group)
     for panel, fams in series_of(completed(runs), runs).items():
 
