@@ -408,6 +408,7 @@ def write_store(root: Path, drop: tuple[str, ...] = ()) -> dict[str, str]:
         for seed in seeds:
             status = "failed" if (spec.name, seed) == FAILED_IN else "completed"
             d = f"{spec.name}_s{seed}"
-            write_record(root / d / "record.json", make_record(spec, seed, status=status, drop=drop))
+            record = make_record(spec, seed, status=status, drop=drop)
+            write_record(root / d / "record.json", record)
             truth[d] = spec.name
     return truth
