@@ -195,7 +195,7 @@ class RunConfig(_Strict):
     regularizer: RegularizerConfig = RegularizerConfig()
     guard: GuardConfig = GuardConfig()  # early-warning guard (attndrift.guard)
     tensorboard: bool = Field(False, description="write TensorBoard scalars to OUT/tensorboard "
-                                                 "(needs attndrift[tensorboard])")
+                                                 "(needs `pip install -e '.[tensorboard]'`)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     save_checkpoints: bool = Field(True, description="write final and best safetensors")
 
