@@ -99,6 +99,10 @@ _ATTENTION = (
     Signal("head_diversity", "Head diversity", "head div.", "",
            "higher = heads attend to more different patches", "attention", drift="relative",
            collapse="lower"),
+    Signal("attention_distance", "Mean attention distance (CLS)", "attn. distance", "patches",
+           "higher = the CLS attention spreads over patches farther apart (expected distance "
+           "between two patches drawn from it, in patch widths)", "attention", per_head=True,
+           drift="relative", collapse="lower"),
 )  # fmt: skip
 
 _AUX = (
@@ -112,6 +116,12 @@ _AUX = (
            "higher = broader patch-to-patch attention", "aux", needs="rollout"),
     Signal("p2p_entropy_layers", "patch-to-patch entropy, layer mean", "p2p entropy (layers)",
            "nats", "per-layer values averaged", "aux", needs="rollout"),
+    Signal("p2p_distance", "patch-to-patch mean attention distance", "p2p distance", "patches",
+           "higher = patches attend farther away (Dosovitskiy et al. 2021: sum_j a_ij d(i, j) "
+           "per patch query, in patch widths)", "aux", needs="rollout"),
+    Signal("p2p_distance_layers", "patch-to-patch attention distance, layer mean",
+           "p2p distance (layers)", "patches", "per-layer values averaged", "aux",
+           needs="rollout"),
     Signal("cka_cls", "mean CKA (CLS)", "CKA (CLS)", "",
            "layer-mean CKA to the pretrained model; 1 = unchanged", "aux", change="lower",
            needs="cka"),

@@ -10,6 +10,7 @@ is declared in `attndrift.signals` (``METRICS`` here is its ``ATTENTION``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,11 +23,14 @@ __all__ = [
     "PER_LAYER",
     "PER_MAP",
     "MetricInfo",
+    "attention_distance",
     "delta_pct",
     "entropy",
     "erf",
     "gini",
     "head_diversity",
+    "patch_distances",
+    "query_attention_distance",
     "renormalize_patches",
     "summarize",
 ]  # fmt: skip
@@ -117,6 +121,50 @@ def head_diversity(p: torch.Tensor) -> torch.Tensor:
     return 1.0 - pairs / (h * (h - 1))
 
 
+def patch_distances(n: int, dtype: torch.dtype = torch.float64,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Euclidean distances between the centres of the ``n`` patches of a square grid, in patch
+    widths (multiply by the patch size for pixels): ``[n, n]``. Patches in row-major order, the
+    order a ViT's patch embedding flattens them. A grid that is not square is refused."""
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"mean attention distance needs a square grid of patches, got {n} "
+                         "patches; pass maps of a square image")
+    idx = torch.arange(n)
+    pos = torch.stack([idx // side, idx % side], dim=-1).to(torch.float64)
+    diff = pos[:, None, :] - pos[None, :, :]  # float64 on the host (MPS has none), then moved
+    return diff.square().sum(dim=-1).sqrt().to(device=device, dtype=dtype)
+
+
+def attention_distance(p: torch.Tensor) -> torch.Tensor:
+    """Mean attention distance of the CLS query, in patch widths: ``sum_jk p_j p_k d(j, k) /
+    (sum_j p_j)^2``, the expected distance between two patches drawn from the CLS attention.
+
+    The papers' mean attention distance (Dosovitskiy et al. 2021, Raghu et al. 2021) is, per
+    patch query ``i``, ``sum_j a_ij d(i, j)``; the CLS token has no position, so here the query
+    is placed at a patch drawn from the CLS attention itself (docs/fidelity.md). 0 for attention
+    on one patch; the mean distance between patches (self-pairs included) for uniform
+    attention. ``p`` ``[..., N]`` non-negative weights on a square grid of ``N`` patches ->
+    ``[...]``, float32 (float64 for float64 input). `query_attention_distance` is the papers'
+    definition for patch queries.
+    """
+    x = _as_float(p)
+    d = patch_distances(x.shape[-1], x.dtype, x.device)
+    return ((x @ d) * x).sum(dim=-1) / x.sum(dim=-1).square()
+
+
+def query_attention_distance(p: torch.Tensor) -> torch.Tensor:
+    """The papers' mean attention distance of each patch query (Dosovitskiy et al. 2021 Fig. 7;
+    Raghu et al. 2021): ``sum_j a_ij d(i, j) / sum_j a_ij``, in patch widths. ``p`` ``[..., N,
+    N]``: row ``i`` = patch query ``i``'s weights over the ``N`` patch keys of a square grid
+    (row-major) -> ``[..., N]``, float32 (float64 for float64 input)."""
+    x = _as_float(p)
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"p must be [..., N, N] patch-to-patch maps, got {tuple(x.shape)}")
+    d = patch_distances(x.shape[-1], x.dtype, x.device)
+    return (x * d).sum(dim=-1) / x.sum(dim=-1)
+
+
 def renormalize_patches(cls_row: torch.Tensor) -> torch.Tensor:
     """Drop the CLS->CLS weight and renormalise the patch weights to sum to 1: ``[..., 1 + N]``
     (the CLS query's attention over all tokens, CLS first) -> ``[..., N]``, same dtype."""
@@ -144,6 +192,7 @@ PER_MAP: dict[str, Callable[[torch.Tensor, _Sorted], torch.Tensor]] = {
     "entropy": lambda x, srt: entropy(x),
     "erf": lambda x, srt: _erf_of_sorted(srt.asc, 0.95),
     "gini": lambda x, srt: _gini_of_sorted(srt.asc),
+    "attention_distance": lambda x, srt: attention_distance(x),
 }
 PER_LAYER: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     # each head's map averaged over the images, then 1 - mean pairwise cosine between heads
