@@ -149,8 +149,10 @@ def attention_distance(p: torch.Tensor) -> torch.Tensor:
     definition for patch queries.
     """
     x = _as_float(p)
-    d = patch_distances(x.shape[-1], x.dtype, x.device)
-    return ((x @ d) * x).sum(dim=-1) / x.sum(dim=-1).square()
+    # the matmul in float64 (not on MPS, which has none): immune to TF32 matmul settings
+    acc = x if x.device.type == "mps" else x.to(torch.float64)
+    d = patch_distances(x.shape[-1], acc.dtype, acc.device)
+    return (((acc @ d) * acc).sum(dim=-1) / acc.sum(dim=-1).square()).to(x.dtype)
 
 
 def query_attention_distance(p: torch.Tensor) -> torch.Tensor:
