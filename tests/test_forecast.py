@@ -12,10 +12,7 @@ import pytest
 from tests.test_predictors import _store
 from typer.testing import CliRunner
 
-from attndrift.analysis.predictors import samples
-from attndrift.analysis.runs import Run
-from attndrift.cli import app
-from attndrift.forecast import (
+from attndrift.analysis.forecast import (
     EPOCH1,
     calibrate,
     fit_isotonic,
@@ -23,6 +20,9 @@ from attndrift.forecast import (
     forecast_table,
     loso_errors,
 )
+from attndrift.analysis.predictors import samples
+from attndrift.analysis.runs import Run
+from attndrift.cli import app
 from attndrift.records import SCHEMA_VERSION
 
 

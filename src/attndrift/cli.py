@@ -292,7 +292,7 @@ def forecast(
         help="read them at this share of training instead")] = None,
 ) -> None:
     """Forecast the runs' final zero-shot retention from an early point, calibrated on STORE."""
-    from attndrift.forecast import forecast_lines
+    from attndrift.analysis.forecast import forecast_lines
 
     if not store.is_dir():
         fail(f"no run store at {store}; give --store the directory of finished runs", 2)
