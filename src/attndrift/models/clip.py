@@ -15,6 +15,7 @@ import torch
 
 from attndrift import hub
 from attndrift.data.base import Preprocessor
+from attndrift.models.errors import ExternalModelError
 
 TINY_CLIP_DIR = Path(__file__).resolve().parent / "tiny_clip"
 TINY_NAMES = ("tiny", "attndrift/tiny")
@@ -84,9 +85,10 @@ def _check_clip_dir(path: Path) -> None:
     lacking = [t for t in ("vision_model.", "text_model.")
                if names and not any(n.startswith(t) for n in names)]
     if lacking:
-        raise ValueError(f"model directory {path} is not a whole CLIP: it has no "
-                         f"{lacking[0].rstrip('.')} tensors (a vision-only save?); give the "
-                         "pretrained CLIP, and measure a fine-tune with attndrift measure")
+        raise ExternalModelError(
+            f"model directory {path} is not a whole CLIP: it has no "
+            f"{lacking[0].rstrip('.')} tensors (a vision-only save?); give the pretrained "
+            "CLIP, and measure a fine-tune with attndrift measure")
 
 
 def hub_cached(name: str) -> bool:
@@ -181,12 +183,13 @@ def load_clip(name: str = "tiny", *, attn_implementation: str = "sdpa") -> Loade
     except OSError as err:
         raise _unavailable(name, "the CLIP model", err) from None
     except Exception as err:  # SafetensorError, a pickle, ...: one line, never "unpickle it"
-        raise ValueError(f"model {name!r} is not a loadable CLIP checkpoint "
-                         f"({type(err).__name__})") from None
+        raise ExternalModelError(f"model {name!r} is not a loadable CLIP checkpoint "
+                                 f"({type(err).__name__})") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # randomly initialised tensors: nothing is ever scored on them
-        raise ValueError(f"model {name!r} lacks {len(missing)} CLIPModel tensors (e.g. "
-                         f"{missing[0]}): not a whole CLIP; give the pretrained CLIP")
+        raise ExternalModelError(f"model {name!r} lacks {len(missing)} CLIPModel tensors "
+                                 f"(e.g. {missing[0]}): not a whole CLIP; give the "
+                                 "pretrained CLIP")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as err:

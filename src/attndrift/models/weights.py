@@ -153,6 +153,8 @@ def checkpoint_sha256(source: str) -> str | None:
         for p in files:
             h.update(f"{p.name}:{file_sha256(p)}\n".encode())
         return h.hexdigest()[:16]
+    if path.exists():  # a device or a pipe: never read
+        return None
     try:
         from transformers.utils import cached_file
 
