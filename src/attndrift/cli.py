@@ -78,6 +78,12 @@ def run(
     out_dir = out_dir if out_dir is not None else Path("runs") / run_id
     if _already_done(out_dir, run_id, force):
         return
+    from attndrift.config import check_downloads
+
+    try:  # a hub model or dataset missing here: in seconds, before anything is written
+        check_downloads([cfg], str(config))
+    except ConfigError as e:
+        fail(str(e), 2)
     from filelock import Timeout
 
     from attndrift.study.store import claim
@@ -93,7 +99,7 @@ def run(
     try:
         if _already_done(out_dir, run_id, force):  # finished while we waited for the claim
             return
-        record = _train(cfg, config, out_dir, run_id, quiet)
+        record = _train(cfg, out_dir, run_id, quiet)
     finally:
         lock.release()
     _print_run(record, out_dir)
@@ -118,16 +124,11 @@ def _already_done(out_dir: Path, run_id: str, force: bool) -> bool:
     return done is not None
 
 
-def _train(cfg, config: Path, out_dir: Path, run_id: str, quiet: bool) -> dict:
-    """`train.run` with the CLI's handling: downloads checked first, Ctrl-C/SIGTERM leave a
-    resumable run, failures are one line naming the record."""
+def _train(cfg, out_dir: Path, run_id: str, quiet: bool) -> dict:
+    """`train.run` with the CLI's handling: Ctrl-C/SIGTERM leave a resumable run, failures
+    are one line naming the record."""
     from attndrift import runtime, train
-    from attndrift.config import ConfigError, check_downloads
 
-    try:  # a hub model or dataset missing here: in seconds, before anything is recorded
-        check_downloads([cfg], str(config))
-    except ConfigError as e:
-        fail(str(e), 2)
     progress = not quiet and sys.stderr.isatty()
     runtime.log_lines = not quiet and not progress
     try:

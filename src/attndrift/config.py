@@ -188,7 +188,8 @@ FLIP_CHANGES_LABELS = frozenset({"shapes-layout"})
 
 
 class RunConfig(_Strict):
-    name: str = Field("run", description="a label for the run")
+    name: str = Field("run", description="a label for the run, used in its id and default "
+                      "directory: no / or \\, not starting with ., at most 200 bytes")
     seed: int = Field(42, description="model head init, data order, dropout, augmentation")
     model: str = Field("tiny", description="'tiny' (shipped), a hub id or a local CLIP directory")
     method: Literal["full_ft", "lora", "freeze", "linear_probe"] = Field(

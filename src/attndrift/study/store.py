@@ -100,6 +100,12 @@ class Store:
     def lock(self, run_id: str) -> FileLock:
         return claim(self.run_dir(run_id))
 
+    def needs_run(self, run_id: str, retry_failed: bool) -> bool:
+        status = self.state(run_id).status
+        if status in DONE:
+            return False
+        return not (status in UNSUCCESSFUL and not retry_failed)
+
 
 def claim(run_dir: Path) -> FileLock:
     """The claim on a run directory (``run_dir/.lock``), taken by whoever executes the run
@@ -115,9 +121,7 @@ def held(run_dir: Path) -> bool:
     path = run_dir / ".lock"
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    except OSError:  # unreadable: assume nobody, as a missing lock file would
+    except OSError:  # missing (nobody ever claimed it) or unreadable: as good as missing
         return False
     try:
         import fcntl
@@ -139,9 +143,3 @@ def held(run_dir: Path) -> bool:
         return False
     finally:
         os.close(fd)
-
-    def needs_run(self, run_id: str, retry_failed: bool) -> bool:
-        status = self.state(run_id).status
-        if status in DONE:
-            return False
-        return not (status in UNSUCCESSFUL and not retry_failed)
