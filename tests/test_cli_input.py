@@ -205,6 +205,21 @@ def test_markup_in_names_prints_literally(tmp_path, capsys):
     assert "w [/] [red]" in captured.err
 
 
+def test_compare_tables_print_run_names_literally():
+    import io
+
+    from rich.console import Console
+
+    from attndrift.compare import comparison_tables
+
+    record = {"run_id": "x[/]y-1", "status": "completed", "config": {"method": "full_ft"},
+              "final": {"delta_pct_layers": {"entropy": [1.0]}}, "zeroshot": {}}
+    console = Console(file=io.StringIO(), width=200)
+    for table in comparison_tables([record]):
+        console.print(table)
+    assert "x[/]y-1" in console.file.getvalue()
+
+
 # --- 24.14: study status reads only ------------------------------------------------------
 
 def test_status_reads_only_and_reports_what_it_cannot_read(tmp_path):
