@@ -72,9 +72,10 @@ def run(
         cfg = load_config(config, [*(overrides or []), *(set_ or [])])
     except ConfigError as e:
         fail(str(e), 2)
+    from attndrift.config import identity
     from attndrift.records import run_id_for
 
-    run_id = run_id_for(identity_of(cfg))
+    run_id = run_id_for(identity(cfg.model_dump(mode="json")))
     out_dir = out_dir if out_dir is not None else Path("runs") / run_id
     if _already_done(out_dir, run_id, force):
         return
@@ -103,12 +104,6 @@ def run(
     finally:
         lock.release()
     _print_run(record, out_dir)
-
-
-def identity_of(cfg) -> dict:
-    from attndrift.config import identity
-
-    return identity(cfg.model_dump(mode="json"))
 
 
 def _already_done(out_dir: Path, run_id: str, force: bool) -> bool:
@@ -394,7 +389,7 @@ def forecast(
         fail(f"no run store at {store}; give --store the directory of finished runs", 2)
     point = ("fraction", fraction) if fraction is not None else ("epoch", epoch)
     for line in forecast_lines(store, run_dirs, point):
-        out.print(line, highlight=False, soft_wrap=True)
+        out.print(safe(line), highlight=False, soft_wrap=True)
 
 
 def main() -> None:
