@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from attndrift.guard import GuardConfig, check_measured
+
 
 class ConfigError(ValueError):
     """A configuration problem; ``str(err)`` is a one-line message for the user."""
@@ -272,8 +274,9 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     probe: ProbeConfig = ProbeConfig()
     regularizer: RegularizerConfig = RegularizerConfig()
+    guard: GuardConfig = GuardConfig()  # early-warning guard (attndrift.guard)
     tensorboard: bool = Field(False, description="write TensorBoard scalars to OUT/tensorboard "
-                                                 "(needs attndrift[tensorboard])")
+                                                 "(needs `pip install -e '.[tensorboard]'`)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     save_checkpoints: bool = Field(True, description="write final and best safetensors")
 
@@ -310,6 +313,9 @@ class RunConfig(_Strict):
         if self.train.flip and self.data.dataset in FLIP_CHANGES_LABELS:
             raise ValueError(f"train.flip=true swaps the labels of {self.data.dataset} (its "
                              "classes are left/right positions); set train.flip=false")
+        if self.guard.signal is not None:
+            check_measured(self.guard.signal, list(self.probe.aux), self.probe.aux_every,
+                           self.probe.zeroshot_every)
         if self.train.compile and self.regularizer.name in ("apr", "entropy_floor"):
             raise ValueError(f"train.compile cannot trace regularizer {self.regularizer.name} "
                              "(it hooks the attention on every step); set train.compile=null")
