@@ -19,10 +19,11 @@ PROTOCOL = ["data.budget={train: 20, val: 8, probe: 4}", "probe.images=40", "pro
 
 
 def test_new_keys_at_their_defaults_keep_existing_run_ids():
-    # ids handed out before the budget, zero-shot and robustness keys existed
+    # ids handed out before the budget, zero-shot, robustness and guard keys existed
     assert config_digest(identity(RunConfig().model_dump(mode="json"))) == "b1b96f18"
-    eurosat = load_config(ROOT / "configs" / "runs" / "eurosat_full_ft.yaml")
-    assert config_digest(identity(eurosat.model_dump(mode="json"))) == "62f482c4"
+    for name, digest in (("tiny_full_ft", "7463aa0b"), ("tiny_lora", "19ec1c3e")):
+        cfg = load_config(ROOT / "configs" / "runs" / f"{name}.yaml")
+        assert config_digest(identity(cfg.model_dump(mode="json"))) == digest, name
     used = load_config(None, ["data.budget={train: 5, val: 2, probe: 2}"])
     assert config_digest(identity(used.model_dump(mode="json"))) != "b1b96f18"
 
@@ -44,8 +45,9 @@ def test_inconsistent_protocol_keys_are_refused(override, message):
 def protocol_run(tmp_path_factory):
     from attndrift.train import run
 
-    return run(tiny_config("tiny_full_ft", *PROTOCOL), tmp_path_factory.mktemp("protocol"),
-               progress=False)
+    out = tmp_path_factory.mktemp("protocol")
+    record = run(tiny_config("tiny_full_ft", *PROTOCOL), out, progress=False)
+    return {**record, "_dir": out}
 
 
 def test_budget_run_probes_a_split_disjoint_from_validation(protocol_run):
@@ -110,7 +112,7 @@ def test_published_corrupted_split_is_read_from_a_hub_dataset_on_disk(tmp_path, 
                              severities=[3], images=30, seed=0, image_size=32)
     got = tasks["contrast"]
     assert len(got) == 30 and torch.bincount(got.labels).tolist() == [5] * 6
-    published = torch.stack([torch.from_numpy(np.asarray(row["image"].convert("RGB")))
+    published = torch.stack([torch.from_numpy(np.array(row["image"].convert("RGB")))
                              for row in parts["contrast"]]).permute(0, 3, 1, 2)
     assert all((published == im).flatten(1).all(1).any() for im in got.images)  # that split
 
@@ -123,3 +125,23 @@ def test_paper_presets_score_cifar100_with_the_papers_prompt():
         for p in planned:
             z = p.config.data.zeroshot_eval["cifar100"]
             assert (z.templates, z.names, z.images) == ("paper21", "raw", None), p.run_id
+
+
+def test_report_tables_show_robustness_and_the_extra_zeroshot_scores(protocol_run):
+    from attndrift.analysis import SECTIONS, all_tables, load_store
+
+    tables = {t.name: t for t in all_tables(load_store(protocol_run["_dir"]))}
+    assert any("robustness" in names for _, _, names in SECTIONS)
+    rob = tables["robustness"]
+    assert not rob.empty and len(rob.rows) == 1
+    row, recorded = rob.rows[0], protocol_run["robustness"]
+    for split, acc in recorded["accuracy"].items():
+        assert row[f"acc:{split}"] == acc
+    assert (row["mean"], row["gap"]) == (recorded["mean"], recorded["gap"])
+    zs = tables["zeroshot"]
+    keys = [c.key for c in zs.columns]
+    assert {"top5_after", "recall_after"} <= set(keys)
+    shape = next(r for r in zs.rows if r["task"] == "shapes-zs-shape")
+    z = protocol_run["zeroshot"]["shapes-zs-shape"]
+    assert (shape["top5_after"], shape["recall_after"]) == (z["top5"]["after"],
+                                                            z["mean_recall"]["after"])

@@ -342,6 +342,7 @@ ADDED_KEYS: tuple[tuple[str, ...], ...] = (
     ("data", "budget"),
     ("data", "zeroshot_eval"),
     ("data", "robustness"),
+    ("guard",),
 )
 
 
