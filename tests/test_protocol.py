@@ -145,3 +145,4 @@ def test_report_tables_show_robustness_and_the_extra_zeroshot_scores(protocol_ru
     z = protocol_run["zeroshot"]["shapes-zs-shape"]
     assert (shape["top5_after"], shape["recall_after"]) == (z["top5"]["after"],
                                                             z["mean_recall"]["after"])
+
