@@ -7,8 +7,10 @@ message is one line naming the field and the fix.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -74,6 +76,63 @@ class TrainConfig(_Strict):
                           "after the last one (0: every epoch end)")
 
 
+class BudgetConfig(_Strict):
+    train: PosInt = Field(description="training images per class")
+    val: PosInt = Field(description="validation images per class")
+    probe: PosInt = Field(description="probe images per class, disjoint from validation")
+
+
+class ZeroShotEval(_Strict):
+    templates: str | list[str] | None = Field(
+        None, description="prompt templates with one {} for the class name: a list, or a named "
+                          "set (attndrift.data.prompts.TEMPLATE_SETS: paper21, later, "
+                          "openai_cifar, ...); null: the dataset's own")
+    names: Literal["clean", "raw"] = Field(
+        "clean", description="clean: descriptive, humanised names; raw: the dataset's label "
+                             "names as stored (underscores kept)")
+    images: PosInt | None = Field(
+        None, description="score a class-balanced subset of this many test images (null: all)")
+    seed: int = Field(0, description="seed of that subset (identical across runs)")
+
+    @field_validator("templates")
+    @classmethod
+    def _known_templates(cls, value: str | list[str] | None) -> str | list[str] | None:
+        from attndrift.data.prompts import check_templates
+
+        check_templates(value)
+        return value
+
+
+Severity = Annotated[int, Field(ge=1, le=5)]
+
+
+class RobustnessConfig(_Strict):
+    splits: list[str] = Field(
+        [], description="corrupted test splits the dataset publishes (eurosat: contrast, "
+                        "gaussian_noise, impulse_noise, jpeg_compression, motion_blur, "
+                        "pixelate, spatter)")
+    corruptions: list[str] = Field(
+        [], description="ImageNet-C corruptions generated from the test split "
+                        "(attndrift.data.corruptions.CORRUPTIONS)")
+    severities: list[Severity] = Field([3], min_length=1,
+                                       description="severities (1-5) of each generated one")
+    images: PosInt | None = Field(
+        1000, description="class-balanced images scored per corrupted split (null: all)")
+    seed: int = Field(0, description="seed of the subsets and of the generated corruptions")
+
+    @model_validator(mode="after")
+    def _known(self) -> RobustnessConfig:
+        from attndrift.data.corruptions import CORRUPTIONS
+
+        if not self.splits and not self.corruptions:
+            raise ValueError("data.robustness names no splits and no corruptions; give one, or "
+                             "set data.robustness: null")
+        unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
+        if unknown:
+            raise ValueError(f"unknown corruption {unknown[0]!r}; known: {', '.join(CORRUPTIONS)}")
+        return self
+
+
 class DataConfig(_Strict):
     dataset: str = Field("shapes-layout", description="registered dataset to fine-tune on")
     zeroshot: list[str] = Field(["shapes-zs-shape"], description="zero-shot transfer tasks")
@@ -85,7 +144,29 @@ class DataConfig(_Strict):
     resident_mb: Annotated[int, Field(ge=0)] = Field(
         4096, description="keep the uint8 training images on the device when they take at most "
                           "this many MB, and gather each batch there (0: gather on the host)")
+    budget: BudgetConfig | None = Field(
+        None, description="per-class train / val / probe counts carved from the training split "
+                          "(the later protocol), instead of val_frac; probes then come from "
+                          "the probe split, not from validation")
+    zeroshot_eval: dict[str, ZeroShotEval] = Field(
+        {}, description="per zero-shot task: templates, class-name style, subset size")
+    robustness: RobustnessConfig | None = Field(
+        None, description="accuracy on corrupted test splits (published or generated)")
 
+    @model_validator(mode="after")
+    def _protocol(self) -> DataConfig:
+        if self.budget is not None and "val_frac" in self.model_fields_set:
+            raise ValueError("data.val_frac and data.budget both set; the budget fixes the "
+                             "validation split: drop data.val_frac")
+        stray = sorted(set(self.zeroshot_eval) - set(self.zeroshot))
+        if stray:
+            raise ValueError(f"data.zeroshot_eval names {stray[0]!r}, which is not in "
+                             f"data.zeroshot ({self.zeroshot})")
+        if self.robustness is not None and self.robustness.splits:
+            from attndrift.data.robustness import check_named_splits
+
+            check_named_splits(self.dataset, self.robustness.splits)
+        return self
 
     @field_validator("dataset")
     @classmethod
@@ -267,15 +348,45 @@ OPERATIONAL_KEYS: tuple[tuple[str, ...], ...] = (
 )
 
 
+# Keys added after run ids were first handed out. While one holds its default (what runs did
+# before the key existed) it is left out of the identity, so a config that does not use it keeps
+# the id it always had; set to anything else, it is part of the identity like any other key.
+# A new key whose default keeps today's behaviour belongs here.
+ADDED_KEYS: tuple[tuple[str, ...], ...] = (
+    ("data", "budget"),
+    ("data", "zeroshot_eval"),
+    ("data", "robustness"),
+    ("guard",),
+)
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return RunConfig().model_dump(mode="json")
+
+
+def _pop(config: dict[str, Any], path: tuple[str, ...], only_if: Any = None,
+         conditional: bool = False) -> None:
+    *parents, key = path
+    section = config
+    for part in parents:
+        section = section.get(part, {})
+    if key in section and (not conditional or section[key] == only_if):
+        del section[key]
+
+
 def identity(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (a resolved ``RunConfig`` dump) without the ``OPERATIONAL_KEYS``: what run ids
-    hash."""
+    """``config`` (a resolved ``RunConfig`` dump) without the ``OPERATIONAL_KEYS``, and without
+    the ``ADDED_KEYS`` that hold their defaults: what run ids hash."""
     out = json.loads(json.dumps(config, default=str))  # deep copy of plain data
-    for *parents, key in OPERATIONAL_KEYS:
-        section = out
-        for part in parents:
-            section = section.get(part, {})
-        section.pop(key, None)
+    for path in OPERATIONAL_KEYS:
+        _pop(out, path)
+    defaults = _defaults()
+    for path in ADDED_KEYS:
+        default = defaults
+        for part in path:
+            default = default[part]
+        _pop(out, path, default, conditional=True)
     return out
 
 
@@ -379,16 +490,34 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return validate(apply_overrides(data, overrides or []), source)
 
 
+def _section(annotation: Any) -> tuple[type[BaseModel] | None, str]:
+    """The config model a field holds (itself, optional, or the values of a dict keyed by
+    task name) and the key part before its fields."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, ""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict:
+        value = args[1]
+        return (value, "TASK.") if isinstance(value, type) and issubclass(value, BaseModel) \
+            else (None, "")
+    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    return (models[0], "") if models else (None, "")
+
+
 def reference(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(key, default, description)`` for every config key, dotted, in declaration order."""
+    """``(key, default, description)`` for every config key, dotted, in declaration order; an
+    optional section and a per-task mapping get a row of their own, then their keys."""
     rows = []
     for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            rows += reference(annotation, f"{prefix}{name}.")
+        section, part = _section(field.annotation)
+        if section is not None and not part and section is field.annotation:
+            rows += reference(section, f"{prefix}{name}.")
             continue
-        default = field.get_default(call_default_factory=True)
-        rows.append((f"{prefix}{name}", json.dumps(default), field.description or ""))
+        default = ("(required)" if field.is_required()
+                   else json.dumps(field.get_default(call_default_factory=True)))
+        rows.append((f"{prefix}{name}", default, field.description or ""))
+        if section is not None:
+            rows += reference(section, f"{prefix}{name}.{part}")
     return rows
 
 
