@@ -7,13 +7,13 @@ message is one line naming the field and the fix.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,6 +24,8 @@ from pydantic import (
 )
 
 from attndrift.guard import GuardConfig, check_measured
+from attndrift.pathsafe import check_name
+from attndrift.yamlio import YamlError, looks_numeric, parse_yaml, shorten
 
 
 class ConfigError(ValueError):
@@ -74,6 +76,63 @@ class TrainConfig(_Strict):
                           "after the last one (0: every epoch end)")
 
 
+class BudgetConfig(_Strict):
+    train: PosInt = Field(description="training images per class")
+    val: PosInt = Field(description="validation images per class")
+    probe: PosInt = Field(description="probe images per class, disjoint from validation")
+
+
+class ZeroShotEval(_Strict):
+    templates: str | list[str] | None = Field(
+        None, description="prompt templates with one {} for the class name: a list, or a named "
+                          "set (attndrift.data.prompts.TEMPLATE_SETS: paper21, later, "
+                          "openai_cifar, ...); null: the dataset's own")
+    names: Literal["clean", "raw"] = Field(
+        "clean", description="clean: descriptive, humanised names; raw: the dataset's label "
+                             "names as stored (underscores kept)")
+    images: PosInt | None = Field(
+        None, description="score a class-balanced subset of this many test images (null: all)")
+    seed: int = Field(0, description="seed of that subset (identical across runs)")
+
+    @field_validator("templates")
+    @classmethod
+    def _known_templates(cls, value: str | list[str] | None) -> str | list[str] | None:
+        from attndrift.data.prompts import check_templates
+
+        check_templates(value)
+        return value
+
+
+Severity = Annotated[int, Field(ge=1, le=5)]
+
+
+class RobustnessConfig(_Strict):
+    splits: list[str] = Field(
+        [], description="corrupted test splits the dataset publishes (eurosat: contrast, "
+                        "gaussian_noise, impulse_noise, jpeg_compression, motion_blur, "
+                        "pixelate, spatter)")
+    corruptions: list[str] = Field(
+        [], description="ImageNet-C corruptions generated from the test split "
+                        "(attndrift.data.corruptions.CORRUPTIONS)")
+    severities: list[Severity] = Field([3], min_length=1,
+                                       description="severities (1-5) of each generated one")
+    images: PosInt | None = Field(
+        1000, description="class-balanced images scored per corrupted split (null: all)")
+    seed: int = Field(0, description="seed of the subsets and of the generated corruptions")
+
+    @model_validator(mode="after")
+    def _known(self) -> RobustnessConfig:
+        from attndrift.data.corruptions import CORRUPTIONS
+
+        if not self.splits and not self.corruptions:
+            raise ValueError("data.robustness names no splits and no corruptions; give one, or "
+                             "set data.robustness: null")
+        unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
+        if unknown:
+            raise ValueError(f"unknown corruption {unknown[0]!r}; known: {', '.join(CORRUPTIONS)}")
+        return self
+
+
 class DataConfig(_Strict):
     dataset: str = Field("shapes-layout", description="registered dataset to fine-tune on")
     zeroshot: list[str] = Field(["shapes-zs-shape"], description="zero-shot transfer tasks")
@@ -85,7 +144,29 @@ class DataConfig(_Strict):
     resident_mb: Annotated[int, Field(ge=0)] = Field(
         4096, description="keep the uint8 training images on the device when they take at most "
                           "this many MB, and gather each batch there (0: gather on the host)")
+    budget: BudgetConfig | None = Field(
+        None, description="per-class train / val / probe counts carved from the training split "
+                          "(the later protocol), instead of val_frac; probes then come from "
+                          "the probe split, not from validation")
+    zeroshot_eval: dict[str, ZeroShotEval] = Field(
+        {}, description="per zero-shot task: templates, class-name style, subset size")
+    robustness: RobustnessConfig | None = Field(
+        None, description="accuracy on corrupted test splits (published or generated)")
 
+    @model_validator(mode="after")
+    def _protocol(self) -> DataConfig:
+        if self.budget is not None and "val_frac" in self.model_fields_set:
+            raise ValueError("data.val_frac and data.budget both set; the budget fixes the "
+                             "validation split: drop data.val_frac")
+        stray = sorted(set(self.zeroshot_eval) - set(self.zeroshot))
+        if stray:
+            raise ValueError(f"data.zeroshot_eval names {stray[0]!r}, which is not in "
+                             f"data.zeroshot ({self.zeroshot})")
+        if self.robustness is not None and self.robustness.splits:
+            from attndrift.data.robustness import check_named_splits
+
+            check_named_splits(self.dataset, self.robustness.splits)
+        return self
 
     @field_validator("dataset")
     @classmethod
@@ -165,6 +246,13 @@ class ProbeConfig(_Strict):
         probe when ``per_epoch`` is 0 and the last step is the only one). 0 = off."""
         return max(1, self.per_epoch) if every is None else every
 
+    @model_validator(mode="after")
+    def _enough_for_cka(self) -> ProbeConfig:
+        if "cka" in self.aux and self.images < 2:  # else every run fails in setup
+            raise ValueError("probe.images=1: CKA compares at least 2 images; set "
+                             "probe.images >= 2 or leave cka out of probe.aux")
+        return self
+
 
 class RegularizerConfig(_Strict):
     name: Literal["none", "apr", "entropy_floor", "l2sp"] = Field(
@@ -189,7 +277,8 @@ FLIP_CHANGES_LABELS = frozenset({"shapes-layout"})
 
 
 class RunConfig(_Strict):
-    name: str = Field("run", description="a label for the run")
+    name: str = Field("run", description="a label for the run, used in its id and default "
+                      "directory: no / or \\, not starting with ., at most 200 bytes")
     seed: int = Field(42, description="model head init, data order, dropout, augmentation")
     model: str = Field("tiny", description="'tiny' (shipped), a hub id or a local CLIP directory")
     method: Literal["full_ft", "lora", "freeze", "linear_probe"] = Field(
@@ -219,6 +308,12 @@ class RunConfig(_Strict):
             if dataset in FLIP_CHANGES_LABELS and isinstance(train, dict) and "flip" not in train:
                 data = {**data, "train": {**train, "flip": False}}
         return data
+
+    @field_validator("name")
+    @classmethod
+    def _path_safe_name(cls, name: str) -> str:
+        check_name(name)
+        return name
 
     @field_validator("model")
     @classmethod
@@ -261,36 +356,46 @@ OPERATIONAL_KEYS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def identity(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (a resolved ``RunConfig`` dump) without the ``OPERATIONAL_KEYS``: what run ids
-    hash."""
-    out = json.loads(json.dumps(config, default=str))  # deep copy of plain data
-    for *parents, key in OPERATIONAL_KEYS:
-        section = out
-        for part in parents:
-            section = section.get(part, {})
-        section.pop(key, None)
-    return out
-
-
-# PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string: accept every float spelling.
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                 |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                 |[-+]?\.(?:inf|Inf|INF)
-                 |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
+# Keys added after run ids were first handed out. While one holds its default (what runs did
+# before the key existed) it is left out of the identity, so a config that does not use it keeps
+# the id it always had; set to anything else, it is part of the identity like any other key.
+# A new key whose default keeps today's behaviour belongs here.
+ADDED_KEYS: tuple[tuple[str, ...], ...] = (
+    ("data", "budget"),
+    ("data", "zeroshot_eval"),
+    ("data", "robustness"),
+    ("guard",),
 )
 
 
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return RunConfig().model_dump(mode="json")
+
+
+def _pop(config: dict[str, Any], path: tuple[str, ...], only_if: Any = None,
+         conditional: bool = False) -> None:
+    *parents, key = path
+    section = config
+    for part in parents:
+        section = section.get(part, {})
+    if key in section and (not conditional or section[key] == only_if):
+        del section[key]
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a resolved ``RunConfig`` dump) without the ``OPERATIONAL_KEYS``, and without
+    the ``ADDED_KEYS`` that hold their defaults: what run ids hash."""
+    out = json.loads(json.dumps(config, default=str))  # deep copy of plain data
+    for path in OPERATIONAL_KEYS:
+        _pop(out, path)
+    defaults = _defaults()
+    for path in ADDED_KEYS:
+        default = defaults
+        for part in path:
+            default = default[part]
+        _pop(out, path, default, conditional=True)
+    return out
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -309,7 +414,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
-        _set_dotted(data, key.strip(), parse_yaml(raw) if raw.strip() else "")
+        try:
+            value = parse_yaml(raw) if raw.strip() else ""
+        except YamlError as err:
+            raise ConfigError(f"override {shorten(item)}: {err}") from None
+        _set_dotted(data, key.strip(), value)
     return data
 
 
@@ -324,7 +433,9 @@ def _describe(err: ValidationError) -> str:
     if first["type"] == "value_error":  # our validators' messages say what they got
         msg = first["msg"].removeprefix("Value error, ")
         return f"{loc}: {msg}" if first["loc"] else msg
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) else f" (got {shorten(got)})"
+    if isinstance(got, str) and first["type"] in ("float_type", "int_type") and looks_numeric(got):
+        shown += f"; remove the quotes around {shorten(got)}: quoted, it is text"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
     return f"{loc}: {first['msg']}{shown}{more}"
 
@@ -377,10 +488,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path} not found")
         try:
             data = parse_yaml(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} is not valid YAML") from None
+        except YamlError as err:
+            raise ConfigError(f"{path}: {err}") from None
         if data is None:  # every default is rarely what anyone meant
             raise ConfigError(f"{path} is empty; a run config names at least its method and "
                               "data (see configs/runs/tiny_full_ft.yaml)")
@@ -389,16 +498,34 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return validate(apply_overrides(data, overrides or []), source)
 
 
+def _section(annotation: Any) -> tuple[type[BaseModel] | None, str]:
+    """The config model a field holds (itself, optional, or the values of a dict keyed by
+    task name) and the key part before its fields."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, ""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict:
+        value = args[1]
+        return (value, "TASK.") if isinstance(value, type) and issubclass(value, BaseModel) \
+            else (None, "")
+    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    return (models[0], "") if models else (None, "")
+
+
 def reference(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(key, default, description)`` for every config key, dotted, in declaration order."""
+    """``(key, default, description)`` for every config key, dotted, in declaration order; an
+    optional section and a per-task mapping get a row of their own, then their keys."""
     rows = []
     for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            rows += reference(annotation, f"{prefix}{name}.")
+        section, part = _section(field.annotation)
+        if section is not None and not part and section is field.annotation:
+            rows += reference(section, f"{prefix}{name}.")
             continue
-        default = field.get_default(call_default_factory=True)
-        rows.append((f"{prefix}{name}", json.dumps(default), field.description or ""))
+        default = ("(required)" if field.is_required()
+                   else json.dumps(field.get_default(call_default_factory=True)))
+        rows.append((f"{prefix}{name}", default, field.description or ""))
+        if section is not None:
+            rows += reference(section, f"{prefix}{name}.{part}")
     return rows
 
 

@@ -1,6 +1,7 @@
 """The signals tracked during training, read from a run record at a probe or at a point of
 training: what the predictor ranking (`attndrift.analysis.predictors`), the forecast
-(`attndrift.forecast`) and the guard (`attndrift.guard`) read, all through `value_at_probe`.
+(`attndrift.analysis.forecast`) and the guard (`attndrift.guard`) read, all through
+`value_at_probe`.
 
 A signal is one number per probe; which signals exist, their labels, units, directions and
 readers are declared once in `attndrift.signals` (its `PREDICTORS`: the later protocol's

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from attndrift.analysis import Run, Table, all_tables, load_store, resolve_drift, write_csv
 from attndrift.analysis.common import SUBSET0
-from attndrift.report import dynamics, figures, forgetting, overlay, summary
+from attndrift.report import dynamics, figures, forgetting, overlay, predictors, summary
 from attndrift.report.publish import staged, write_file
 from attndrift.report.render import render_html, render_markdown, report_context
 
@@ -195,6 +195,10 @@ FIGURES: tuple[FigureSpec, ...] = (
         dynamics.training_dynamics,
     ),
     FigureSpec("forgetting", forgetting.TITLE, forgetting.CAPTION, forgetting.forgetting_dynamics),
+    FigureSpec("predictor_ranking", predictors.RANKING_TITLE, predictors.RANKING_CAPTION,
+               predictors.predictor_ranking),
+    FigureSpec("frontier", predictors.FRONTIER_TITLE, predictors.FRONTIER_CAPTION,
+               predictors.accuracy_retention_frontier),
     FigureSpec(
         "metric_correlations",
         "Cross-metric correlations",
