@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from attndrift.analysis.common import completed, final, num, zs, zs_tasks
 from attndrift.analysis.inference import outcome_columns
@@ -116,7 +116,8 @@ def baseline_structure(runs: Sequence[Run]) -> Figure:
     if not bases:
         raise NoData("no completed run has a pretrained baseline")
     info = metric_info()
-    fig, axes = figure_grid(1, len(info), height=3.0)
+    # one panel per attention metric (attndrift.signals), each ~2.4 in wide
+    fig, axes = figure_grid(1, len(info), width=max(11.0, 2.4 * len(info) + 1.5), height=3.0)
     for ax, m in zip(axes[0], info, strict=True):
         n_layers = 1
         for panel, base in bases.items():
@@ -324,7 +325,8 @@ def regularization(runs: Sequence[Run]) -> Figure:
         + f"  (n={len(b[3])})"
         for b in bars
     ]
-    fig, axes = figure_grid(1, len(metrics), height=max(2.6, 0.32 * len(bars) + 1.2))
+    fig, axes = figure_grid(1, len(metrics), width=max(11.0, 2.4 * len(metrics) + 2.5),
+                            height=max(2.6, 0.32 * len(bars) + 1.2))
     for ax, m in zip(axes[0], metrics, strict=True):
         hbars(
             ax,
@@ -335,8 +337,9 @@ def regularization(runs: Sequence[Run]) -> Figure:
         )
         ax.axvline(0, **ZERO)
         ax.set_title(f"Δ {SHORT[m]} %", fontsize=9)
-        ax.set_xlabel("drift vs pretrained (%), ±1 sd over seeds", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # a panel per metric: few ticks
         ax.grid(alpha=0.3, axis="x")
+    fig.supxlabel("drift vs pretrained (%), ±1 sd over seeds", fontsize=8)
     return fig
 
 
