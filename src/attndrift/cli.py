@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from attndrift.console import err, fail, out
+from attndrift.console import err, fail, os_error_line, out, sigterm_interrupts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune CLIP, watch its attention drift, measure what it forgets.")
@@ -24,34 +22,6 @@ def _study_app() -> typer.Typer:
 
 app.add_typer(_study_app(), name="study")
 
-
-
-WRITE_ERRNOS = {13, 28, 30, 122}  # EACCES, ENOSPC, EROFS, EDQUOT
-
-
-def os_error_line(e: OSError) -> str:
-    """An `OSError` as one line naming the path and the cause (full disk, read-only, ...)."""
-    if e.filename is None:
-        return str(e)
-    verb = "cannot write " if e.errno in WRITE_ERRNOS else ""
-    return f"{verb}{e.filename}: {e.strerror}"
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """SIGTERM (kill, a scheduler's preemption) stops a run as Ctrl-C does: resumable."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

@@ -35,6 +35,7 @@ from torch import nn
 
 from attndrift.models.classifier import CLIPClassifier
 from attndrift.models.clip import LoadedCLIP
+from attndrift.models.errors import ArchitectureMismatch, ExternalModelError
 from attndrift.records import RECORD_FILE, file_sha256
 
 FORMATS = ("run", "clip", "peft", "open_clip")
@@ -60,14 +61,6 @@ _TEXT_FIELDS = (
     "max_position_embeddings",
     "hidden_act",
 )
-
-
-class ExternalModelError(ValueError):
-    """FINETUNED cannot be measured: unknown format or unreadable checkpoint (one line)."""
-
-
-class ArchitectureMismatch(ExternalModelError):
-    """The checkpoint's architecture is not the reference's."""
 
 
 @dataclass

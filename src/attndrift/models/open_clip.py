@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from attndrift.models.external import ArchitectureMismatch, ExternalModelError
+from attndrift.models.errors import ArchitectureMismatch, ExternalModelError
 
 # open_clip's OpenAI-style ViTs: (patch size, width, layers, image size).
 OPEN_CLIP_VITS = {

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from attndrift.console import fail, out
+from attndrift.console import fail, os_error_line, out, sigterm_interrupts
 
 app = typer.Typer(no_args_is_help=True, help="Declarative experiment matrices.")
 
@@ -94,7 +94,6 @@ def run_cmd(
                          != "completed"], str(study))
     except ConfigError as e:
         fail(str(e), 2)
-    from attndrift.cli import os_error_line, sigterm_interrupts
 
     try:
         store.root.mkdir(parents=True, exist_ok=True)
