@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -174,6 +175,15 @@ class RegularizerConfig(_Strict):
         return self
 
 
+class EvalConfig(_Strict):
+    checkpoint: Literal["final", "best"] = Field(
+        "final", description="weights the final evaluation measures (test accuracy, zero-shot, "
+        "final attention and drift, auxiliary metrics, interpolation): final = the last step's, "
+        "best = the best validation epoch's, restored first (the later protocol; it also "
+        "writes best.safetensors). At final, eval is left out of the record's config and the "
+        "run id, as before the key existed")
+
+
 # datasets whose labels a horizontal flip changes (shapes-layout: left/right positions)
 FLIP_CHANGES_LABELS = frozenset({"shapes-layout"})
 
@@ -191,6 +201,7 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     probe: ProbeConfig = ProbeConfig()
     regularizer: RegularizerConfig = RegularizerConfig()
+    eval: EvalConfig = EvalConfig()
     tensorboard: bool = Field(False, description="write TensorBoard scalars to OUT/tensorboard "
                                                  "(needs attndrift[tensorboard])")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
@@ -207,6 +218,15 @@ class RunConfig(_Strict):
             train = data.get("train", {})
             if dataset in FLIP_CHANGES_LABELS and isinstance(train, dict) and "flip" not in train:
                 data = {**data, "train": {**train, "flip": False}}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler) -> dict[str, Any]:
+        # eval at its default is left out of dumps: run ids, records and settings of runs
+        # that evaluate the final weights stay what they were before the key existed
+        data = handler(self)
+        if self.eval == EvalConfig():
+            data.pop("eval", None)
         return data
 
     @field_validator("model")

@@ -28,7 +28,6 @@ import torch
 from attndrift.models.classifier import CLIPClassifier
 from attndrift.models.external import detect_format, load_finetuned
 
-ATTENTION_SAMPLES = 8  # probe images whose maps are saved for heatmap overlays (as a run)
 OVERRIDABLE = ("data.", "probe.", "train.precision")
 
 
@@ -112,11 +111,10 @@ def measure(
     """
     from attndrift.config import ConfigError
     from attndrift.data.registry import load_task
-    from attndrift.data.splits import balanced_subset, index_fingerprint
+    from attndrift.data.splits import balanced_subset
     from attndrift.evaluate import (
         accuracy,
         auxiliary_metrics,
-        drift_summary,
         probe_attention,
         sanity_check,
         validation_probe_sets,
@@ -125,9 +123,10 @@ def measure(
     )
     from attndrift.models.clip import load_clip, resolve_source
     from attndrift.models.external import checkpoint_sha256, text_tower_changed
+    from attndrift.phases import ATTENTION_SAMPLES, data_provenance, final_record
     from attndrift.probes.drift import vision_weight_snapshot
     from attndrift.probes.metrics import summarize
-    from attndrift.records import RECORD_FILE, new_record, provenance, run_id_for, write_record
+    from attndrift.records import RECORD_FILE, RunRecord, provenance, run_id_for, write_record
     from attndrift.runtime import save_weights, select_device
     from attndrift.zeroshot import text_classifier
 
@@ -258,12 +257,12 @@ def measure(
         "train": {"precision": precision, **({"lr": lr} if lr is not None else {})},
         "device": device,
     }
-    record = new_record(run_id_for({**config, "finetuned_sha256": ft.sha256}), config)
+    record = RunRecord(run_id_for({**config, "finetuned_sha256": ft.sha256}), config)
     ref_source = resolve_source(reference)
     weights_file = Path(ref_source) / "model.safetensors"  # what a run's model_sha256 hashes
     ref_sha = checkpoint_sha256(str(weights_file) if weights_file.is_file() else ref_source)
-    record["provenance"] = provenance(str(dev))
-    record["provenance"].update(
+    record.provenance = provenance(str(dev))
+    record.provenance.update(
         {
             "model_source": ref_source,
             "model_sha256": ref_sha,
@@ -276,42 +275,23 @@ def measure(
                 "head": head_note,
                 **ft.details,
             },
-            "data": {
-                "dataset": data.dataset,
-                "content": source.fingerprint(),
-                "train_ids": index_fingerprint(train_idx),
-                "val_ids": index_fingerprint(val_idx),
-                "probe_ids": [index_fingerprint(val_idx[s]) for s in subsets],
-                "sizes": {"train": len(train_idx), "val": len(val_set), "probe": len(subsets[0])},
-            },
+            "data": data_provenance(data.dataset, source, train_idx, val_idx, subsets),
             "zeroshot_data": {n: k.fingerprint() for n, k in zs_tasks.items()},
         }
     )
-    record["sanity"], record["warnings"] = sanity_check(
+    record.sanity, record.warnings = sanity_check(
         {
             f"{data.dataset} (validation)": (own_acc, val_set.num_classes),
             **{n: (before[n], k.num_classes) for n, k in zs_tasks.items()},
         }
     )
-    record["baseline"] = baseline
+    record.baseline = baseline
     final_subsets = final_metrics.pop("subsets")
-    drift = drift_summary(final_metrics, baseline, final_subsets)
-    subset_cv = drift.pop("subset_cv")
-    record["final"] = {
-        "step": None,
-        "epochs": None,
-        "val_acc": val_acc,
-        "best_val_acc": val_acc,
-        "best_epoch": None,
-        "test_acc": test_acc,
-        "train_loss": None,
-        "metrics": final_metrics,
-        **drift,
-        "aux": {**final_aux, "subset_cv": subset_cv},
-    }
-    record["zeroshot"] = zeroshot_summary(before, after, zs_tasks)
-    record["status"] = "completed"
-    record["timing"] = {
+    record.final = final_record(final_metrics, final_subsets, final_aux, baseline,
+                                test_acc=test_acc, val_acc=val_acc, best_val_acc=val_acc)
+    record.zeroshot = zeroshot_summary(before, after, zs_tasks)
+    record.status = "completed"
+    record.timing = {
         "setup_s": setup_s,
         "probe_s": probe_s,
         "aux_s": aux_s,
@@ -327,7 +307,7 @@ def measure(
             "labels": val_set.labels[subsets[0]][:ATTENTION_SAMPLES],
             "images": probe_images[:ATTENTION_SAMPLES],
         },
-        {"run_id": record["run_id"], "method": "external", "model": reference},
+        {"run_id": record.run_id, "method": "external", "model": reference},
     )
     write_record(out_dir / RECORD_FILE, record)
-    return record
+    return record.to_json()
