@@ -144,6 +144,12 @@ class RunRecord:
 _OPTIONAL = ("sanity", "warnings", "error", "traceback")
 
 
+def evaluated_checkpoint(record: dict[str, Any]) -> str:
+    """Which checkpoint a record's ``final`` measured: ``final`` or ``best`` (records written
+    before ``final.evaluated`` existed measured the final weights)."""
+    return ((record.get("final") or {}).get("evaluated") or {}).get("checkpoint", "final")
+
+
 def new_record(run_id: str, config: dict[str, Any]) -> dict[str, Any]:
     """The JSON form of a fresh `RunRecord` (status running)."""
     return RunRecord(run_id, config).to_json()

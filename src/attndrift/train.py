@@ -29,14 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from attndrift.config import RunConfig, identity
-from attndrift.data.registry import load_task
-from attndrift.evaluate import accuracy, autocast, zeroshot_summary
+from attndrift.evaluate import accuracy, autocast
 from attndrift.models.classifier import trainable_state
-from attndrift.phases import ATTENTION_SAMPLES, evaluate_final, final_record
 from attndrift.probes.metrics import renormalize_patches, summarize
 from attndrift.records import (
     RECORD_FILE,
-    Evaluated,
     RunRecord,
     provenance,
     run_id_for,
@@ -48,6 +45,7 @@ from attndrift.regularizers import (
     entropy_floor_targets,
     l2sp_loss,
 )
+from attndrift.run_final import final_evaluation
 from attndrift.run_setup import Setup, measure_baseline, prepare, probe_steps, warmup_cosine
 from attndrift.runtime import (
     RESUME_FILE,
@@ -58,7 +56,6 @@ from attndrift.runtime import (
     open_board,
     progress_bar,
     save_resume,
-    save_weights,
     select_device,
 )
 
@@ -137,7 +134,8 @@ def _run(cfg: RunConfig, out_dir: Path, record: RunRecord, saved: dict[str, Any]
     state = measure_baseline(s) if saved is None else _restore(s, saved)
     live = _Live(BestWeights(out_dir, s.meta))
     last_attn = _train(s, state, live)
-    _final_evaluation(s, state, live, last_attn)
+    # the test accuracy goes through this module's `accuracy`, as the validation does
+    final_evaluation(s, state, live.best, live.board, last_attn, accuracy)
 
 
 def _restore(s: Setup, saved: dict[str, Any]) -> LoopState:
@@ -334,61 +332,3 @@ def _end_epoch(s: Setup, state: LoopState, live: _Live) -> float:
         if cfg.save_checkpoints or cfg.eval.checkpoint == "best":
             live.best.keep(trainable_state(s.model, "cpu"), state.epoch)  # written later
     return val_acc
-
-
-# --- after training -----------------------------------------------------------------------
-
-
-def _evaluated(s: Setup, state: LoopState, live: _Live) -> Evaluated:
-    """The checkpoint the final evaluation measures (``eval.checkpoint``), loaded into the
-    model: the last step's weights, or the best validation epoch's, restored."""
-    if s.cfg.eval.checkpoint == "final":
-        return Evaluated("final", state.epoch, state.step)
-    s.model.load_state_dict(live.best.weights(state.best_epoch), strict=False)
-    step = next(e["step"] for e in state.history["epochs"] if e["epoch"] == state.best_epoch)
-    return Evaluated("best", state.best_epoch, step)
-
-
-def _final_evaluation(s: Setup, state: LoopState, live: _Live, last_attn: torch.Tensor) -> None:
-    """Measure the evaluated checkpoint (probe subsets, zero-shot, auxiliary metrics, the test
-    split read once), write the weights and attention samples, and fill in the record."""
-    cfg, history, record, step = s.cfg, state.history, s.record, state.step
-    live.best.write()
-    if cfg.save_checkpoints:
-        save_weights(s.out_dir / "final.safetensors", trainable_state(s.model, "cpu"),
-                     {**s.meta, "step": str(step)})
-    evaluated = _evaluated(s, state, live)
-    test_set = load_task(cfg.data.dataset, "test", image_size=s.loaded.image_size)
-    ev = evaluate_final(
-        s.probe_of, s.val_set.images, s.subsets,
-        zeroshot=lambda: s.zeroshot(s.zs_weights, s.zs_tasks),
-        aux=lambda: s.aux_of(state.aux_ref, s.pretrained_weights)[0],
-        test_acc=lambda: accuracy(s.model, test_set, s.preprocess, s.device,
-                                  cfg.data.eval_batch_size, cfg.train.precision),
-        # the final step is always a probe point: its probe measured the final weights
-        attn=last_attn if evaluated.checkpoint == "final" else None)
-    save_weights(s.out_dir / "attention.safetensors",
-                 {"pretrained": state.base_attn, "final": ev.attn[:ATTENTION_SAMPLES],
-                  "labels": s.val_set.labels[s.subsets[0]][:ATTENTION_SAMPLES],
-                  "images": s.probe_images[:ATTENTION_SAMPLES]}, s.meta)
-    val_acc = next((e["val_acc"] for e in reversed(history["epochs"])
-                    if e["epoch"] == evaluated.epoch), None)
-    record.final = final_record(
-        ev.metrics, ev.subsets, ev.aux, record.baseline, test_acc=ev.test_acc,
-        val_acc=val_acc, best_val_acc=state.best_val, best_epoch=state.best_epoch, step=step,
-        epochs=step / s.steps_per_epoch, evaluated=evaluated,
-        train_loss=history["loss"][-1]["loss"] if history["loss"] else None)
-    record.zeroshot = zeroshot_summary(state.zs_before, ev.zeroshot, s.zs_tasks)
-    if live.board is not None:
-        board_metrics(live.board, ev.metrics, record.baseline, step)
-        for name, z in record.zeroshot.items():
-            live.board.add_scalar(f"zeroshot/{name}", z["after"], step)
-        live.board.add_scalar("test/accuracy", ev.test_acc, step)
-        live.board.close()
-    train_s = state.train_s
-    record.timing.update({"train_s": train_s, "probe_s": state.probe_s,
-                          "zeroshot_s": state.zeroshot_s + ev.zeroshot_s,
-                          "aux_s": state.aux_s + ev.aux_s,
-                          "steps": step, "probes": len(history["probes"]) + 1,
-                          "train_images_per_s": step * s.epoch_images / s.steps_per_epoch
-                          / train_s if train_s > 0 else None})
