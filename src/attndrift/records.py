@@ -111,6 +111,7 @@ class RunRecord:
     final: Final | None = None
     zeroshot: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, Any] = field(default_factory=dict)
+    guard: dict[str, Any] | None = None  # `attndrift.guard` summary, with a guard section
     sanity: dict[str, Any] | None = None
     warnings: list[str] | None = None
     error: str | None = None
@@ -128,6 +129,29 @@ class RunRecord:
                         else {} if key == "final" and value is None else value)
         return out
 
+    # Mapping-style access to the declared fields, so that code written for the JSON form
+    # (`attndrift.tracked`, `attndrift.guard`) takes a RunRecord too; ``final`` reads as its
+    # JSON form. An undeclared key is a KeyError: a new section is a new field.
+    def __getitem__(self, key: str) -> Any:
+        if key not in _FIELDS:
+            raise KeyError(key)
+        value = getattr(self, key)
+        return value.to_json() if isinstance(value, Final) else (
+            {} if key == "final" and value is None else value)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in _FIELDS:
+            raise KeyError(f"{key!r} is not a field of RunRecord; declare it there")
+        setattr(self, key, value)
+
+    def __contains__(self, key: object) -> bool:
+        return key in _FIELDS and getattr(self, key) is not None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            return default
+        return self[key]
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunRecord:
         """A record read back (resume): ``final`` is kept only if it was written."""
@@ -141,7 +165,8 @@ class RunRecord:
         return cls(**{k: v for k, v in data.items() if k in known}, final=final)
 
 
-_OPTIONAL = ("sanity", "warnings", "error", "traceback")
+_OPTIONAL = ("guard", "sanity", "warnings", "error", "traceback")  # on disk when set
+_FIELDS = frozenset((*TOP_LEVEL_KEYS, *_OPTIONAL))
 
 
 def evaluated_checkpoint(record: dict[str, Any]) -> str:
