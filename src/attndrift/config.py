@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from attndrift.guard import GuardConfig, check_measured
+
 
 class ConfigError(ValueError):
     """A configuration problem; ``str(err)`` is a one-line message for the user."""
@@ -201,9 +203,10 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     probe: ProbeConfig = ProbeConfig()
     regularizer: RegularizerConfig = RegularizerConfig()
+    guard: GuardConfig = GuardConfig()  # early-warning guard (attndrift.guard)
     eval: EvalConfig = EvalConfig()
     tensorboard: bool = Field(False, description="write TensorBoard scalars to OUT/tensorboard "
-                                                 "(needs attndrift[tensorboard])")
+                                                 "(needs `pip install -e '.[tensorboard]'`)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     save_checkpoints: bool = Field(True, description="write final and best safetensors")
 
@@ -222,11 +225,12 @@ class RunConfig(_Strict):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler) -> dict[str, Any]:
-        # eval at its default is left out of dumps: run ids, records and settings of runs
-        # that evaluate the final weights stay what they were before the key existed
+        # Sections added after records existed are left out of dumps at their defaults, so
+        # run ids, records and settings of runs that do not use them stay what they were.
         data = handler(self)
-        if self.eval == EvalConfig():
-            data.pop("eval", None)
+        for key, default in (("eval", EvalConfig()), ("guard", GuardConfig())):
+            if getattr(self, key) == default:
+                data.pop(key, None)
         return data
 
     @field_validator("model")
@@ -249,6 +253,9 @@ class RunConfig(_Strict):
         if self.train.flip and self.data.dataset in FLIP_CHANGES_LABELS:
             raise ValueError(f"train.flip=true swaps the labels of {self.data.dataset} (its "
                              "classes are left/right positions); set train.flip=false")
+        if self.guard.signal is not None:
+            check_measured(self.guard.signal, list(self.probe.aux), self.probe.aux_every,
+                           self.probe.zeroshot_every)
         if self.train.compile and self.regularizer.name in ("apr", "entropy_floor"):
             raise ValueError(f"train.compile cannot trace regularizer {self.regularizer.name} "
                              "(it hooks the attention on every step); set train.compile=null")

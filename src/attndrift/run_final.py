@@ -23,6 +23,10 @@ def evaluated_checkpoint(s: Setup, state: LoopState, best: BestWeights) -> Evalu
     model: the last step's weights, or the best validation epoch's, restored."""
     if s.cfg.eval.checkpoint == "final":
         return Evaluated("final", state.epoch, state.step)
+    if state.best_epoch == 0:  # a guard stopped the run before its first epoch ended
+        s.record.warnings = [*(s.record.warnings or []), "eval.checkpoint=best: no epoch "
+                             "ended before training stopped; the final weights were evaluated"]
+        return Evaluated("final", state.epoch, state.step)
     s.model.load_state_dict(best.weights(state.best_epoch), strict=False)
     step = next(e["step"] for e in state.history["epochs"] if e["epoch"] == state.best_epoch)
     return Evaluated("best", state.best_epoch, step)

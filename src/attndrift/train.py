@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from attndrift.config import RunConfig, identity
 from attndrift.evaluate import accuracy, autocast
+from attndrift.guard import Guard, at_probe, for_run
 from attndrift.models.classifier import trainable_state
 from attndrift.probes.metrics import renormalize_patches, summarize
 from attndrift.records import (
@@ -111,6 +112,7 @@ class _Live:
     """What the loop keeps besides `LoopState` and does not save: derived on every start."""
 
     best: BestWeights
+    guard: Guard | None = None  # early-warning guard (None without a guard section)
     tau: torch.Tensor | None = None  # entropy floors, from the baseline
     board: Any = None  # TensorBoard writer
     segment: tuple[float, float] = (0.0, 0.0)  # (wall clock, evaluation seconds) at last count
@@ -130,9 +132,10 @@ def _run(cfg: RunConfig, out_dir: Path, record: RunRecord, saved: dict[str, Any]
     else:
         record.timing["resumed"] = record.timing.get("resumed", 0) + 1
     torch.manual_seed(cfg.seed)
+    guard = for_run(cfg, record)  # its crossings restored from a resumed record
     s = prepare(cfg, out_dir, record, device, progress)
     state = measure_baseline(s) if saved is None else _restore(s, saved)
-    live = _Live(BestWeights(out_dir, s.meta))
+    live = _Live(BestWeights(out_dir, s.meta), guard)
     last_attn = _train(s, state, live)
     # the test accuracy goes through this module's `accuracy`, as the validation does
     final_evaluation(s, state, live.best, live.board, last_attn, accuracy)
@@ -183,7 +186,7 @@ def _train(s: Setup, state: LoopState, live: _Live) -> torch.Tensor:
     live.segment = (time.perf_counter(), _eval_s(state))  # training time excludes probes
     last_checkpoint = time.monotonic()
     with bar:
-        while state.step < total_steps:
+        while state.step < total_steps and not (live.guard and live.guard.should_stop):
             loss = _train_step(s, state, live)
             state.step += 1
             state.batch += 1
@@ -206,7 +209,9 @@ def _train(s: Setup, state: LoopState, live: _Live) -> torch.Tensor:
                 _checkpoint(s, state, live)
                 last_checkpoint = time.monotonic()
     _add_train_time(state, live)
-    return last_attn
+    if state.step < total_steps:  # stopped by the guard: never trained past it on resume
+        _checkpoint(s, state, live)
+    return last_attn if last_attn is not None else s.probe_of(s.probe_images)
 
 
 def _eval_s(state: LoopState) -> float:
@@ -309,6 +314,7 @@ def _probe(s: Setup, state: LoopState, live: _Live) -> torch.Tensor:
         probe["zeroshot"] = s.zeroshot(s.zs_weights, s.zs_subsets)
         state.zeroshot_s += time.perf_counter() - t
     history["probes"].append(probe)
+    at_probe(live.guard, s.record, probe)
     if live.board is not None:
         board_metrics(live.board, probe["metrics"], s.record.baseline, step)
         for name, acc in probe.get("zeroshot", {}).items():
