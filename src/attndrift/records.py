@@ -261,10 +261,10 @@ def provenance(device: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    import attndrift
+    from attndrift._version import __version__
 
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
-    return {"attndrift": attndrift.__version__, "python": sys.version.split()[0],
+    return {"attndrift": __version__, "python": sys.version.split()[0],
             "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "platform": platform.platform(),
             "device": device, "gpu": gpu, "cpu_threads": torch.get_num_threads(),
