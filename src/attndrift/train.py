@@ -46,7 +46,7 @@ from attndrift.regularizers import (
     entropy_floor_targets,
     l2sp_loss,
 )
-from attndrift.run_final import final_evaluation
+from attndrift.run_final import final_evaluation as _final_evaluation  # a phase of _run
 from attndrift.run_setup import Setup, measure_baseline, prepare, probe_steps, warmup_cosine
 from attndrift.runtime import (
     RESUME_FILE,
@@ -138,7 +138,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: RunRecord, saved: dict[str, Any]
     live = _Live(BestWeights(out_dir, s.meta), guard)
     last_attn = _train(s, state, live)
     # the test accuracy goes through this module's `accuracy`, as the validation does
-    final_evaluation(s, state, live.best, live.board, last_attn, accuracy)
+    _final_evaluation(s, state, live.best, live.board, last_attn, accuracy)
 
 
 def _restore(s: Setup, saved: dict[str, Any]) -> LoopState:
