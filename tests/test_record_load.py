@@ -34,6 +34,8 @@ WRONG_TYPES = [
     ((["history", "probes", 0, "metrics", "mean", "gini"], "x"),
      "history.probes.0.metrics.mean.gini"),
     ((["final", "evaluated"], "best"), "final.evaluated"),
+    ((["warnings"], "check names"), "warnings"),
+    ((["guard"], 5), "guard"),
 ]
 
 

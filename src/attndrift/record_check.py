@@ -29,6 +29,7 @@ _MAPS = TypeAdapter(list[dict[str, Num]], config=_STRICT)
 _NUMS = TypeAdapter(list[Num], config=_STRICT)
 _GRID = TypeAdapter(list[list[Num]], config=_STRICT)
 _STR = TypeAdapter(str, config=_STRICT)
+_STRS = TypeAdapter(list[str], config=_STRICT)
 
 # fields of "final" and of each "zeroshot" task that readers format as numbers
 FINAL_NUMBERS = ("step", "epochs", "val_acc", "best_val_acc", "best_epoch", "test_acc",
@@ -185,6 +186,11 @@ def problem(record: dict[str, Any]) -> str | None:
             _check(_STR, record[key], key, "a string")
         for key in SECTIONS:
             _object(record[key], key)
+        for key in ("guard", "sanity"):
+            if record.get(key) is not None:
+                _object(record[key], key)
+        if record.get("warnings") is not None:
+            _check(_STRS, record["warnings"], "warnings", "a list of strings")
         _config(record["config"], RunConfig, "config")
         _final(record["final"])
         _zeroshot(record["zeroshot"])
