@@ -119,7 +119,17 @@ class Roles:
                 section = section.get(part, {})
             if r.role == "operational" or (leaf in section and section[leaf] == r.default):
                 section.pop(leaf, None)
+                if r.omit_default and parents and not section:
+                    # a section added later, every field at its default: as if it did not exist
+                    self._drop_empty(out, parents)
         return out
+
+    @staticmethod
+    def _drop_empty(config: dict[str, Any], parents: list[str]) -> None:
+        node = config
+        for part in parents[:-1]:
+            node = node.get(part, {})
+        node.pop(parents[-1], None)
 
     def reference_markdown(self) -> str:
         """The config reference table: key, default, role, meaning."""
