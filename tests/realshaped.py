@@ -241,9 +241,13 @@ def _aux(base: dict[str, np.ndarray], drift: np.ndarray, rng, before: bool) -> d
     return out
 
 
-def make_record(spec: Spec, seed: int, *, status: str = "completed") -> dict[str, Any]:
+def make_record(spec: Spec, seed: int, *, status: str = "completed",
+                drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One record of ``spec``; metrics named in ``drop`` are absent from it altogether (as in the
+    study's own released records, which have no head diversity)."""
     rng = _rng(spec.name, seed)
     metrics = METRICS if (spec.name, seed) != NO_HEADDIV else METRICS[:3]
+    metrics = tuple(m for m in metrics if m not in drop)
     base = {m: v for m, v in _baseline_layers(spec.model, spec.dataset).items() if m in metrics}
     run_drift = spec.drift + rng.normal(0, 0.8)
     profile = np.linspace(0.4, 1.6, LAYERS)  # later layers move more
@@ -393,9 +397,10 @@ def make_record(spec: Spec, seed: int, *, status: str = "completed") -> dict[str
     return record
 
 
-def write_store(root: Path) -> dict[str, str]:
+def write_store(root: Path, drop: tuple[str, ...] = ()) -> dict[str, str]:
     """Write every run of `SPECS` (plus the failed one) under ``root``; returns run directory
-    name -> spec name, the ground truth of which runs are replicates."""
+    name -> spec name, the ground truth of which runs are replicates. ``drop``: metrics no
+    record of this store has (e.g. ``("head_diversity",)``)."""
     root = Path(root)
     truth = {}
     for spec in SPECS.values():
@@ -403,6 +408,7 @@ def write_store(root: Path) -> dict[str, str]:
         for seed in seeds:
             status = "failed" if (spec.name, seed) == FAILED_IN else "completed"
             d = f"{spec.name}_s{seed}"
-            write_record(root / d / "record.json", make_record(spec, seed, status=status))
+            record = make_record(spec, seed, status=status, drop=drop)
+            write_record(root / d / "record.json", record)
             truth[d] = spec.name
     return truth

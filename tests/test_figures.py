@@ -4,6 +4,7 @@ and loss history): no series mixes settings, every method is in the overlay, no 
 another, legends stay off the data, and drawing writes no warning (issues 12 and 17)."""
 
 import contextlib
+import csv
 import math
 import tempfile
 import warnings
@@ -366,3 +367,19 @@ def test_convergence_rings_the_runs_that_did_not_converge(drawn, runs):
     assert "not converged (late val acc sd ≥ 0.005)" in _legend_labels(fig)
     rings = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_markerfacecolor() == "none"]
     assert len(rings) == sum(converged(r) is False for r in runs if r.record)
+
+
+def test_report_of_records_without_a_metric_is_quiet(tmp_path, capfd):
+    """Issue 24 item 18: records with no head diversity at all (the study's released records)
+    make statistics with no values: n/a, and not one warning on stderr."""
+    store = tmp_path / "store"
+    write_store(store, drop=("head_diversity",))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = build_report(store, tmp_path / "report")
+    assert [str(w.message) for w in caught] == []
+    assert capfd.readouterr().err == ""
+    with open(tmp_path / "report" / "tables" / "matched_lr.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["d_head_diversity"] == "" for r in rows)  # n/a, not a number
+    assert result.html.exists()

@@ -157,3 +157,9 @@ def test_docs_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert len(namespace["callback"].history) == 2
     assert len(namespace["entropy_logs"]) == 2
     assert math.isfinite(namespace["loss"].item())
+    # the guard examples stop early, at the first crossing
+    stopped = namespace["guard"].stopped
+    assert stopped is not None and stopped["step"] < 40 and stopped["value"] > 0.05
+    assert namespace["guarded"].history[-1]["step"] == stopped["step"]
+    step = namespace["stop_guard"].stopped["step"]
+    assert step == namespace["guarded_trainer"].state.global_step < 40

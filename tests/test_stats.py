@@ -3,6 +3,7 @@
 import gc
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -240,3 +241,13 @@ def test_sample_size_note_gives_the_smallest_attainable_mann_whitney_p():
     t = welch(xa, xb).statistic
     assert t == pytest.approx(cohens_d(xa, xb).statistic * np.sqrt(3 / 2))
     assert sample_size_note([]) == ""
+
+
+def test_welch_with_an_empty_side_is_nan_without_a_warning():
+    """Issue 24 item 18: a metric no record has gives empty samples; n/a, silently."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = welch([], [1.0, 2.0, 3.0])
+        both = welch([math.nan], [])
+    assert math.isnan(res.estimate) and math.isnan(res.pvalue) and res.n == (0, 3)
+    assert math.isnan(both.estimate)

@@ -4,3 +4,11 @@ Importing the package has no side effects; heavy modules (torch, transformers) l
 """
 
 __version__ = "0.1.0"
+
+
+def load_store(path, drift: str = "subset_mean"):
+    """A run store's runs, tables (``Table.to_pandas()``) and histories: see
+    `attndrift.results`. Imported on call, so ``import attndrift`` stays light."""
+    from attndrift.results import load_store as _load
+
+    return _load(path, drift)

@@ -283,5 +283,23 @@ def measure(
               f"-> {out_dir / 'record.json'}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+def forecast(
+    run_dirs: Annotated[list[Path], typer.Argument(help="runs to forecast (new or running)")],
+    store: Annotated[Path, typer.Option("--store", help="store of finished runs to calibrate on")],
+    epoch: Annotated[float, typer.Option(help="read the signals after this epoch")] = 1.0,
+    fraction: Annotated[float | None, typer.Option(
+        help="read them at this share of training instead")] = None,
+) -> None:
+    """Forecast the runs' final zero-shot retention from an early point, calibrated on STORE."""
+    from attndrift.analysis.forecast import forecast_lines
+
+    if not store.is_dir():
+        fail(f"no run store at {store}; give --store the directory of finished runs", 2)
+    point = ("fraction", fraction) if fraction is not None else ("epoch", epoch)
+    for line in forecast_lines(store, run_dirs, point):
+        out.print(line, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     app()

@@ -24,6 +24,7 @@ from pydantic import (
 
 from attndrift.fields import REFERENCE_HEADER as REFERENCE_HEADER  # re-exported
 from attndrift.fields import Roles, role
+from attndrift.guard import GuardConfig, check_measured
 from attndrift.methods import METHODS, REGULARIZERS
 
 
@@ -214,17 +215,16 @@ class RunConfig(_Strict):
     freeze_layers: Annotated[int, Field(ge=0)] = Field(
         0, json_schema_extra=role("method"),
         description="method=freeze: number of leading vision layers frozen")
-    lora: LoraConfig = Field(LoraConfig(), json_schema_extra=role("method"),
-                             description="LoRA options (methods that read them: "
-                             + ", ".join(n for n, s in METHODS.items() if "lora.r" in s.reads)
-                             + ")")
+    lora: LoraConfig = Field(LoraConfig(), json_schema_extra=role("method"))
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     probe: ProbeConfig = ProbeConfig()
     regularizer: RegularizerConfig = RegularizerConfig()
+    # early-warning guard (attndrift.guard); off (added later), it is left out of run ids
+    guard: GuardConfig = Field(GuardConfig(), json_schema_extra=role("identity", omit_default=True))
     tensorboard: bool = Field(False, json_schema_extra=role("operational"),
-    description="write TensorBoard scalars to OUT/tensorboard "
-                "(needs attndrift[tensorboard])")
+                              description="write TensorBoard scalars to OUT/tensorboard "
+                                          "(needs `pip install -e '.[tensorboard]'`)")
     device: str = Field("auto", json_schema_extra=role("replicate"),
                         description="auto, cpu, cuda, cuda:N")
     save_checkpoints: bool = Field(True, json_schema_extra=role("operational"),
@@ -263,6 +263,9 @@ class RunConfig(_Strict):
         if self.train.flip and self.data.dataset in FLIP_CHANGES_LABELS:
             raise ValueError(f"train.flip=true swaps the labels of {self.data.dataset} (its "
                              "classes are left/right positions); set train.flip=false")
+        if self.guard.signal is not None:
+            check_measured(self.guard.signal, list(self.probe.aux), self.probe.aux_every,
+                           self.probe.zeroshot_every)
         reg = REGULARIZERS.get(self.regularizer.name)
         if self.train.compile and reg is not None and reg.attention:
             raise ValueError(f"train.compile cannot trace regularizer {self.regularizer.name} "
@@ -270,13 +273,10 @@ class RunConfig(_Strict):
         return self
 
 
-# Every field carries its role (`attndrift.fields`). Operational settings change how a run is
-# executed and saved, not what it computes: they are left out of a run's identity (`identity`),
-# so changing them on an existing study resumes or skips its runs instead of starting them again.
+# Every field carries its role (`attndrift.fields`). Operational keys are left out of run ids
+# (`identity`): changing them on a study resumes or skips its runs instead of redoing them.
 RUN_ROLES = Roles(RunConfig)
 OPERATIONAL_KEYS: tuple[tuple[str, ...], ...] = RUN_ROLES.operational_keys
-keys_with_role = RUN_ROLES.keys_with_role
-at_omitted_default = RUN_ROLES.at_omitted_default
 identity = RUN_ROLES.identity
 
 
@@ -395,6 +395,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{source}: expected a mapping of config keys")
     return validate(apply_overrides(data, overrides or []), source)
 
-
-def reference_markdown() -> str:
-    return RUN_ROLES.reference_markdown()
+reference_markdown = RUN_ROLES.reference_markdown

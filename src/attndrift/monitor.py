@@ -24,8 +24,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from attndrift.guard import Guard
 from attndrift.probes.capture import cls_patch_attention, find_vision_tower
 from attndrift.probes.metrics import METRICS, delta_pct, summarize
+from attndrift.tracked import SIGNALS
 
 __all__ = ["AttentionMonitor", "AttnDriftCallback", "flat_scalars"]
 
@@ -56,6 +58,9 @@ class AttentionMonitor:
         layers: encoder layers to probe (all if None).
         batch_size: images per probe forward.
         baseline: a ``summarize`` dict to use as the baseline instead of measuring one now.
+        guard: an early-warning `attndrift.guard.Guard` on an attention signal (``d_entropy``,
+            ``abs_d_entropy``, ..., ``d_entropy_last``), checked at every ``measure``; with
+            action ``stop``, ``should_stop`` turns true at the first crossing (your loop stops).
 
     Attributes:
         baseline: ``summarize`` dict of the model at construction (or ``reset_baseline``).
@@ -64,7 +69,11 @@ class AttentionMonitor:
 
     def __init__(self, model: nn.Module, probe_pixel_values: torch.Tensor, *,
                  layers: Sequence[int] | None = None, batch_size: int = 64,
-                 baseline: dict[str, Any] | None = None) -> None:
+                 baseline: dict[str, Any] | None = None, guard: Guard | None = None) -> None:
+        if guard is not None and SIGNALS[guard.signal].needs != "attention":
+            known = [s.name for s in SIGNALS.values() if s.needs == "attention"]
+            raise ValueError(f"AttentionMonitor measures attention only; guard one of "
+                             f"{', '.join(known)}, not {guard.signal}")
         if probe_pixel_values.dim() != 4 or probe_pixel_values.shape[0] == 0:
             raise ValueError("probe_pixel_values must be a non-empty [n, C, H, W] batch, got "
                              f"shape {tuple(probe_pixel_values.shape)}")
@@ -76,7 +85,13 @@ class AttentionMonitor:
         self.layers = layers
         self.batch_size = batch_size
         self.history: list[dict[str, Any]] = []
+        self.guard = guard
         self.baseline: dict[str, Any] = baseline if baseline is not None else self._summary()
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the guard (action stop) has seen its signal cross."""
+        return self.guard is not None and self.guard.should_stop
 
     def attention(self) -> torch.Tensor:
         """The model's current CLS->patch maps of the probe batch, ``[n, L, H, N]`` float32 on
@@ -103,12 +118,20 @@ class AttentionMonitor:
     def _summary(self) -> dict[str, Any]:
         return summarize(self._attention())
 
-    def measure(self, step: int | None = None) -> dict[str, Any]:
+    def measure(self, step: int | None = None, fraction: float | None = None
+                ) -> dict[str, Any]:
         """Measure now: returns the ``summarize`` dict and appends it (with ``step`` and its
-        drift from the baseline) to ``history``."""
+        drift from the baseline) to ``history``; checks the guard (``fraction``: the share of
+        training done, for its ``start``; None counts as past it)."""
         metrics = self._summary()
-        self.history.append({"step": step, "time": time.time(), "metrics": metrics,
-                             "drift": self.drift(metrics)})
+        entry = {"step": step, "time": time.time(), "metrics": metrics,
+                 "drift": self.drift(metrics)}
+        self.history.append(entry)
+        if self.guard is not None:
+            probe = {"step": step, "fraction": fraction, "metrics": metrics}
+            crossing = self.guard.check({"baseline": self.baseline}, probe)
+            if crossing is not None:
+                entry["guard"] = crossing
         return metrics
 
     def reset_baseline(self) -> dict[str, Any]:
@@ -135,6 +158,9 @@ class AttnDriftCallback(TrainerCallback):
         layers, batch_size: as for `AttentionMonitor`.
         prefix: prefix of the logged scalar names.
         per_layer: also log ``{prefix}{metric}_L{i}`` for every layer i = 1, 2, ...
+        guard: an early-warning `attndrift.guard.Guard` on an attention signal, checked at every
+            measurement (its ``start`` against ``global_step / max_steps``); with action
+            ``stop`` the callback sets ``control.should_training_stop`` at the first crossing.
 
     The baseline is measured on ``on_train_begin`` from the Trainer's model. At a measuring
     step the callback asks the Trainer to log (``control.should_log``) and adds its scalars to
@@ -146,7 +172,8 @@ class AttnDriftCallback(TrainerCallback):
 
     def __init__(self, probe_pixel_values: torch.Tensor, every_n_steps: int = 50, *,
                  layers: Sequence[int] | None = None, batch_size: int = 64,
-                 prefix: str = "attn/", per_layer: bool = True) -> None:
+                 prefix: str = "attn/", per_layer: bool = True,
+                 guard: Guard | None = None) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.pixel_values = probe_pixel_values
@@ -155,6 +182,7 @@ class AttnDriftCallback(TrainerCallback):
         self.batch_size = batch_size
         self.prefix = prefix
         self.per_layer = per_layer
+        self.guard = guard
         self.monitor: AttentionMonitor | None = None
         self._pending: tuple[int, dict[str, float]] | None = None
 
@@ -179,16 +207,18 @@ class AttnDriftCallback(TrainerCallback):
         if model is None:
             raise RuntimeError("AttnDriftCallback needs the Trainer's model in on_train_begin")
         self.monitor = AttentionMonitor(model, self.pixel_values, layers=self.layers,
-                                        batch_size=self.batch_size)
+                                        batch_size=self.batch_size, guard=self.guard)
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if self.monitor is None or not (step % self.every_n_steps == 0
                                         or step == state.max_steps):
             return
-        metrics = self.monitor.measure(step)
+        metrics = self.monitor.measure(step, step / state.max_steps if state.max_steps else None)
         scalars = flat_scalars(metrics, self.monitor.history[-1]["drift"], self.prefix,
                                self.per_layer)
+        if self.monitor.should_stop:
+            control.should_training_stop = True
         self._pending = (step, scalars)
         control.should_log = True
 

@@ -41,6 +41,7 @@ from attndrift.evaluate import (
     zeroshot_all,
     zeroshot_summary,
 )
+from attndrift.guard import at_probe, for_run
 from attndrift.models.adapt import adapt, method_kwargs
 from attndrift.models.classifier import CLIPClassifier, count_parameters, trainable_state
 from attndrift.models.clip import load_clip
@@ -188,6 +189,7 @@ def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str,
         timing["resumed"] = timing.get("resumed", 0) + 1
     torch.manual_seed(cfg.seed)
     r = _Run(cfg, out_dir, record, device, progress)
+    r.guard = for_run(cfg, record)  # early-warning guard (None without a guard section)
     _prepare_data(r)
     _prepare_model(r)
     timing["setup_s"] = timing.get("setup_s", 0.0) + time.perf_counter() - t0
@@ -404,7 +406,7 @@ def _train(r: _Run, state: dict[str, Any]) -> torch.Tensor:
     r.segment = (time.perf_counter(), _eval_s(state))  # training time excludes probes
     last_checkpoint = time.monotonic()
     with bar:
-        while state["step"] < total_steps:
+        while state["step"] < total_steps and not (r.guard and r.guard.should_stop):
             loss = _train_step(r, state)
             state["step"] += 1
             state["batch"] += 1
@@ -427,7 +429,9 @@ def _train(r: _Run, state: dict[str, Any]) -> torch.Tensor:
                 _checkpoint(r, state)
                 last_checkpoint = time.monotonic()
     _add_train_time(r, state)
-    return last_attn
+    if state["step"] < total_steps:  # stopped by the guard: never trained past it on resume
+        _checkpoint(r, state)
+    return last_attn if last_attn is not None else r.probe_of(r.probe_images)
 
 
 def _eval_s(state: dict[str, Any]) -> float:
@@ -523,6 +527,7 @@ def _probe(r: _Run, state: dict[str, Any]) -> torch.Tensor:
         probe["zeroshot"] = r.zeroshot(r.zs_weights, r.zs_subsets)
         state["zeroshot_s"] += time.perf_counter() - t
     history["probes"].append(probe)
+    at_probe(r.guard, r.record, probe)
     if r.board is not None:
         board_metrics(r.board, probe["metrics"], r.record["baseline"], step)
         for name, acc in probe.get("zeroshot", {}).items():

@@ -11,8 +11,11 @@ from collections.abc import Callable, Sequence
 from attndrift.analysis import (
     associations,
     comparisons,
+    forecast,
     forgetting,
+    frontier,
     inference,
+    predictors,
     supplementary,
     tables,
 )
@@ -42,6 +45,8 @@ TABLES: tuple[Callable[..., Table], ...] = (
     tables.per_layer_delta,
     supplementary.collapse_onsets,
     forgetting.forgetting_dynamics, forgetting.early_drift_vs_retention,
+    predictors.predictors, frontier.selection_utility, frontier.frontier,
+    forecast.forecast_table, frontier.guarded_runs,
     inference.run_level,
     inference.method_lr_contrasts,
     inference.corrected_inference,
@@ -65,6 +70,9 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
                                   "metric_correlations")),
     ("forgetting", "Forgetting during training", ("forgetting_dynamics",
                                                   "early_drift_vs_retention")),
+    ("predictors", "Which signal predicts forgetting", ("predictors", "selection_utility",
+                                                        "frontier", "forecast",
+                                                        "guarded_runs")),
     ("provenance", "Provenance", ("provenance",)),
 )
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attndrift.config import at_omitted_default, keys_with_role
+from attndrift.config import RUN_ROLES
 from attndrift.methods import METHODS, method_spec, regularizer_spec
 from attndrift.methods import short_number as short_number  # re-exported: labels use it
 from attndrift.records import RECORD_FILE, RecordError, read_record
@@ -29,10 +29,10 @@ MANIFEST_FILE = "study.json"
 # replicate and operational), where each says why it is not a factor. Everything else is a
 # factor, including train.precision (bf16 training changes the optimisation), probe.per_epoch
 # (the trajectories' time points) and the probe set (probe.images, probe.subsets, probe.seed).
-NOT_A_FACTOR = keys_with_role("replicate", "operational")
+NOT_A_FACTOR = RUN_ROLES.keys_with_role("replicate", "operational")
 # Keys only some methods / regularizers read (the others' settings ignore them).
-METHOD_SPECIFIC = keys_with_role("method")
-REGULARIZER_SPECIFIC = keys_with_role("regularizer")
+METHOD_SPECIFIC = RUN_ROLES.keys_with_role("method")
+REGULARIZER_SPECIFIC = RUN_ROLES.keys_with_role("regularizer")
 METHOD_NAMES = {name: spec.label for name, spec in METHODS.items()}
 
 
@@ -139,7 +139,7 @@ def _inert(flat: dict[str, Any]) -> set[str]:
     method, reg = method_spec(flat.get("method")), regularizer_spec(flat.get("regularizer.name"))
     out = set(METHOD_SPECIFIC) - set(method.reads if method else ())
     out |= REGULARIZER_SPECIFIC - set(reg.reads if reg else ())
-    return (out & flat.keys()) | at_omitted_default(flat)
+    return (out & flat.keys()) | RUN_ROLES.at_omitted_default(flat)
 
 
 def factors(config: dict[str, Any]) -> dict[str, Any]:

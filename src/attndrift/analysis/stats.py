@@ -64,9 +64,11 @@ def welch(a: ArrayLike, b: ArrayLike) -> TestResult:
     a, b = _arr(a), _arr(b)
     with _quiet():
         res = stats.ttest_ind(a, b, equal_var=False)
+    # an empty side has no mean: n/a (NaN), without numpy's "Mean of empty slice" warning
+    estimate = float(a.mean() - b.mean()) if a.size and b.size else math.nan
     return TestResult(float(res.statistic), float(res.pvalue),
                       "Welch t test (unequal variances), two-sided, H0: mean(a) = mean(b)",
-                      (a.size, b.size), df=float(res.df), estimate=float(a.mean() - b.mean()))
+                      (a.size, b.size), df=float(res.df), estimate=estimate)
 
 
 def mann_whitney(a: ArrayLike, b: ArrayLike) -> TestResult:

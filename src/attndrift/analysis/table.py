@@ -44,6 +44,19 @@ class Table:
     def empty(self) -> bool:
         return not self.rows
 
+    def to_pandas(self) -> Any:
+        """The table as a `pandas.DataFrame` of raw values, one column per CSV column (a
+        missing value is NaN / None); ``df.attrs`` holds the title, caption, column labels and
+        why an empty table was skipped."""
+        import pandas as pd
+
+        keys = csv_columns(self)
+        df = pd.DataFrame([[None if _missing(r.get(k)) else r.get(k) for k in keys]
+                           for r in self.rows], columns=keys)
+        df.attrs.update(name=self.name, title=self.title, caption=self.caption,
+                        labels={c.key: c.label for c in self.columns}, skipped=self.skipped)
+        return df
+
 
 # How a missing value (not recorded, or undefined such as the sd of one seed) reads.
 NOT_AVAILABLE = "n/a"

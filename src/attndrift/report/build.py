@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 
 from attndrift.analysis import Run, Table, all_tables, load_store, resolve_drift, write_csv
 from attndrift.analysis.common import SUBSET0
-from attndrift.report import dynamics, figures, forgetting, overlay, summary
+from attndrift.report import dynamics, figures, forgetting, overlay, predictors, summary
+from attndrift.report.publish import staged, write_file
 from attndrift.report.render import render_html, render_markdown, report_context
 
 DPI = 100
@@ -194,6 +195,10 @@ FIGURES: tuple[FigureSpec, ...] = (
         dynamics.training_dynamics,
     ),
     FigureSpec("forgetting", forgetting.TITLE, forgetting.CAPTION, forgetting.forgetting_dynamics),
+    FigureSpec("predictor_ranking", predictors.RANKING_TITLE, predictors.RANKING_CAPTION,
+               predictors.predictor_ranking),
+    FigureSpec("frontier", predictors.FRONTIER_TITLE, predictors.FRONTIER_CAPTION,
+               predictors.accuracy_retention_frontier),
     FigureSpec(
         "metric_correlations",
         "Cross-metric correlations",
@@ -280,18 +285,23 @@ def build_report(store: Path, out_dir: Path) -> ReportResult:
     runs = load_store(store)
     tables: list[Table] = all_tables(runs, str(store))
     figs = draw_figures(runs)
-    (out_dir / "tables").mkdir(parents=True, exist_ok=True)
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    for t in tables:
-        if not t.empty or t.name == "runs":  # the run list is written even for an empty store
-            write_csv(t, out_dir / "tables" / f"{t.name}.csv")
-    for f in figs:
-        if f.png is not None:
-            (out_dir / "figures" / f"{f.name}.png").write_bytes(f.png)
     ctx = report_context(runs, tables, figs, store)
     html, md = out_dir / "report.html", out_dir / "report.md"
-    html.write_text(render_html(ctx), encoding="utf-8")
-    md.write_text(render_markdown(ctx), encoding="utf-8")
+    with staged(out_dir) as stage:
+        (stage / "tables").mkdir()
+        (stage / "figures").mkdir()
+        for t in tables:
+            if not t.empty or t.name == "runs":  # the run list is written even for an empty store
+                path = stage / "tables" / f"{t.name}.csv"
+                try:
+                    write_csv(t, path)
+                except OSError as err:
+                    raise OSError(err.errno, err.strerror, str(err.filename or path)) from err
+        for f in figs:
+            if f.png is not None:
+                write_file(stage / "figures" / f"{f.name}.png", f.png)
+        write_file(stage / md.name, render_markdown(ctx))
+        write_file(stage / html.name, render_html(ctx))
     counts = dict(Counter(r.status for r in runs))
     return ReportResult(
         html,

@@ -1,0 +1,100 @@
+"""The report as a whole: written atomically (issue 24 item 13) and safe in Markdown (item 15)."""
+
+import errno
+import os
+import pathlib
+
+import pytest
+from typer.testing import CliRunner
+
+from attndrift.cli import app
+from attndrift.report import build_report
+from test_tables import fake_record, matched_store, write_store
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> pathlib.Path:
+    return matched_store(tmp_path_factory.mktemp("store"), seeds=2)
+
+
+def _snapshot(root: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize(("victim", "error"), [
+    ("dashboard.png", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+    ("report.html", KeyboardInterrupt()),
+])
+def test_a_failed_write_leaves_the_previous_report_intact(store, tmp_path, monkeypatch, victim,
+                                                          error):
+    out = tmp_path / "report"
+    build_report(store, out)
+    (out / "notes.txt").write_text("mine")  # not the report's: never touched
+    before = _snapshot(out)
+    real_bytes, real_text = pathlib.Path.write_bytes, pathlib.Path.write_text
+
+    def failing(real):
+        def write(self, data, *args, **kwargs):
+            if self.name == victim:
+                real(self, data[: len(data) // 2])  # a truncated file, as on a full disk
+                raise error
+            return real(self, data, *args, **kwargs)
+        return write
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", failing(real_bytes))
+    monkeypatch.setattr(pathlib.Path, "write_text", failing(real_text))
+    with pytest.raises(type(error)) as info:
+        build_report(store, out)
+    monkeypatch.undo()
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no staging left behind
+    if isinstance(error, OSError):
+        assert info.value.filename == str(out / "figures" / victim)
+        assert info.value.errno == errno.ENOSPC
+
+
+def test_a_new_report_replaces_the_old_tables_and_figures(store, tmp_path):
+    out = tmp_path / "report"
+    (out / "tables").mkdir(parents=True)
+    (out / "tables" / "stale.csv").write_text("old")
+    build_report(store, out)
+    assert not (out / "tables" / "stale.csv").exists()  # no old CSV next to a new report
+    assert (out / "tables" / "runs.csv").exists() and (out / "report.html").exists()
+
+
+def test_full_disk_in_report_is_one_line_naming_the_file(store, tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    real = pathlib.Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.suffix == ".png":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    result = runner.invoke(app, ["report", str(store), "--out", str(out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and f"cannot write {out / 'figures'}" in lines[0]
+    assert "No space left on device" in lines[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_markdown_summary_escapes_task_names(tmp_path):
+    """Issue 24 item 15: a transfer task named with ``|`` or HTML cannot break the table."""
+    records = {}
+    for seed in (0, 1):
+        rec = fake_record(name="ft", seed=seed)
+        rec["zeroshot"] = {"a|b<i>x</i>": rec["zeroshot"]["shapes-zs-shape"]}
+        records[f"ft_{seed}"] = rec
+    store = write_store(tmp_path / "store", records)
+    result = build_report(store, tmp_path / "report")
+    md = result.markdown.read_text()
+    assert "<i>" not in md
+    header = next(line for line in md.splitlines() if "a\\|b" in line and "retained" in line)
+    body = md.splitlines()[md.splitlines().index(header) + 2]
+    unescaped = header.replace("\\|", "")
+    assert unescaped.count("|") == body.replace("\\|", "").count("|")
