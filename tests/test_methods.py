@@ -37,8 +37,9 @@ OTHER = {"freeze_layers": 2, "lora.r": 4, "lora.alpha": 8.0, "lora.dropout": 0.1
          "lora.targets": ["q_proj", "k_proj", "v_proj"], "lora.train_projection": False}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tiny():
+    """A fresh tiny CLIP per test: a classifier shares its tower, which training changes."""
     return load_clip("tiny")
 
 
