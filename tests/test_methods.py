@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attndrift import interpolate
 from attndrift import methods as specs
 from attndrift.analysis.runs import (
     METHOD_SPECIFIC,
@@ -23,7 +24,7 @@ from attndrift.analysis.runs import (
 )
 from attndrift.analysis.settings import labels_of
 from attndrift.config import OPERATIONAL_KEYS, RunConfig, identity
-from attndrift.interpolate import SCHEMES
+from attndrift.interpolate import SCHEMES, _Interpolator
 from attndrift.models.adapt import METHODS, adapt, method_kwargs
 from attndrift.models.classifier import CLIPClassifier
 from attndrift.models.clip import load_clip
@@ -102,7 +103,7 @@ def test_every_method_builds_trains_and_is_labelled(tiny, name):
     # label, colour, interpolation scheme
     assert method_label(cfg).startswith(spec.label) and spec.label
     assert METHOD_COLORS[name] == spec.color
-    assert SCHEMES[name] in ("wise-ft", "lora-scale", "none")
+    assert f"- {SCHEMES[name]} (" in interpolate.__doc__  # a documented scheme
 
 
 @pytest.mark.parametrize("name", list(specs.METHODS))
@@ -229,3 +230,28 @@ def test_a_field_added_later_keeps_earlier_run_ids_and_settings():
     frozen = RunConfig(method="lora", lora={"train_projection": False}).model_dump(mode="json")
     assert run_id_for(identity(frozen)) != run_id_for(identity(dump))
     assert setting_key(frozen) != setting_key(dump)
+
+
+@pytest.mark.parametrize("name", list(specs.METHODS))
+def test_every_methods_interpolation_ends_at_pretrained_and_adapted(tiny, name):
+    """The method's interpolation scheme (`SCHEMES`) walks its trained encoder back to
+    exactly the pretrained one at alpha 0 and to itself at alpha 1."""
+    pretrained = {n: p.detach().clone() for n, p in tiny.model.named_parameters()
+                  if n.startswith(("vision_model.", "visual_projection."))}
+    x = _images(tiny)
+    torch.manual_seed(0)
+    model = CLIPClassifier.from_clip(tiny.model, 3)
+    with torch.no_grad():
+        before = model.eval().embed(x)
+    model = adapt(model, name, **method_kwargs(name, _config(name))).model
+    _step(model.train(), x, steps=3)
+    with torch.no_grad():
+        after = model.eval().embed(x)
+        walker = _Interpolator(model, pretrained)
+        walker.set(0.0)
+        at0 = model.embed(x)
+        walker.restore()
+        at1 = model.embed(x)
+    torch.testing.assert_close(at0, before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(at1, after, atol=1e-6, rtol=0)
+    assert (SCHEMES[name] == "none") == torch.allclose(after, before, atol=1e-5)

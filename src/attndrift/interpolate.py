@@ -10,6 +10,9 @@ Each method names its scheme in its `attndrift.methods.MethodSpec`:
   PEFT's own per-adapter scale (``LoraLayer.set_scale``), which equals merging
   ``alpha * delta W``; the visual projection, when trained as a full tensor, is interpolated
   as in WiSE-FT (frozen, it is pretrained at every alpha).
+- dora-scale (dora): as lora-scale, and each DoRA magnitude vector is interpolated from its
+  initial value, the row norms of the pretrained weight (PEFT's DoRA initialisation), so
+  alpha = 0 is again exactly the pretrained weight.
 - none (linear_probe): the encoder never changed; every alpha is the fine-tuned model.
 
 The classification head is always the fine-tuned one: it was trained from scratch on the task,
@@ -72,6 +75,12 @@ class _Interpolator:
         self.pretrained: dict[str, torch.Tensor] = {}
         self.params = dict(model.named_parameters())
         for name, param in self.params.items():
+            if ".lora_magnitude_vector." in name:  # DoRA: starts at the base weight's row norms
+                base = name.split(".lora_magnitude_vector.")[0] + ".weight"
+                self.finetuned[name] = param.detach().clone()
+                self.pretrained[name] = torch.linalg.norm(pretrained[base].float(), dim=1).to(
+                    param.device, param.dtype)
+                continue
             if not param.requires_grad or name.startswith("head.") or ".lora_" in name:
                 continue
             base = name.replace(".base_layer", "")

@@ -120,6 +120,10 @@ register_method_spec(MethodSpec(
 register_method_spec(MethodSpec(
     "linear_probe", "linear probe", "head only", "#7d3c98", 3, "none", projection=False))
 register_method_spec(MethodSpec(
+    "dora", "DoRA", "DoRA (weight-decomposed LoRA, Liu et al. 2024; PEFT use_dora) on "
+    "lora.targets, visual projection (lora.train_projection) and head", "#b7950b", 5,
+    "dora-scale", LORA_KWARGS, _lora_describe("DoRA"), "lora.train_projection"))
+register_method_spec(MethodSpec(
     "last_block", "last block", "last encoder layer, post-layernorm, visual projection and head "
     "(later protocol)", "#a04000", 4, "wise-ft"))
 

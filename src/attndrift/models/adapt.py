@@ -9,7 +9,7 @@ from, interpolation scheme, colour) is its `attndrift.methods.MethodSpec` of the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -124,6 +124,14 @@ def lora(model: CLIPClassifier, *, r: int = 8, alpha: float = 16.0, dropout: flo
     model.visual_projection.requires_grad_(train_projection)
     model.head.requires_grad_(True)
     return Adapted(model, "lora", wrapper)
+
+
+@register_method("dora")
+def dora(model: CLIPClassifier, **lora_options: Any) -> Adapted:
+    """DoRA (Liu et al., 2024): `lora` with each adapted weight decomposed into a trained
+    magnitude per output row and a LoRA-updated direction (PEFT's ``use_dora=True``); takes
+    `lora`'s options."""
+    return replace(lora(model, **lora_options, use_dora=True), method="dora")
 
 
 def merge_lora(adapted: Adapted) -> CLIPClassifier:
