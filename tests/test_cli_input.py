@@ -139,6 +139,9 @@ def test_alias_bomb_is_refused_in_bounded_time(tmp_path):
     t0 = time.perf_counter()
     line = one_error(runner.invoke(app, ["validate", str(path)]), f"{MAX_VALUES:,} values")
     assert time.perf_counter() - t0 < 5 and len(line) < 300
+    study = tmp_path / "s.yaml"
+    study.write_text(bomb(9) + "name: s\nruns: [{name: a}]\n")
+    one_error(runner.invoke(app, ["study", "plan", str(study)]), f"{MAX_VALUES:,} values")
     with pytest.raises(YamlError, match="contains it"):
         parse_yaml("a: &a [1, *a]\n")
     assert parse_yaml("x: &x {r: 4}\ny: *x\n") == {"x": {"r": 4}, "y": {"r": 4}}  # still fine
