@@ -84,6 +84,63 @@ class TrainConfig(_Strict):
                     "after the last one (0: every epoch end)")
 
 
+class BudgetConfig(_Strict):
+    train: PosInt = Field(description="training images per class")
+    val: PosInt = Field(description="validation images per class")
+    probe: PosInt = Field(description="probe images per class, disjoint from validation")
+
+
+class ZeroShotEval(_Strict):
+    templates: str | list[str] | None = Field(
+        None, description="prompt templates with one {} for the class name: a list, or a named "
+                          "set (attndrift.data.prompts.TEMPLATE_SETS: paper21, later, "
+                          "openai_cifar, ...); null: the dataset's own")
+    names: Literal["clean", "raw"] = Field(
+        "clean", description="clean: descriptive, humanised names; raw: the dataset's label "
+                             "names as stored (underscores kept)")
+    images: PosInt | None = Field(
+        None, description="score a class-balanced subset of this many test images (null: all)")
+    seed: int = Field(0, description="seed of that subset (identical across runs)")
+
+    @field_validator("templates")
+    @classmethod
+    def _known_templates(cls, value: str | list[str] | None) -> str | list[str] | None:
+        from attndrift.data.prompts import check_templates
+
+        check_templates(value)
+        return value
+
+
+Severity = Annotated[int, Field(ge=1, le=5)]
+
+
+class RobustnessConfig(_Strict):
+    splits: list[str] = Field(
+        [], description="corrupted test splits the dataset publishes (eurosat: contrast, "
+                        "gaussian_noise, impulse_noise, jpeg_compression, motion_blur, "
+                        "pixelate, spatter)")
+    corruptions: list[str] = Field(
+        [], description="ImageNet-C corruptions generated from the test split "
+                        "(attndrift.data.corruptions.CORRUPTIONS)")
+    severities: list[Severity] = Field([3], min_length=1,
+                                       description="severities (1-5) of each generated one")
+    images: PosInt | None = Field(
+        1000, description="class-balanced images scored per corrupted split (null: all)")
+    seed: int = Field(0, description="seed of the subsets and of the generated corruptions")
+
+    @model_validator(mode="after")
+    def _known(self) -> RobustnessConfig:
+        from attndrift.data.corruptions import CORRUPTIONS
+
+        if not self.splits and not self.corruptions:
+            raise ValueError("data.robustness names no splits and no corruptions; give one, or "
+                             "set data.robustness: null")
+        unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
+        if unknown:
+            raise ValueError(f"unknown corruption {unknown[0]!r}; known: {', '.join(CORRUPTIONS)}")
+        return self
+
+
 class DataConfig(_Strict):
     dataset: str = Field("shapes-layout", description="registered dataset to fine-tune on")
     zeroshot: list[str] = Field(["shapes-zs-shape"], json_schema_extra=role("replicate"),
@@ -98,7 +155,33 @@ class DataConfig(_Strict):
         4096, json_schema_extra=role("operational"),
         description="keep the uint8 training images on the device when they take at most "
                     "this many MB, and gather each batch there (0: gather on the host)")
+    # added after run ids were handed out: at their defaults they are left out of ids
+    budget: BudgetConfig | None = Field(
+        None, json_schema_extra=role("identity", omit_default=True),
+        description="per-class train / val / probe counts carved from the training split "
+                    "(the later protocol), instead of val_frac; probes then come from "
+                    "the probe split, not from validation")
+    zeroshot_eval: dict[str, ZeroShotEval] = Field(
+        {}, json_schema_extra=role("identity", omit_default=True),
+        description="per zero-shot task: templates, class-name style, subset size")
+    robustness: RobustnessConfig | None = Field(
+        None, json_schema_extra=role("replicate", omit_default=True),
+        description="accuracy on corrupted test splits (published or generated)")
 
+    @model_validator(mode="after")
+    def _protocol(self) -> DataConfig:
+        if self.budget is not None and "val_frac" in self.model_fields_set:
+            raise ValueError("data.val_frac and data.budget both set; the budget fixes the "
+                             "validation split: drop data.val_frac")
+        stray = sorted(set(self.zeroshot_eval) - set(self.zeroshot))
+        if stray:
+            raise ValueError(f"data.zeroshot_eval names {stray[0]!r}, which is not in "
+                             f"data.zeroshot ({self.zeroshot})")
+        if self.robustness is not None and self.robustness.splits:
+            from attndrift.data.robustness import check_named_splits
+
+            check_named_splits(self.dataset, self.robustness.splits)
+        return self
 
     @field_validator("dataset")
     @classmethod

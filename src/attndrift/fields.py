@@ -25,6 +25,7 @@ Torch-free (pydantic only).
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,7 @@ class Roles:
     """The roles of one config model's fields, and what is derived from them."""
 
     def __init__(self, model: type[BaseModel]) -> None:
+        self.model = model
         self.fields = field_roles(model)
         self.operational_keys: tuple[tuple[str, ...], ...] = tuple(
             tuple(k.split(".")) for k, r in self.fields.items() if r.role == "operational")
@@ -116,7 +118,7 @@ class Roles:
             *parents, leaf = key.split(".")
             section = out
             for part in parents:
-                section = section.get(part, {})
+                section = section.get(part) or {}
             if r.role == "operational" or (leaf in section and section[leaf] == r.default):
                 section.pop(leaf, None)
                 if r.omit_default and parents and not section:
@@ -134,7 +136,40 @@ class Roles:
     def reference_markdown(self) -> str:
         """The config reference table: key, default, role, meaning."""
         lines = ["| key | default | role | meaning |", "|---|---|---|---|"]
-        for k, r in self.fields.items():
-            role_name = r.role + (" (omitted at default)" if r.omit_default else "")
-            lines.append(f"| `{k}` | `{json.dumps(r.default)}` | {role_name} | {r.description} |")
+        lines += [f"| `{k}` | `{d}` | {r} | {m} |" for k, d, r, m in reference(self.model)]
         return "\n".join(lines) + "\n"
+
+
+def _section(annotation: Any) -> tuple[type[BaseModel] | None, str]:
+    """The config model a field holds (itself, optional, or the values of a dict keyed by
+    task name) and the key part before its fields."""
+    if _is_section(annotation):
+        return annotation, ""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict:
+        return (args[1], "TASK.") if _is_section(args[1]) else (None, "")
+    models = [a for a in args if _is_section(a)]
+    return (models[0], "") if models else (None, "")
+
+
+def reference(model: type[BaseModel], prefix: str = "", inherited: dict[str, Any] | None = None
+              ) -> list[tuple[str, str, str, str]]:
+    """``(key, default, role, description)`` for every config key, dotted, in declaration
+    order; an optional section and a per-task mapping get a row of their own, then their keys
+    (which are part of the run id whenever the section is set)."""
+    rows = []
+    for name, f in model.model_fields.items():
+        extra = {**(inherited or {}), **(f.json_schema_extra or {})}  # type: ignore[dict-item]
+        section, part = _section(f.annotation)
+        if section is not None and section is f.annotation:
+            rows += reference(section, f"{prefix}{name}.", extra)
+            continue
+        default = ("(required)" if f.is_required()
+                   else json.dumps(f.get_default(call_default_factory=True)))
+        role_name = extra.get("role", "identity") + (
+            " (omitted at default)" if extra.get("omit_default") else "")
+        rows.append((f"{prefix}{name}", default, role_name, f.description or ""))
+        if section is not None:
+            inner = {"role": extra.get("role", "identity")}
+            rows += reference(section, f"{prefix}{name}.{part}", inner)
+    return rows

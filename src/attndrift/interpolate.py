@@ -118,8 +118,9 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
         no longer matches the record; FileNotFoundError: no final checkpoint.
     """
     from attndrift.config import validate
+    from attndrift.data.prompts import zeroshot_tasks
     from attndrift.data.registry import load_task
-    from attndrift.data.splits import balanced_subset, index_fingerprint, stratified_split
+    from attndrift.data.splits import balanced_subset, index_fingerprint, run_split
     from attndrift.evaluate import accuracy, probe_attention, zeroshot_all
     from attndrift.models.clip import load_clip
     from attndrift.models.restore import restore_run
@@ -141,19 +142,22 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
     # --- the run's data, exactly as train.py built it ------------------------------------
     size = loaded.image_size  # datasets cached at the model's input size, as train.py did
     source = load_task(cfg.data.dataset, "train", image_size=size)
-    _, val_idx = stratified_split(source.labels, cfg.data.val_frac, cfg.data.split_seed)
+    budget = cfg.data.budget  # the probe pool: validation, or the budget's probe split
+    _, val_idx, pool_idx = run_split(source.labels, cfg.data.val_frac, cfg.data.split_seed,
+                                     (budget.train, budget.val, budget.probe) if budget else None)
     val_set = source.subset(val_idx, f"{source.name}/val")
-    probe_idx = balanced_subset(val_set.labels, cfg.probe.images, cfg.probe.seed)
+    pool = source.subset(pool_idx, f"{source.name}/probe")
+    probe_idx = balanced_subset(pool.labels, cfg.probe.images, cfg.probe.seed)
     data = record["provenance"].get("data", {})
-    for key, index in (("val_ids", val_idx), ("probe_ids", val_idx[probe_idx])):
+    for key, index in (("val_ids", val_idx), ("probe_ids", pool_idx[probe_idx])):
         saved = data.get(key)
         saved = saved[0] if isinstance(saved, list) and saved else saved  # probe subset 0
         if saved is not None and saved != index_fingerprint(index):
             raise ValueError(f"{run_dir}: the rebuilt {key[:-4]} split differs from the run's "
                              f"({cfg.data.dataset} changed since the run?)")
-    probe_images = val_set.images[probe_idx]
+    probe_images = pool.images[probe_idx]
     test_set = load_task(cfg.data.dataset, "test", image_size=size)
-    zs_tasks = {name: load_task(name, "test", image_size=size) for name in cfg.data.zeroshot}
+    zs_tasks = zeroshot_tasks(cfg.data.zeroshot, cfg.data.zeroshot_eval, image_size=size)[0]
 
     # --- models: the fine-tuned run, and the pretrained tensors to walk toward ------------
     model = adapted.model.eval()

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from attndrift.config import RunConfig, identity
+from attndrift.data.prompts import zeroshot_tasks
 from attndrift.data.registry import load_task
+from attndrift.data.robustness import robustness_summary, robustness_tasks
 from attndrift.data.splits import balanced_subset, index_fingerprint
 from attndrift.evaluate import (
     accuracy,
@@ -36,8 +38,8 @@ from attndrift.evaluate import (
     auxiliary_metrics,
     drift_summary,
     probe_attention,
+    run_probe_sets,
     sanity_check,
-    validation_probe_sets,
     zeroshot_all,
     zeroshot_summary,
 )
@@ -168,9 +170,11 @@ class _Run:
                                  self.cfg.probe.batch_size, self.aux_which, reference, weights,
                                  self.cfg.probe.precision)
 
-    def zeroshot(self, weights: dict[str, torch.Tensor], tasks: dict) -> dict[str, float]:
+    def zeroshot(self, weights: dict[str, torch.Tensor], tasks: dict,
+                 detail: bool = False) -> dict:
         return zeroshot_all(self.model, weights, tasks, self.preprocess, self.device,
-                            self.cfg.data.eval_batch_size, self.cfg.train.precision)
+                            self.cfg.data.eval_batch_size, self.cfg.train.precision,
+                            detail=detail)
 
 
 def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str, Any] | None,
@@ -214,19 +218,24 @@ def _prepare_data(r: _Run) -> None:
     r.image_size = size = loaded.image_size
     source = load_task(cfg.data.dataset, "train", image_size=size, progress=progress)
     # decoded (and cached) now, read at the end: a bad test image stops the run before training
-    load_task(cfg.data.dataset, "test", image_size=size, progress=progress)
-    train_idx, val_idx, r.val_set, r.subsets = validation_probe_sets(
+    test = load_task(cfg.data.dataset, "test", image_size=size, progress=progress)
+    budget = cfg.data.budget
+    train_idx, val_idx, pool_idx, r.val_set, r.probe_set, r.subsets = run_probe_sets(
         source, cfg.data.val_frac, cfg.data.split_seed, cfg.probe.images, cfg.probe.subsets,
-        cfg.probe.seed)
+        cfg.probe.seed, (budget.train, budget.val, budget.probe) if budget else None)
     if cfg.data.train_limit is not None:
         train_idx = train_idx[balanced_subset(source.labels[train_idx], cfg.data.train_limit,
                                               cfg.data.split_seed)]
     r.source = source
     r.train_set = source.subset(train_idx, f"{source.name}/train")
     r.probe_idx = r.subsets[0]  # probed during training too
-    r.probe_images = r.val_set.images[r.probe_idx]
-    r.zs_tasks = {name: load_task(name, "test", image_size=size, progress=progress)
-                  for name in cfg.data.zeroshot}
+    r.probe_images = r.probe_set.images[r.probe_idx]
+    r.zs_tasks, r.zs_prompts = zeroshot_tasks(cfg.data.zeroshot, cfg.data.zeroshot_eval,
+                                              image_size=size, progress=progress)
+    rob = cfg.data.robustness
+    r.robust = robustness_tasks(
+        cfg.data.dataset, test, **rob.model_dump(), image_size=size,
+        progress=progress) if rob else {}
     r.zs_weights = {name: text_classifier(r.clip, loaded.tokenizer, t.class_names, t.templates,
                                           device) for name, t in r.zs_tasks.items()}
     # forgetting during training: the same class-balanced images of each task at every point
@@ -239,9 +248,11 @@ def _prepare_data(r: _Run) -> None:
         "model_sha256": file_sha256(weights_file, 16) if weights_file.is_file() else None,
         "data": {"dataset": cfg.data.dataset, "content": source.fingerprint(),
                  "train_ids": index_fingerprint(train_idx), "val_ids": index_fingerprint(val_idx),
-                 "probe_ids": [index_fingerprint(val_idx[s]) for s in r.subsets],
+                 "probe_ids": [index_fingerprint(pool_idx[s]) for s in r.subsets],
                  "sizes": {"train": len(r.train_set), "val": len(r.val_set),
-                           "probe": len(r.probe_idx)}},
+                           "probe": len(r.probe_idx)},
+                 **({"probe_split_ids": index_fingerprint(pool_idx),
+                     "budget": budget.model_dump()} if budget else {})},
         "zeroshot_data": {n: t.fingerprint() for n, t in r.zs_tasks.items()},
     })
     if r.zs_subsets:
@@ -323,20 +334,21 @@ def _baseline(r: _Run) -> dict[str, Any]:
     """Measure the pretrained model (attention on every probe subset, zero-shot, sanity of the
     class names, auxiliary metrics) and return the loop's initial state."""
     record, val_set = r.record, r.val_set
+    probe_set = r.probe_set
     t = time.perf_counter()
     base_attn = r.probe_of(r.probe_images)
     record["baseline"] = summarize(base_attn)
     record["baseline"]["subsets"] = [record["baseline"]["mean"]] + [
-        summarize(r.probe_of(val_set.images[s]))["mean"] for s in r.subsets[1:]]
+        summarize(r.probe_of(probe_set.images[s]))["mean"] for s in r.subsets[1:]]
     probe_s = time.perf_counter() - t
     t = time.perf_counter()
-    zs_before = r.zeroshot(r.zs_weights, r.zs_tasks)
+    zs_before = r.zeroshot(r.zs_weights, r.zs_tasks, detail=True)
     own = text_classifier(r.clip, r.loaded.tokenizer, val_set.class_names, val_set.templates,
                           r.device)
     own_acc = r.zeroshot({"task": own}, {"task": val_set})["task"]
     record["sanity"], record["warnings"] = sanity_check(
         {f"{r.cfg.data.dataset} (validation)": (own_acc, val_set.num_classes),
-         **{n: (zs_before[n], t.num_classes) for n, t in r.zs_tasks.items()}})
+         **{n: (zs_before[n]["top1"], t.num_classes) for n, t in r.zs_tasks.items()}})
     if r.zs_subsets:  # the trajectory's starting point, on the same subsets as the probes
         record["baseline"]["zeroshot_subset"] = r.zeroshot(r.zs_weights, r.zs_subsets)
     zeroshot_s = time.perf_counter() - t
@@ -559,14 +571,14 @@ def _end_epoch(r: _Run, state: dict[str, Any]) -> float:
 def _final_evaluation(r: _Run, state: dict[str, Any], final_attn: torch.Tensor) -> None:
     """Measure the trained model (probe subsets, zero-shot, auxiliary metrics, the test split
     read once), write the weights and attention samples, and fill in the record."""
-    cfg, history, val_set = r.cfg, r.history, r.val_set
+    cfg, history, probe_set = r.cfg, r.history, r.probe_set
     step = state["step"]
     # the final step is always a probe point: its probe already measured the final model
     final_metrics = history["probes"][-1]["metrics"]
     final_subsets = [final_metrics["mean"]] + [
-        summarize(r.probe_of(val_set.images[s]))["mean"] for s in r.subsets[1:]]
+        summarize(r.probe_of(probe_set.images[s]))["mean"] for s in r.subsets[1:]]
     t = time.perf_counter()
-    zs_after = r.zeroshot(r.zs_weights, r.zs_tasks)
+    zs_after = r.zeroshot(r.zs_weights, r.zs_tasks, detail=True)
     zeroshot_s = state["zeroshot_s"] + time.perf_counter() - t
     t = time.perf_counter()
     final_aux = r.aux_of(state["aux_ref"], r.pretrained_weights)[0]
@@ -574,13 +586,17 @@ def _final_evaluation(r: _Run, state: dict[str, Any], final_attn: torch.Tensor) 
     test_set = load_task(cfg.data.dataset, "test", image_size=r.image_size)  # read once
     test_acc = accuracy(r.model, test_set, r.preprocess, r.device, cfg.data.eval_batch_size,
                         cfg.train.precision)
+    if r.robust:  # corrupted test splits, scored like the test split
+        r.record["robustness"] = robustness_summary(
+            {n: accuracy(r.model, t, r.preprocess, r.device, cfg.data.eval_batch_size,
+                         cfg.train.precision) for n, t in r.robust.items()}, test_acc, r.robust)
     _write_best(r)
     if cfg.save_checkpoints:
         save_weights(r.out_dir / "final.safetensors", trainable_state(r.model, "cpu"),
                      {**r.meta, "step": str(step)})
     save_weights(r.out_dir / "attention.safetensors",
                  {"pretrained": state["base_attn"], "final": final_attn[:ATTENTION_SAMPLES],
-                  "labels": val_set.labels[r.probe_idx][:ATTENTION_SAMPLES],
+                  "labels": probe_set.labels[r.probe_idx][:ATTENTION_SAMPLES],
                   "images": r.probe_images[:ATTENTION_SAMPLES]}, r.meta)
     _record_final(r, state, final_subsets, final_aux, test_acc)
     _record_zeroshot(r, state["zs_before"], zs_after)
@@ -620,4 +636,4 @@ def _record_final(r: _Run, state: dict[str, Any], final_subsets: list[dict[str, 
 
 
 def _record_zeroshot(r: _Run, before: dict[str, float], after: dict[str, float]) -> None:
-    r.record["zeroshot"] = zeroshot_summary(before, after, r.zs_tasks)
+    r.record["zeroshot"] = zeroshot_summary(before, after, r.zs_tasks, r.zs_prompts)

@@ -147,7 +147,9 @@ def factors(config: dict[str, Any]) -> dict[str, Any]:
     operational keys of `NOT_A_FACTOR` and the keys its method / regularizer never reads."""
     flat = flat_config(config)
     drop = NOT_A_FACTOR | _inert(flat)
-    return {k: v for k, v in flat.items() if k not in drop}
+    # the keys inside an optional section that is not a factor (data.robustness.*) are not
+    return {k: v for k, v in flat.items() if k not in drop
+            and not any(k.startswith(f"{p}.") for p in NOT_A_FACTOR)}
 
 
 def setting_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
