@@ -45,6 +45,10 @@ INTERPOLATION_FILE = "interpolation.json"
 SCHEMES = {name: spec.scheme for name, spec in METHODS.items()}
 
 
+class NotATrainingRun(ValueError):
+    """The directory holds a record that no attndrift training run wrote (a measurement)."""
+
+
 def check_alphas(alphas: Sequence[float]) -> list[float]:
     """The alphas as floats; ValueError if empty or any is outside [0, 1] (or not finite)."""
     values = [float(a) for a in alphas]
@@ -132,6 +136,12 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
     alphas = check_alphas(alphas)
     run_dir = Path(run_dir)
     record = read_record(run_dir)
+    if record["config"].get("method") == "external":
+        raise NotATrainingRun(
+            f"{run_dir} is a measured record (attndrift measure): interpolation walks a "
+            "training run of attndrift back to its pretrained weights; give a run directory "
+            "written by attndrift run"
+        )
     if record["status"] != "completed":
         raise ValueError(f"{run_dir}: run is {record['status']}; only completed runs can be "
                          "interpolated")
