@@ -64,14 +64,14 @@ def test_best_checkpoint_is_restored_before_the_final_evaluation(tmp_path, monke
     # the final attention is the best epoch's: measured independently from best.safetensors
     loaded, adapted = restore_run(tmp_path / "best", "best")
     from attndrift.data.registry import load_task
-    from attndrift.evaluate import validation_probe_sets
+    from attndrift.evaluate import run_probe_sets
 
     cfg = tiny_config("tiny_full_ft", *SHORT)
     source = load_task(cfg.data.dataset, "train", image_size=loaded.image_size)
-    _, _, val_set, subsets = validation_probe_sets(
+    _, _, _, _, probe_set, subsets = run_probe_sets(
         source, cfg.data.val_frac, cfg.data.split_seed, cfg.probe.images, cfg.probe.subsets,
         cfg.probe.seed)
-    attn = probe_attention(adapted.model, val_set.images[subsets[0]], loaded.preprocessor(),
+    attn = probe_attention(adapted.model, probe_set.images[subsets[0]], loaded.preprocessor(),
                            torch.device("cpu"), cfg.probe.batch_size)
     assert summarize(attn) == best["final"]["metrics"]
     # interpolation walks toward the weights the record measured: at alpha 1, its numbers

@@ -8,6 +8,7 @@ import signal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 
 def _console(stderr: bool = False) -> Console:
@@ -23,9 +24,20 @@ out = _console()
 err = _console(stderr=True)
 
 
+MAX_MESSAGE = 2000  # characters of one error line; a value is never printed whole
+
+
+def safe(value: object) -> str:
+    """``value`` as text rich prints literally: a run name such as ``x[/]y`` is not markup."""
+    return escape(str(value))
+
+
 def fail(message: str, code: int) -> None:
-    """Print ``error: message`` on stderr and exit with ``code`` (2: bad input, 1: failure)."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` on stderr and exit with ``code`` (2: bad input, 1: failure).
+    The message is printed as written (never as markup), cut to `MAX_MESSAGE` characters."""
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[:MAX_MESSAGE]}... ({len(message) - MAX_MESSAGE} more characters)"
+    err.print(f"[bold red]error:[/] {safe(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

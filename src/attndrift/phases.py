@@ -26,13 +26,19 @@ ATTENTION_SAMPLES = 8  # probe images whose maps are saved for heatmap overlays
 
 
 def data_provenance(dataset: str, source: ImageTask, train_idx: torch.Tensor,
-                    val_idx: torch.Tensor, subsets: list[torch.Tensor]) -> dict[str, Any]:
+                    val_idx: torch.Tensor, subsets: list[torch.Tensor],
+                    pool_idx: torch.Tensor | None = None,
+                    budget: dict[str, int] | None = None) -> dict[str, Any]:
     """``provenance.data``: the dataset's content fingerprint and those of the training,
-    validation and probe index sets (``subsets`` index into the validation split)."""
+    validation and probe index sets. ``subsets`` index ``pool_idx``, the probe pool (the
+    validation split unless a per-class ``budget`` carved a probe split of its own)."""
+    pool = val_idx if pool_idx is None else pool_idx
     return {"dataset": dataset, "content": source.fingerprint(),
             "train_ids": index_fingerprint(train_idx), "val_ids": index_fingerprint(val_idx),
-            "probe_ids": [index_fingerprint(val_idx[s]) for s in subsets],
-            "sizes": {"train": len(train_idx), "val": len(val_idx), "probe": len(subsets[0])}}
+            "probe_ids": [index_fingerprint(pool[s]) for s in subsets],
+            "sizes": {"train": len(train_idx), "val": len(val_idx), "probe": len(subsets[0])},
+            **({"probe_split_ids": index_fingerprint(pool), "budget": budget}
+               if budget else {})}
 
 
 @dataclass
@@ -42,7 +48,7 @@ class Evaluation:
     attn: torch.Tensor  # CLS->patch attention of probe subset 0, [n, L, H, N]
     metrics: dict[str, Any]  # summarize(attn)
     subsets: list[dict[str, float]]  # the layer-mean table of every probe subset
-    zeroshot: dict[str, float]
+    zeroshot: dict[str, Any]  # per task: top-1 accuracy, or `zeroshot_scores`
     aux: dict[str, Any]
     test_acc: float | None
     probe_s: float
@@ -52,7 +58,7 @@ class Evaluation:
 
 def evaluate_final(
     probe_of: Callable[[torch.Tensor], torch.Tensor],
-    val_images: torch.Tensor,
+    images: torch.Tensor,
     subsets: list[torch.Tensor],
     zeroshot: Callable[[], dict[str, float]],
     aux: Callable[[], dict[str, Any]],
@@ -60,14 +66,14 @@ def evaluate_final(
     attn: torch.Tensor | None = None,
 ) -> Evaluation:
     """The final evaluation of one model, in order: the attention probe of every probe subset
-    (``subsets`` index ``val_images``; ``attn``, when given, is the first subset's already
-    measured on these weights), zero-shot, auxiliary metrics, then test accuracy (the test
-    split is read once, here). Each pass is a callable bound to the model under evaluation."""
+    (``subsets`` index ``images``, the probe pool; ``attn``, when given, is the first subset's
+    already measured on these weights), zero-shot, auxiliary metrics, then test accuracy (the
+    test split is read once, here). Each pass is a callable bound to the model evaluated."""
     t = time.perf_counter()
     if attn is None:
-        attn = probe_of(val_images[subsets[0]])
+        attn = probe_of(images[subsets[0]])
     metrics = summarize(attn)
-    means = [metrics["mean"]] + [summarize(probe_of(val_images[s]))["mean"]
+    means = [metrics["mean"]] + [summarize(probe_of(images[s]))["mean"]
                                  for s in subsets[1:]]
     probe_s = time.perf_counter() - t
     t = time.perf_counter()

@@ -162,15 +162,42 @@ def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter:
     return TypeAdapter(_loose(model.model_fields[name].annotation), config=_STRICT)
 
 
+def _model_in(annotation: Any) -> tuple[str, type[BaseModel]] | None:
+    """``("one", M)`` for a section ``M``, ``("optional", M)`` for ``M | None``,
+    ``("map", M)`` for ``dict[str, M]``; None for a plain field."""
+    def is_model(a: Any) -> bool:
+        return isinstance(a, type) and issubclass(a, BaseModel)
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if is_model(annotation):
+        return "one", annotation
+    if origin in (Union, types.UnionType):
+        models = [a for a in args if is_model(a)]
+        if len(models) == 1 and len(args) == 2 and type(None) in args:
+            return "optional", models[0]
+    if origin is dict and is_model(args[1]):
+        return "map", args[1]
+    return None
+
+
 def _config(config: dict[str, Any], model: type[BaseModel], where: str) -> None:
+    """Each key of ``config`` that ``model`` declares has its field's type; sections are
+    checked field by field (their validators, which may read datasets, are not run)."""
     for name, value in config.items():
         field = model.model_fields.get(name)
         if field is None:  # a key of another version, or a measured checkpoint's own
             continue
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            _config(_object(value, f"{where}.{name}"), annotation, f"{where}.{name}")
+        section = _model_in(field.annotation)
+        if section is not None:
+            kind, sub = section
+            if value is None and kind == "optional":
+                continue
+            items = {"": value} if kind != "map" else _object(value, f"{where}.{name}")
+            for key, item in items.items():
+                at = f"{where}.{name}" + (f".{key}" if key else "")
+                _config(_object(item, at), sub, at)
         else:
+            annotation = field.annotation
             loose = _loose(annotation)
             _check(_field_adapter(model, name), value, f"{where}.{name}",
                    "a " + (loose.__name__ if isinstance(loose, type) else str(loose)))
@@ -186,7 +213,7 @@ def problem(record: dict[str, Any]) -> str | None:
             _check(_STR, record[key], key, "a string")
         for key in SECTIONS:
             _object(record[key], key)
-        for key in ("guard", "sanity"):
+        for key in ("guard", "sanity", "robustness"):
             if record.get(key) is not None:
                 _object(record[key], key)
         if record.get("warnings") is not None:

@@ -114,6 +114,7 @@ class RunRecord:
     guard: dict[str, Any] | None = None  # `attndrift.guard` summary, with a guard section
     sanity: dict[str, Any] | None = None
     warnings: list[str] | None = None
+    robustness: dict[str, Any] | None = None  # accuracy on corrupted test splits
     error: str | None = None
     traceback: str | None = None
     schema_version: int = SCHEMA_VERSION
@@ -165,7 +166,7 @@ class RunRecord:
         return cls(**{k: v for k, v in data.items() if k in known}, final=final)
 
 
-_OPTIONAL = ("guard", "sanity", "warnings", "error", "traceback")  # on disk when set
+_OPTIONAL = ("guard", "sanity", "warnings", "robustness", "error", "traceback")  # on disk when set
 _FIELDS = frozenset((*TOP_LEVEL_KEYS, *_OPTIONAL))
 
 

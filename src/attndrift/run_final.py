@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from attndrift.data.registry import load_task
+from attndrift.data.robustness import robustness_summary
 from attndrift.evaluate import zeroshot_summary
 from attndrift.models.classifier import trainable_state
 from attndrift.phases import ATTENTION_SAMPLES, evaluate_final, final_record
@@ -46,8 +47,8 @@ def final_evaluation(s: Setup, state: LoopState, best: BestWeights, board, last_
     evaluated = evaluated_checkpoint(s, state, best)
     test_set = load_task(cfg.data.dataset, "test", image_size=s.loaded.image_size)
     ev = evaluate_final(
-        s.probe_of, s.val_set.images, s.subsets,
-        zeroshot=lambda: s.zeroshot(s.zs_weights, s.zs_tasks),
+        s.probe_of, s.probe_set.images, s.subsets,
+        zeroshot=lambda: s.zeroshot(s.zs_weights, s.zs_tasks, detail=True),
         aux=lambda: s.aux_of(state.aux_ref, s.pretrained_weights)[0],
         test_acc=lambda: accuracy(s.model, test_set, s.preprocess, s.device,
                                   cfg.data.eval_batch_size, cfg.train.precision),
@@ -55,7 +56,7 @@ def final_evaluation(s: Setup, state: LoopState, best: BestWeights, board, last_
         attn=last_attn if evaluated.checkpoint == "final" else None)
     save_weights(s.out_dir / "attention.safetensors",
                  {"pretrained": state.base_attn, "final": ev.attn[:ATTENTION_SAMPLES],
-                  "labels": s.val_set.labels[s.subsets[0]][:ATTENTION_SAMPLES],
+                  "labels": s.probe_set.labels[s.subsets[0]][:ATTENTION_SAMPLES],
                   "images": s.probe_images[:ATTENTION_SAMPLES]}, s.meta)
     val_acc = next((e["val_acc"] for e in reversed(history["epochs"])
                     if e["epoch"] == evaluated.epoch), None)
@@ -64,7 +65,12 @@ def final_evaluation(s: Setup, state: LoopState, best: BestWeights, board, last_
         val_acc=val_acc, best_val_acc=state.best_val, best_epoch=state.best_epoch, step=step,
         epochs=step / s.steps_per_epoch, evaluated=evaluated,
         train_loss=history["loss"][-1]["loss"] if history["loss"] else None)
-    record.zeroshot = zeroshot_summary(state.zs_before, ev.zeroshot, s.zs_tasks)
+    record.zeroshot = zeroshot_summary(state.zs_before, ev.zeroshot, s.zs_tasks, s.zs_prompts)
+    if s.robust:  # corrupted test splits, scored like the test split
+        record.robustness = robustness_summary(
+            {n: accuracy(s.model, t, s.preprocess, s.device, cfg.data.eval_batch_size,
+                         cfg.train.precision) for n, t in s.robust.items()}, ev.test_acc,
+            s.robust)
     if board is not None:
         board_metrics(board, ev.metrics, record.baseline, step)
         for name, z in record.zeroshot.items():

@@ -19,14 +19,16 @@ import torch
 
 from attndrift.config import RunConfig
 from attndrift.data.base import ImageTask, Preprocessor
+from attndrift.data.prompts import zeroshot_tasks
 from attndrift.data.registry import load_task
+from attndrift.data.robustness import robustness_tasks
 from attndrift.data.splits import balanced_subset
 from attndrift.evaluate import (
     attention_cache,
     auxiliary_metrics,
     probe_attention,
+    run_probe_sets,
     sanity_check,
-    validation_probe_sets,
     zeroshot_all,
 )
 from attndrift.models.adapt import adapt, method_kwargs
@@ -37,6 +39,7 @@ from attndrift.probes.capture import AttentionProbe
 from attndrift.probes.drift import vision_weight_snapshot
 from attndrift.probes.metrics import summarize
 from attndrift.records import RunRecord, file_sha256
+from attndrift.regularizers import Pretrained, Regularizer, regularizer
 from attndrift.runtime import LoopState, generators
 from attndrift.zeroshot import text_classifier
 
@@ -83,11 +86,14 @@ class Setup:
     source: ImageTask = None  # the training split before validation was carved out
     train_set: ImageTask = None
     val_set: ImageTask = None
-    subsets: list[torch.Tensor] = None  # probe subsets, indices into val_set
+    probe_set: ImageTask = None  # the validation split, or the budget's probe split
+    subsets: list[torch.Tensor] = None  # probe subsets, indices into probe_set
     probe_images: torch.Tensor = None  # subset 0: probed during training too
     zs_tasks: dict[str, ImageTask] = None
+    zs_prompts: dict[str, dict[str, Any]] = None  # each task's prompt entry
     zs_weights: dict[str, torch.Tensor] = None  # text classifiers of the zero-shot tasks
     zs_subsets: dict[str, ImageTask] = None  # fixed subsets tracked during training
+    robust: dict[str, ImageTask] = None  # corrupted test splits (data.robustness)
     # _model: the adapted classifier and what its checkpoints are labelled with
     model: CLIPClassifier = None
     meta: dict[str, str] = None
@@ -106,8 +112,8 @@ class Setup:
     probe_at: frozenset[int] = frozenset()
     # _references: what the regularizers and drift metrics compare with
     pretrained_weights: dict[str, torch.Tensor] | None = None
-    l2sp_ref: dict[str, torch.Tensor] = None
-    apr_ref: torch.Tensor | None = None
+    regularizer: Regularizer | None = None  # the registered regularizer, if any
+    reg_state: dict[str, Any] = None  # its references (and, from the loop's start, targets)
     grab: AttentionProbe | None = None  # the gradient-carrying attention (apr, entropy_floor)
 
     @property
@@ -125,9 +131,11 @@ class Setup:
                                  self.cfg.probe.batch_size, list(self.cfg.probe.aux), reference,
                                  weights, self.cfg.probe.precision)
 
-    def zeroshot(self, weights: dict[str, torch.Tensor], tasks: dict) -> dict[str, float]:
+    def zeroshot(self, weights: dict[str, torch.Tensor], tasks: dict,
+                 detail: bool = False) -> dict:
         return zeroshot_all(self.model, weights, tasks, self.preprocess, self.device,
-                            self.cfg.data.eval_batch_size, self.cfg.train.precision)
+                            self.cfg.data.eval_batch_size, self.cfg.train.precision,
+                            detail=detail)
 
 
 def prepare(cfg: RunConfig, out_dir: Path, record: RunRecord, device: torch.device,
@@ -153,17 +161,21 @@ def _data(s: Setup) -> None:
     size = loaded.image_size
     s.source = source = load_task(cfg.data.dataset, "train", image_size=size, progress=progress)
     # decoded (and cached) now, read at the end: a bad test image stops the run before training
-    load_task(cfg.data.dataset, "test", image_size=size, progress=progress)
-    train_idx, val_idx, s.val_set, s.subsets = validation_probe_sets(
+    test = load_task(cfg.data.dataset, "test", image_size=size, progress=progress)
+    budget = cfg.data.budget
+    train_idx, val_idx, pool_idx, s.val_set, s.probe_set, s.subsets = run_probe_sets(
         source, cfg.data.val_frac, cfg.data.split_seed, cfg.probe.images, cfg.probe.subsets,
-        cfg.probe.seed)
+        cfg.probe.seed, (budget.train, budget.val, budget.probe) if budget else None)
     if cfg.data.train_limit is not None:
         train_idx = train_idx[balanced_subset(source.labels[train_idx], cfg.data.train_limit,
                                               cfg.data.split_seed)]
     s.train_set = source.subset(train_idx, f"{source.name}/train")
-    s.probe_images = s.val_set.images[s.subsets[0]]
-    s.zs_tasks = {name: load_task(name, "test", image_size=size, progress=progress)
-                  for name in cfg.data.zeroshot}
+    s.probe_images = s.probe_set.images[s.subsets[0]]
+    s.zs_tasks, s.zs_prompts = zeroshot_tasks(cfg.data.zeroshot, cfg.data.zeroshot_eval,
+                                              image_size=size, progress=progress)
+    rob = cfg.data.robustness
+    s.robust = robustness_tasks(cfg.data.dataset, test, **rob.model_dump(), image_size=size,
+                                progress=progress) if rob else {}
     s.zs_weights = {name: text_classifier(loaded.model, loaded.tokenizer, t.class_names,
                                           t.templates, device) for name, t in s.zs_tasks.items()}
     # forgetting during training: the same class-balanced images of each task at every point
@@ -174,7 +186,8 @@ def _data(s: Setup) -> None:
     s.record.provenance.update({
         "model_source": loaded.source,
         "model_sha256": file_sha256(weights_file, 16) if weights_file.is_file() else None,
-        "data": data_provenance(cfg.data.dataset, source, train_idx, val_idx, s.subsets),
+        "data": data_provenance(cfg.data.dataset, source, train_idx, val_idx, s.subsets,
+                                pool_idx, budget.model_dump() if budget else None),
         "zeroshot_data": {n: t.fingerprint() for n, t in s.zs_tasks.items()},
     })
     if s.zs_subsets:
@@ -188,7 +201,7 @@ def _model(s: Setup) -> None:
     torch.manual_seed(cfg.seed)  # head init and LoRA init depend only on the seed
     model = CLIPClassifier.from_clip(s.loaded.model, s.source.num_classes).to(s.device)
     adapted = adapt(model, cfg.method,
-                    **method_kwargs(cfg.method, cfg.lora.model_dump(), cfg.freeze_layers))
+                    **method_kwargs(cfg.method, cfg.model_dump()))
     s.model = adapted.model.to(s.device)
     n_trainable, n_total = count_parameters(s.model)
     s.record.provenance["parameters"] = {"trainable": n_trainable, "total": n_total}
@@ -232,16 +245,20 @@ def _references(s: Setup) -> None:
     before any update, also on resume (the resumed weights are loaded after this)."""
     model, reg, cfg = s.model, s.reg, s.cfg
     s.pretrained_weights = vision_weight_snapshot(model) if "drift" in cfg.probe.aux else None
-    s.l2sp_ref = {n: p.detach().clone() for n, p in model.named_parameters()
-                  if p.requires_grad and not n.startswith("head.")} if reg.name == "l2sp" else {}
-    if reg.name == "apr":
+
+    def cache() -> torch.Tensor:
         t = time.perf_counter()
-        s.apr_ref = attention_cache(model, s.train_set.images, s.preprocess, s.device,
-                                    cfg.probe.batch_size, reg.layers, cfg.probe.precision)
+        ref = attention_cache(model, s.train_set.images, s.preprocess, s.device,
+                              cfg.probe.batch_size, reg.layers, cfg.probe.precision)
         s.record.timing["apr_cache_s"] = time.perf_counter() - t
-        s.record.timing["apr_cache_mb"] = s.apr_ref.numel() * s.apr_ref.element_size() / 2**20
+        s.record.timing["apr_cache_mb"] = ref.numel() * ref.element_size() / 2**20
+        return ref
+
+    s.regularizer = regularizer(reg.name)
+    s.reg_state = (s.regularizer.prepare(Pretrained(model, reg.layers, reg.ratio, s.device,
+                                                    cache)) if s.regularizer else {})
     s.grab = (AttentionProbe(model.vision_model, reg.layers, detach=False)
-              if reg.name in ("apr", "entropy_floor") else None)
+              if s.regularizer and s.regularizer.attention else None)
 
 
 def measure_baseline(s: Setup) -> LoopState:
@@ -252,16 +269,16 @@ def measure_baseline(s: Setup) -> LoopState:
     base_attn = s.probe_of(s.probe_images)
     record.baseline = summarize(base_attn)
     record.baseline["subsets"] = [record.baseline["mean"]] + [
-        summarize(s.probe_of(val_set.images[i]))["mean"] for i in s.subsets[1:]]
+        summarize(s.probe_of(s.probe_set.images[i]))["mean"] for i in s.subsets[1:]]
     probe_s = time.perf_counter() - t
     t = time.perf_counter()
-    zs_before = s.zeroshot(s.zs_weights, s.zs_tasks)
+    zs_before = s.zeroshot(s.zs_weights, s.zs_tasks, detail=True)
     own = text_classifier(s.loaded.model, s.loaded.tokenizer, val_set.class_names,
                           val_set.templates, s.device)
     own_acc = s.zeroshot({"task": own}, {"task": val_set})["task"]
     record.sanity, record.warnings = sanity_check(
         {f"{s.cfg.data.dataset} (validation)": (own_acc, val_set.num_classes),
-         **{n: (zs_before[n], t.num_classes) for n, t in s.zs_tasks.items()}})
+         **{n: (zs_before[n]["top1"], t.num_classes) for n, t in s.zs_tasks.items()}})
     if s.zs_subsets:  # the trajectory's starting point, on the same subsets as the probes
         record.baseline["zeroshot_subset"] = s.zeroshot(s.zs_weights, s.zs_subsets)
     zeroshot_s = time.perf_counter() - t

@@ -40,12 +40,7 @@ from attndrift.records import (
     run_id_for,
     write_record,
 )
-from attndrift.regularizers import (
-    apr_loss,
-    entropy_floor_loss,
-    entropy_floor_targets,
-    l2sp_loss,
-)
+from attndrift.regularizers import Batch
 from attndrift.run_final import final_evaluation as _final_evaluation  # a phase of _run
 from attndrift.run_setup import Setup, measure_baseline, prepare, probe_steps, warmup_cosine
 from attndrift.runtime import (
@@ -113,7 +108,6 @@ class _Live:
 
     best: BestWeights
     guard: Guard | None = None  # early-warning guard (None without a guard section)
-    tau: torch.Tensor | None = None  # entropy floors, from the baseline
     board: Any = None  # TensorBoard writer
     segment: tuple[float, float] = (0.0, 0.0)  # (wall clock, evaluation seconds) at last count
     perm_at: torch.Tensor | None = None  # the epoch's order where the images are
@@ -173,11 +167,9 @@ def _checkpoint(s: Setup, state: LoopState, live: _Live) -> None:
 def _train(s: Setup, state: LoopState, live: _Live) -> torch.Tensor:
     """The loop: step, log, probe, validate at epoch ends, checkpoint. Returns the last
     probe's attention (the final step is always a probe point)."""
-    cfg, total_steps, reg = s.cfg, s.total_steps, s.reg
-    if reg.name == "entropy_floor":
-        layers = s.record.baseline["entropy"]["layers"]
-        chosen = reg.layers if reg.layers is not None else range(len(layers))
-        live.tau = entropy_floor_targets([layers[i] for i in chosen], reg.ratio).to(s.device)
+    cfg, total_steps = s.cfg, s.total_steps
+    if s.regularizer is not None:  # targets that depend on the baseline (entropy floors)
+        s.reg_state = s.regularizer.start(s.reg_state, s.record.baseline["entropy"]["layers"])
     live.board = open_board(s.out_dir, state.step) if cfg.tensorboard else None
     s.model.train()
     bar, task_id = progress_bar(s.progress, total_steps, state.step,
@@ -243,17 +235,10 @@ def _train_step(s: Setup, state: LoopState, live: _Live) -> torch.Tensor:
     y = s.train_labels[at].to(device, non_blocking=True)
     with autocast(device, cfg.train.precision), grab or contextlib.nullcontext():
         loss = F.cross_entropy(s.forward(x).float(), y)
-    if reg.name != "none":
+    if s.regularizer is not None:
         # the gradient-carrying attention path; monitoring probes stay detached
-        if reg.name == "apr":
-            ref = s.apr_ref[idx, flips.long() if flips is not None else 0]
-            penalty = apr_loss(renormalize_patches(grab.pop()),
-                               ref.to(device, torch.float32, non_blocking=True))
-        elif reg.name == "entropy_floor":
-            penalty = entropy_floor_loss(renormalize_patches(grab.pop()), live.tau)
-        else:
-            penalty = l2sp_loss({n: p for n, p in s.model.named_parameters()
-                                 if n in s.l2sp_ref}, s.l2sp_ref)
+        maps = renormalize_patches(grab.pop()) if grab is not None else None
+        penalty = s.regularizer.penalty(s.reg_state, Batch(s.model, maps, idx, flips))
         loss = loss + reg.lam * penalty
         state.reg_sum += penalty.detach()
     s.optimizer.zero_grad(set_to_none=True)

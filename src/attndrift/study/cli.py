@@ -11,25 +11,111 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from attndrift.console import fail, os_error_line, out, sigterm_interrupts
+from attndrift.clistyle import App
+from attndrift.console import fail, os_error_line, out, safe, sigterm_interrupts
+from attndrift.study import MAX_RUNS
 
-app = typer.Typer(no_args_is_help=True, help="Declarative experiment matrices.")
+app = App(no_args_is_help=True, help="Declarative experiment matrices.")
+
+MaxRuns = Annotated[int, typer.Option(
+    "--max-runs", min=1, help="refuse a study that expands to more runs than this")]
 
 
 
 def status_rows(store) -> list[dict]:
-    manifest = store.manifest()
+    """One row per run of the store's manifest. Reads only: a run it cannot read is listed
+    ``corrupt`` (or ``unreadable``) with the reason, never a traceback."""
     rows = []
-    for entry in manifest["runs"]:
-        state = store.state(entry["run_id"])
-        status = state.status
-        if status in ("running", "pending", "interrupted") and store.is_locked(entry["run_id"]):
-            status = "running"
-        elif status == "running":
-            status = "interrupted"  # started, nobody holds it: the next study run resumes it
-        rows.append({"run_id": entry["run_id"], "group": entry["group"], "status": status,
-                     "error": state.error})
+    for entry in store.manifest()["runs"]:
+        run_id, group = entry["run_id"], str(entry.get("group", ""))
+        try:
+            state = store.state(run_id)
+            status, error = state.status, state.error
+            if status in ("running", "pending", "interrupted") and store.is_locked(run_id):
+                status = "running"
+            elif status == "running":
+                status = "interrupted"  # started, nobody holds it: the next study run resumes it
+        except ValueError as e:  # a hand-edited run id that is no directory name
+            status, error = "corrupt", str(e)
+        except (OSError, RecursionError) as e:
+            status, error = "unreadable", f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append({"run_id": run_id, "group": group, "status": status, "error": error})
     return rows
+
+
+def _gpu_ids(gpus: str | None, backend: str, workers: int) -> list[str] | None:
+    """``--gpus`` as ids, checked against the backend, the workers and the visible GPUs."""
+    gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
+    if gpu_ids is not None:
+        from attndrift.study.executor import visible_gpus
+
+        if backend != "local" or workers < 2:
+            fail("--gpus spreads local workers: it needs --backend local and --workers 2 or "
+                 "more (one run in this process uses its config's device, e.g. device=cuda:1)", 2)
+        visible = visible_gpus()
+        unknown = [g for g in gpu_ids if g not in visible]
+        if unknown:
+            fail(f"--gpus {gpus}: {', '.join(unknown)} not among the visible GPUs "
+                 f"({', '.join(visible) or 'none: torch sees no CUDA device'})", 2)
+    return gpu_ids
+
+
+def _progress(counts: dict[str, int], total: int, workers: int):
+    """The per-run progress line: done/total, status, duration, counts, runs left, ETA."""
+    durations: list[float] = []
+
+    def report(o) -> None:
+        if o.status in counts:
+            counts[o.status] += 1
+        elif o.status == "skipped-done":  # completed by another worker while we looked
+            counts["completed"] += 1
+        if o.status not in ("skipped-done", "skipped-busy"):
+            durations.append(o.seconds)
+        done = min(total, sum(counts.values()))
+        left = total - done
+        eta = (sum(durations) / len(durations)) * left / max(1, workers) if durations else 0
+        colour = {"completed": "green", "failed": "red", "diverged": "yellow"}.get(o.status, "")
+        tag = f"[{colour}]{o.status}[/]" if colour else o.status
+        why = f" ({safe(o.error)})" if o.error and o.status != "completed" else ""
+        out.print(f"[{done}/{total}] {tag} {o.run_id} {o.seconds:.1f}s{why} | "
+                  f"failed {counts['failed']}, diverged {counts['diverged']}, "
+                  f"left {left}, ETA {eta:.0f}s", highlight=False, soft_wrap=True)
+
+    return report
+
+
+def _summarise(store, name: str, outcomes: list, seconds: float, resume: str) -> None:
+    """The closing line, and exit 1 unless every run of the study is completed."""
+    busy = [o.run_id for o in outcomes if o.status == "skipped-busy"]
+    rows = status_rows(store)
+    done = sum(r["status"] == "completed" for r in rows)
+    bad = [r for r in rows if r["status"] in ("failed", "diverged", "corrupt")]
+    unfinished = [r for r in rows if r["status"] not in ("completed", "failed", "diverged",
+                                                          "corrupt")]
+    out.print(f"study {name}: {done}/{len(rows)} completed, "
+              f"{len(bad)} failed or diverged, {len(busy)} held by other workers, "
+              f"{seconds:.1f}s", highlight=False)
+    # never report success while a run is not completed
+    if bad:
+        fail(f"{len(bad)} run(s) did not complete: {', '.join(r['run_id'] for r in bad)}; "
+              "see `attndrift study status` and rerun with --retry-failed", 1)
+    if unfinished:
+        held = [r["run_id"] for r in unfinished if r["status"] == "running"]
+        fail(f"{len(unfinished)} run(s) not completed yet: "
+             f"{', '.join(r['run_id'] + ' (' + r['status'] + ')' for r in unfinished)}; "
+             + ("another worker holds " + ", ".join(held) + "; " if held else "")
+             + f"`{resume}` runs or resumes them", 1)
+
+
+def _counts(store, planned: list, retry_failed: bool) -> dict[str, int]:
+    """Runs already completed, failed and diverged; failed and diverged ones count as done
+    only when they are not run again."""
+    counts = {"completed": 0, "failed": 0, "diverged": 0}
+    for p in planned:
+        s = store.state(p.run_id).status
+        if s == "completed" or (s in counts and not retry_failed):
+            counts[s] += 1
+    return counts
 
 
 @app.command("run")
@@ -51,6 +137,10 @@ def run_cmd(
              "else cores // workers); give each of two `study run` processes on one machine "
              "half the cores")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs only")] = False,
+    ray_retries: Annotated[int, typer.Option(
+        "--ray-retries", min=0, help="Ray: times a run whose worker process or node died is "
+                                     "started again (it resumes from its last checkpoint)")] = 3,
+    max_runs: MaxRuns = MAX_RUNS,
 ) -> None:
     """Run every run of STUDY not yet completed in the store; resume interrupted ones."""
     from attndrift.config import ConfigError
@@ -60,18 +150,7 @@ def run_cmd(
 
     if backend not in ("local", "ray"):
         fail(f"--backend {backend!r}: choose local or ray", 2)
-    gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
-    if gpu_ids is not None:
-        from attndrift.study.executor import visible_gpus
-
-        if backend != "local" or workers < 2:
-            fail("--gpus spreads local workers: it needs --backend local and --workers 2 or "
-                 "more (one run in this process uses its config's device, e.g. device=cuda:1)", 2)
-        visible = visible_gpus()
-        unknown = [g for g in gpu_ids if g not in visible]
-        if unknown:
-            fail(f"--gpus {gpus}: {', '.join(unknown)} not among the visible GPUs "
-                 f"({', '.join(visible) or 'none: torch sees no CUDA device'})", 2)
+    gpu_ids = _gpu_ids(gpus, backend, workers)
     from attndrift.runtime import torch_threads
 
     try:
@@ -79,7 +158,7 @@ def run_cmd(
     except ValueError as e:
         fail(str(e), 2)
     try:
-        spec, planned = load_study(study)
+        spec, planned = load_study(study, max_runs)
     except ConfigError as e:
         fail(str(e), 2)
     if dry_run:
@@ -94,40 +173,16 @@ def run_cmd(
                          != "completed"], str(study))
     except ConfigError as e:
         fail(str(e), 2)
-
     try:
         store.root.mkdir(parents=True, exist_ok=True)
         store.write_manifest(spec.name, planned)
     except OSError as e:
         fail(os_error_line(e), 1)
-    total = len(planned)
-    counts = {"completed": 0, "failed": 0, "diverged": 0}
-    for p in planned:
-        s = store.state(p.run_id).status
-        # failed/diverged runs count as done only when they are not run again
-        if s == "completed" or (s in counts and not retry_failed):
-            counts[s] += 1
-    t0, durations = time.perf_counter(), []
+    total, counts = len(planned), _counts(store, planned, retry_failed)
+    t0 = time.perf_counter()
     out.print(f"study [bold]{spec.name}[/]: {total} runs, {counts['completed']} already "
-              f"completed -> {store.root}", highlight=False)
-
-    def report(o) -> None:
-        if o.status in counts:
-            counts[o.status] += 1
-        elif o.status == "skipped-done":  # completed by another worker while we looked
-            counts["completed"] += 1
-        if o.status not in ("skipped-done", "skipped-busy"):
-            durations.append(o.seconds)
-        done = min(total, sum(counts.values()))
-        left = total - done
-        eta = (sum(durations) / len(durations)) * left / max(1, workers) if durations else 0
-        colour = {"completed": "green", "failed": "red", "diverged": "yellow"}.get(o.status, "")
-        tag = f"[{colour}]{o.status}[/]" if colour else o.status
-        why = f" ({o.error})" if o.error and o.status != "completed" else ""
-        out.print(f"[{done}/{total}] {tag} {o.run_id} {o.seconds:.1f}s{why} | "
-                  f"failed {counts['failed']}, diverged {counts['diverged']}, "
-                  f"left {left}, ETA {eta:.0f}s", highlight=False, soft_wrap=True)
-
+              f"completed -> {safe(store.root)}", highlight=False)
+    report = _progress(counts, total, workers)
     resume = f"attndrift study run {study} --store {store_dir}"
     try:
         with sigterm_interrupts():
@@ -136,30 +191,12 @@ def run_cmd(
                                progress=sys.stderr.isatty() and workers == 1,
                                on_outcome=report, ray_address=ray_address,
                                gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run,
-                               gpus=gpu_ids, threads=threads)
+                               gpus=gpu_ids, threads=threads, ray_retries=ray_retries)
     except KeyboardInterrupt:
         fail(f"interrupted: unfinished runs are resumable; `{resume}` resumes them", 130)
     except OSError as e:
         fail(os_error_line(e), 1)
-    busy = [o.run_id for o in outcomes if o.status == "skipped-busy"]
-    rows = status_rows(store)
-    done = sum(r["status"] == "completed" for r in rows)
-    bad = [r for r in rows if r["status"] in ("failed", "diverged", "corrupt")]
-    unfinished = [r for r in rows if r["status"] not in ("completed", "failed", "diverged",
-                                                          "corrupt")]
-    out.print(f"study {spec.name}: {done}/{total} completed, "
-              f"{len(bad)} failed or diverged, {len(busy)} held by other workers, "
-              f"{time.perf_counter() - t0:.1f}s", highlight=False)
-    # never report success while a run is not completed
-    if bad:
-        fail(f"{len(bad)} run(s) did not complete: {', '.join(r['run_id'] for r in bad)}; "
-              "see `attndrift study status` and rerun with --retry-failed", 1)
-    if unfinished:
-        held = [r["run_id"] for r in unfinished if r["status"] == "running"]
-        fail(f"{len(unfinished)} run(s) not completed yet: "
-             f"{', '.join(r['run_id'] + ' (' + r['status'] + ')' for r in unfinished)}; "
-             + ("another worker holds " + ", ".join(held) + "; " if held else "")
-             + f"`{resume}` runs or resumes them", 1)
+    _summarise(store, spec.name, outcomes, time.perf_counter() - t0, resume)
 
 
 @app.command("status")
@@ -167,12 +204,13 @@ def status_cmd(
     store_dir: Annotated[Path, typer.Option("--store", help="run store directory")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Show every run of the study in STORE with its status."""
-    from attndrift.study.store import Store
+    """Show every run of the study in STORE with its status. Writes nothing (a read-only
+    store is fine); a run or manifest it cannot read is reported as such."""
+    from attndrift.study.store import Store, StoreError
 
     try:
         rows = status_rows(Store(store_dir))
-    except FileNotFoundError as e:
+    except StoreError as e:
         fail(str(e), 2)
     counts: dict[str, int] = {}
     for r in rows:
@@ -184,7 +222,7 @@ def status_cmd(
     for col in ("run", "group", "status", "error"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["run_id"], r["group"], r["status"], r["error"] or "")
+        table.add_row(*(safe(r[k] or "") for k in ("run_id", "group", "status", "error")))
     out.print(table)
 
 
@@ -192,13 +230,14 @@ def status_cmd(
 def plan_cmd(
     study: Annotated[Path, typer.Argument(help="study YAML (configs/studies/...)")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    max_runs: MaxRuns = MAX_RUNS,
 ) -> None:
     """Print every run STUDY expands to, with the config keys that distinguish it."""
     from attndrift.config import ConfigError
     from attndrift.study.spec import distinguishing, load_study
 
     try:
-        spec, planned = load_study(study)
+        spec, planned = load_study(study, max_runs)
     except ConfigError as e:
         fail(str(e), 2)
     keys, values = distinguishing(planned)
@@ -211,7 +250,7 @@ def plan_cmd(
     for col in ("run", "group", *keys):
         table.add_column(col)
     for p, v in zip(planned, values, strict=True):
-        table.add_row(p.run_id, p.group, *(json.dumps(v[k]) if isinstance(v[k], list)
-                                           else str(v[k]) for k in keys))
+        table.add_row(p.run_id, p.group, *(safe(json.dumps(v[k]) if isinstance(v[k], list)
+                                                else v[k]) for k in keys))
     out.print(table)
 
