@@ -26,15 +26,13 @@ ALLOWED_CYCLE_EDGES: set[tuple[str, str]] = {
 # Modules and functions over the limits today, each owned by someone splitting it (issue 20);
 # shrink this as they land. Keys are paths under src/attndrift; functions are "path:qualname".
 ALLOWED_LONG_MODULES: set[str] = {
-    "config.py",  # cli/methods/protocol: config roles and sections (issue 20 item 4)
+    "cli.py",  # cli: the commands (issue 24 work in progress)
+    "config.py",  # cli/methods/protocol: roles, protocol sections (issue 20 item 4, issue 21)
     "data/shapes.py",  # protocol
-    "models/external.py",  # measure
-    "report/figures.py",  # report
+    "report/figures.py",  # report: figures register themselves (issue 20 item 5)
 }
 ALLOWED_LONG_FUNCTIONS: set[str] = {
-    "measure.py:measure",  # measure: reuse the run's evaluation phases (issue 20 item 2)
     "interpolate.py:interpolate_run",  # methods: interpolation reads the method spec
-    "study/cli.py:run_cmd",  # cli
     "pretrain.py:_pretrain",  # the tiny CLIP's recipe; no owner this round
 }
 

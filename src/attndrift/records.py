@@ -22,7 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from attndrift import record_check
-from attndrift.atomic import atomic_write_bytes, write_error  # noqa: F401 (re-exported)
+from attndrift.fileio import (  # noqa: F401 (re-exported: where writers found them)
+    atomic_write_bytes,
+    file_sha256,
+    write_error,
+)
 
 SCHEMA_VERSION = 1
 RECORD_FILE = "record.json"
@@ -271,11 +275,3 @@ def provenance(device: str) -> dict[str, Any]:
             "device": device, "gpu": gpu, "cpu_threads": torch.get_num_threads(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "git_commit": _git_commit()}
-
-
-def file_sha256(path: Path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[: limit or None]

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attndrift.atomic import atomic_write_bytes
 from attndrift.data.base import ImageTask
+from attndrift.fileio import atomic_write_bytes
 
 PROBE_FOR_SIZE = 16  # images looked at to decide native vs resized caching
 

@@ -1,15 +1,17 @@
-"""Atomic file writes: a reader sees either the previous complete file or the new one.
+"""File primitives shared by every writer and hasher: atomic writes and content hashes.
 
-A leaf module (it imports nothing of attndrift), so that the dataset cache and the run
-records both use it without an import circle. Writes go to a temp file in the same
-directory, are fsynced and ``os.replace``d; a failed write (full disk, read-only filesystem)
-leaves no temp file behind and raises an `OSError` naming the target. Files get the
-permissions the umask allows (0644 under the usual 022), as ``open`` would give them.
+A leaf module (it imports nothing of attndrift), so that the dataset cache, checkpoint
+loading and the run records all use it without an import circle. A reader of an atomically
+written file sees either the previous complete file or the new one. Writes go to a temp file
+in the same directory, are fsynced and ``os.replace``d; a failed write (full disk, read-only
+filesystem) leaves no temp file behind and raises an `OSError` naming the target. Files get
+the permissions the umask allows (0644 under the usual 022), as ``open`` would give them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -51,3 +53,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if isinstance(err, OSError):
             raise write_error(err, path) from None
         raise
+
+
+def file_sha256(path: Path, limit: int | None = None) -> str:
+    """SHA-256 hex of the file's bytes (its first ``limit`` characters when given)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[: limit or None]
