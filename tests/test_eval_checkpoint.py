@@ -34,13 +34,18 @@ def _run(tmp_path, monkeypatch, name, scores, *overrides):
     return run(tiny_config("tiny_full_ft", *SHORT, *overrides), tmp_path / name, progress=False)
 
 
-def test_default_final_leaves_run_ids_and_configs_as_they_were():
-    cfg = tiny_config("tiny_full_ft")
-    dumped = cfg.model_dump(mode="json")
-    assert "eval" not in dumped  # so the record's config and the run id are unchanged
+def test_default_final_leaves_run_ids_and_settings_as_they_were():
+    from attndrift.analysis.runs import setting_key
+
+    dumped = tiny_config("tiny_full_ft").model_dump(mode="json")
+    assert dumped["eval"] == {"checkpoint": "final"}
+    before = {k: v for k, v in dumped.items() if k != "eval"}  # a config from before the key
+    assert identity(dumped) == identity(before)  # so the run id is unchanged
     best = tiny_config("tiny_full_ft", "eval.checkpoint=best").model_dump(mode="json")
-    assert best["eval"] == {"checkpoint": "best"}
+    assert identity(best)["eval"] == {"checkpoint": "best"}
     assert run_id_for(identity(best)) != run_id_for(identity(dumped))
+    # records from before the key are replicates of the same setting; best is another one
+    assert setting_key(before) == setting_key(dumped) != setting_key(best)
 
 
 def test_best_checkpoint_is_restored_before_the_final_evaluation(tmp_path, monkeypatch):
