@@ -53,7 +53,7 @@ def _data_provenance(s: Any) -> dict[str, Any]:
         "content": s.source.fingerprint(),
         "train_ids": index_fingerprint(train_idx),
         "val_ids": index_fingerprint(val_idx),
-        "probe_ids": [index_fingerprint(val_idx[sub]) for sub in subsets],
+        "probe_ids": [index_fingerprint(s.pool_idx[sub]) for sub in subsets],
         "sizes": {"train": len(train_idx), "val": len(val_set), "probe": len(subsets[0])},
     }
 
