@@ -22,7 +22,7 @@ from attndrift.analysis.runs import (
     regularizer_label,
     setting_key,
 )
-from attndrift.analysis.settings import labels_of
+from attndrift.analysis.settings import labels_of, setting_order
 from attndrift.config import OPERATIONAL_KEYS, RunConfig, identity
 from attndrift.interpolate import SCHEMES, _Interpolator
 from attndrift.models.adapt import METHODS, adapt, method_kwargs
@@ -255,3 +255,12 @@ def test_every_methods_interpolation_ends_at_pretrained_and_adapted(tiny, name):
     torch.testing.assert_close(at0, before, atol=1e-5, rtol=0)
     torch.testing.assert_close(at1, after, atol=1e-6, rtol=0)
     assert (SCHEMES[name] == "none") == torch.allclose(after, before, atol=1e-5)
+
+
+def test_settings_sort_by_method_rank_then_the_keys_it_reads():
+    cfgs = [_config("lora", **{"lora.train_projection": False}), _config("dora"),
+            _config("lora", **{"lora.r": 16}), _config("lora"), _config("full_ft")]
+    order = sorted(cfgs, key=setting_order)
+    assert [method_label(c) for c in order] == [
+        "full FT", "LoRA r=8 α=16", "LoRA r=8 α=16 (proj frozen)", "LoRA r=16 α=16",
+        "DoRA r=8 α=16"]
