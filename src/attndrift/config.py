@@ -159,7 +159,7 @@ class DataConfig(_Strict):
     budget: BudgetConfig | None = Field(
         None, json_schema_extra=role("identity", omit_default=True),
         description="per-class train / val / probe counts carved from the training split "
-                    "(the later protocol), instead of val_frac; probes then come from "
+                    "(the later protocol); val_frac is then unused, and probes come from "
                     "the probe split, not from validation")
     zeroshot_eval: dict[str, ZeroShotEval] = Field(
         {}, json_schema_extra=role("identity", omit_default=True),
@@ -170,9 +170,6 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _protocol(self) -> DataConfig:
-        if self.budget is not None and "val_frac" in self.model_fields_set:
-            raise ValueError("data.val_frac and data.budget both set; the budget fixes the "
-                             "validation split: drop data.val_frac")
         stray = sorted(set(self.zeroshot_eval) - set(self.zeroshot))
         if stray:
             raise ValueError(f"data.zeroshot_eval names {stray[0]!r}, which is not in "
