@@ -32,6 +32,8 @@ class _State:
     source: Any = None
     split: tuple = ()
     probe_images: Any = None
+    probe_set: Any = None  # the images the probe subsets index (validation, or a budget's)
+    pool_idx: Any = None  # their indices into the training split
     zs_tasks: dict[str, Any] = field(default_factory=dict)
 
 
@@ -50,23 +52,25 @@ def _models(s: _State) -> None:
 
 def _probe_set(s: _State) -> None:
     """The validation split and probe subsets exactly as a run builds them."""
+    from attndrift.data.prompts import zeroshot_tasks
     from attndrift.data.registry import load_task
     from attndrift.data.splits import balanced_subset
-    from attndrift.evaluate import validation_probe_sets
+    from attndrift.evaluate import run_probe_sets
 
     data, probe, size = s.plan.data, s.plan.probe, s.ref.image_size
     s.source = load_task(data.dataset, "train", image_size=size, progress=s.plan.progress)
-    train_idx, val_idx, val_set, subsets = validation_probe_sets(
-        s.source, data.val_frac, data.split_seed, probe.images, probe.subsets, probe.seed
-    )
+    budget = data.budget  # per-class budgets: probes from a split disjoint from validation
+    train_idx, val_idx, s.pool_idx, val_set, s.probe_set, subsets = run_probe_sets(
+        s.source, data.val_frac, data.split_seed, probe.images, probe.subsets, probe.seed,
+        (budget.train, budget.val, budget.probe) if budget else None)
     if data.train_limit is not None:
         train_idx = train_idx[
             balanced_subset(s.source.labels[train_idx], data.train_limit, data.split_seed)
         ]
     s.split = (train_idx, val_idx, val_set, subsets)
-    s.probe_images = val_set.images[subsets[0]]
-    s.zs_tasks = {n: load_task(n, "test", image_size=size, progress=s.plan.progress)
-                  for n in data.zeroshot}
+    s.probe_images = s.probe_set.images[subsets[0]]
+    s.zs_tasks = zeroshot_tasks(data.zeroshot, data.zeroshot_eval, image_size=size,
+                                progress=s.plan.progress)[0]
 
 
 def _attention(s: _State, model, preprocess) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -74,7 +78,7 @@ def _attention(s: _State, model, preprocess) -> tuple[torch.Tensor, dict[str, An
     from attndrift.evaluate import probe_attention
     from attndrift.probes.metrics import summarize
 
-    probe, (_, _, val_set, subsets) = s.plan.probe, s.split
+    probe, subsets = s.plan.probe, s.split[3]
 
     def probe_of(images):
         return probe_attention(model, images, preprocess, s.dev, probe.batch_size,
@@ -83,7 +87,7 @@ def _attention(s: _State, model, preprocess) -> tuple[torch.Tensor, dict[str, An
     attn = probe_of(s.probe_images)
     metrics = summarize(attn)
     metrics["subsets"] = [metrics["mean"]] + [
-        summarize(probe_of(val_set.images[sub]))["mean"] for sub in subsets[1:]
+        summarize(probe_of(s.probe_set.images[sub]))["mean"] for sub in subsets[1:]
     ]
     return attn, metrics
 

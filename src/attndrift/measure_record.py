@@ -48,7 +48,9 @@ def _data_provenance(s: Any) -> dict[str, Any]:
     from attndrift.phases import data_provenance  # as a run records it
 
     train_idx, val_idx, _, subsets = s.split
-    return data_provenance(s.plan.data.dataset, s.source, train_idx, val_idx, subsets)
+    budget = s.plan.data.budget
+    return data_provenance(s.plan.data.dataset, s.source, train_idx, val_idx, subsets,
+                           s.pool_idx, budget.model_dump() if budget else None)
 
 
 def assemble(s: Any, results: dict[str, Any]) -> dict[str, Any]:
