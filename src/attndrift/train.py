@@ -58,12 +58,7 @@ from attndrift.records import (
     run_id_for,
     write_record,
 )
-from attndrift.regularizers import (
-    apr_loss,
-    entropy_floor_loss,
-    entropy_floor_targets,
-    l2sp_loss,
-)
+from attndrift.regularizers import Batch, Pretrained, regularizer
 from attndrift.runtime import (
     RESUME_FILE,
     board_metrics,
@@ -163,7 +158,6 @@ class _Run:
         self.aux_which = list(cfg.probe.aux)
         self.best: dict[str, Any] = {}  # improved trainable state not yet on disk + its epoch
         self.perm_at: torch.Tensor | None = None  # the epoch's order where the images are
-        self.tau: torch.Tensor | None = None  # entropy floors, once the baseline is known
 
     def probe_of(self, images: torch.Tensor) -> torch.Tensor:
         """The attention probe, as configured, summarized on the device."""
@@ -272,7 +266,7 @@ def _prepare_model(r: _Run) -> None:
     torch.manual_seed(cfg.seed)  # head init and LoRA init depend only on the seed
     model = CLIPClassifier.from_clip(r.clip, r.source.num_classes).to(r.device)
     adapted = adapt(model, cfg.method,
-                    **method_kwargs(cfg.method, cfg.lora.model_dump(), cfg.freeze_layers))
+                    **method_kwargs(cfg.method, cfg.model_dump()))
     r.model = adapted.model.to(r.device)
     n_trainable, n_total = count_parameters(r.model)
     r.record["provenance"]["parameters"] = {"trainable": n_trainable, "total": n_total}
@@ -320,17 +314,20 @@ def _pretrained_references(r: _Run) -> None:
     before any update, also on resume (the resumed weights are loaded after this)."""
     model, reg, cfg = r.model, r.reg, r.cfg
     r.pretrained_weights = vision_weight_snapshot(model) if "drift" in r.aux_which else None
-    r.l2sp_ref = {n: p.detach().clone() for n, p in model.named_parameters()
-                  if p.requires_grad and not n.startswith("head.")} if reg.name == "l2sp" else {}
-    r.apr_ref = None
-    if reg.name == "apr":
+
+    def cache() -> torch.Tensor:
         t = time.perf_counter()
-        r.apr_ref = attention_cache(model, r.train_set.images, r.preprocess, r.device,
-                                    cfg.probe.batch_size, reg.layers, cfg.probe.precision)
+        ref = attention_cache(model, r.train_set.images, r.preprocess, r.device,
+                              cfg.probe.batch_size, reg.layers, cfg.probe.precision)
         r.timing["apr_cache_s"] = time.perf_counter() - t
-        r.timing["apr_cache_mb"] = r.apr_ref.numel() * r.apr_ref.element_size() / 2**20
+        r.timing["apr_cache_mb"] = ref.numel() * ref.element_size() / 2**20
+        return ref
+
+    r.regularizer = regularizer(reg.name)
+    r.reg_state = (r.regularizer.prepare(Pretrained(model, reg.layers, reg.ratio, r.device,
+                                                    cache)) if r.regularizer else {})
     r.grab = (AttentionProbe(model.vision_model, reg.layers, detach=False)
-              if reg.name in ("apr", "entropy_floor") else None)
+              if r.regularizer and r.regularizer.attention else None)
 
 
 def _baseline(r: _Run) -> dict[str, Any]:
@@ -411,12 +408,8 @@ def _train(r: _Run, state: dict[str, Any]) -> torch.Tensor:
     """The loop: step, log, probe, validate at epoch ends, checkpoint. Returns the last
     probe's attention (the final step is always a probe point)."""
     cfg, total_steps = r.cfg, r.total_steps
-    if r.reg.name == "entropy_floor":
-        layers = r.reg.layers if r.reg.layers is not None else range(
-            len(r.record["baseline"]["entropy"]["layers"]))
-        r.tau = entropy_floor_targets(
-            [r.record["baseline"]["entropy"]["layers"][i] for i in layers],
-            r.reg.ratio).to(r.device)
+    if r.regularizer is not None:
+        r.reg_state = r.regularizer.start(r.reg_state, r.record["baseline"]["entropy"]["layers"])
     r.board = open_board(r.out_dir, state["step"]) if cfg.tensorboard else None
     r.model.train()
     bar, task_id = progress_bar(r.progress, total_steps, state["step"],
@@ -482,17 +475,10 @@ def _train_step(r: _Run, state: dict[str, Any]) -> torch.Tensor:
     y = r.train_labels[at].to(device, non_blocking=True)
     with autocast(device, cfg.train.precision), grab or contextlib.nullcontext():
         loss = F.cross_entropy(r.forward(x).float(), y)
-    if reg.name != "none":
+    if r.regularizer is not None:
         # the gradient-carrying attention path; monitoring probes stay detached
-        if reg.name == "apr":
-            ref = r.apr_ref[idx, flips.long() if flips is not None else 0]
-            penalty = apr_loss(renormalize_patches(grab.pop()),
-                               ref.to(device, torch.float32, non_blocking=True))
-        elif reg.name == "entropy_floor":
-            penalty = entropy_floor_loss(renormalize_patches(grab.pop()), r.tau)
-        else:
-            penalty = l2sp_loss({n: p for n, p in r.model.named_parameters()
-                                 if n in r.l2sp_ref}, r.l2sp_ref)
+        maps = renormalize_patches(grab.pop()) if grab is not None else None
+        penalty = r.regularizer.penalty(r.reg_state, Batch(r.model, maps, idx, flips))
         loss = loss + reg.lam * penalty
         r.reg_sum += penalty.detach()
     r.optimizer.zero_grad(set_to_none=True)
