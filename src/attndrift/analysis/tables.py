@@ -46,7 +46,7 @@ from attndrift.analysis.runs import (
     short_model,
 )
 from attndrift.analysis.settings import Setting
-from attndrift.analysis.table import Column, Table, make_table
+from attndrift.analysis.table import Column, Table, make_table, register_table
 
 RUN = Column("run", "run")
 SEED = Column("seed", "seed", "int")
@@ -54,7 +54,8 @@ ACC = (Column("best_val_acc", "best val acc %", "acc"), Column("test_acc", "test
 COUNTS = (Column("n", "seeds", "int"), Column("not_completed", "not completed", "int"))
 
 
-def run_status(runs: Sequence[Run], store_root: str = "") -> Table:
+@register_table("runs", "runs", order=10, store=True)
+def run_status(runs: Sequence[Run], store_root: str = "", drift: str = SUBSET_MEAN) -> Table:
     ctx = context(runs)
     rows = []
     for r in runs:
@@ -81,6 +82,7 @@ def run_status(runs: Sequence[Run], store_root: str = "") -> Table:
                       cols, rows, "the store holds no run directories")
 
 
+@register_table("main_comparison", "results", order=20)
 def main_comparison(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     done, ctx = completed(runs), context(runs)
     tasks = zs_tasks(done)
@@ -115,6 +117,7 @@ def _baselines(runs: Sequence[Run]) -> list[tuple[str, str, dict[str, Any]]]:
     return sorted(out, key=lambda b: (b[0].casefold(), b[1].casefold()))
 
 
+@register_table("baseline_structure", "results", order=40)
 def baseline_structure(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     rows = []
     for model, dataset, base in _baselines(runs):
@@ -137,6 +140,7 @@ def baseline_structure(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       cols, rows, "no completed run has a baseline")
 
 
+@register_table("baseline_summary", "results", order=30)
 def baseline_summary(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """003 §3.1: per metric, mean ± sd over the layers of the pretrained model and the range."""
     rows = []
@@ -162,6 +166,7 @@ def baseline_summary(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "no completed run has a baseline")
 
 
+@register_table("absolute_metrics", "results", order=50)
 def absolute_metrics(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """003 §6.1: the layer-mean metrics before (pretrained) and after training, per setting."""
     ctx, rows = context(runs), []
@@ -208,6 +213,7 @@ def _setting_rows(groups: Sequence[Setting], ctx: Context, tasks: Sequence[str],
     return sorted(rows, key=order)
 
 
+@register_table("lr_sweep", "results", order=60)
 def lr_sweep(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     ctx, tasks = context(runs), zs_tasks(completed(runs))
     by_rest: dict[tuple, list[Setting]] = {}
@@ -226,6 +232,7 @@ def lr_sweep(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "no setting was run at two or more learning rates")
 
 
+@register_table("matched_lr", "results", order=10)
 def matched_lr(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """The matched-LR aggregate as 002 publishes it: per setting n, test accuracy, Δ of the
     layer-mean metrics, Δ entropy of the last layer, zero-shot retention per task."""
@@ -253,6 +260,7 @@ def _regularization_family(family: list[Setting]) -> bool:
         regularizer_label(g.config) != "none" for g in family))
 
 
+@register_table("regularization", "results", order=90)
 def regularization(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     ctx, tasks = context(runs), zs_tasks(completed(runs))
     by_rest: dict[tuple, list[Setting]] = {}
@@ -273,6 +281,7 @@ def regularization(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "no regularized or weight-decay variant next to an unregularized run")
 
 
+@register_table("zeroshot", "results", order=110)
 def zeroshot(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     ctx, rows = context(runs), []
     for r in completed(runs):
@@ -294,6 +303,7 @@ def zeroshot(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "no completed run evaluated zero-shot transfer")
 
 
+@register_table("per_layer_delta", "results", order=120)
 def per_layer_delta(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     ctx, rows, width = context(runs), [], 0
     for r in completed(runs):
