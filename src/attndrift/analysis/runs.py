@@ -51,7 +51,7 @@ NOT_A_FACTOR = frozenset({
     "probe.batch_size", "probe.precision", "probe.aux", "probe.aux_every",
     "probe.zeroshot_every", "probe.zeroshot_images"})
 METHOD_NAMES = {"full_ft": "full FT", "lora": "LoRA", "freeze": "freeze",
-                 "linear_probe": "linear probe"}
+                 "linear_probe": "linear probe", "external": "measured"}
 _REG_NAMES = {"apr": "APR", "entropy_floor": "entropy floor", "l2sp": "L2-SP"}
 
 

@@ -77,6 +77,9 @@ def _method_part(f: dict[str, Any], lora_shown: set[str]) -> str:
         return _lora_part(f, lora_shown)
     if method == "freeze":
         return f"freeze {f.get('freeze_layers', '?')}"
+    if method == "external":  # a measured checkpoint: its recipe is what it is (issue 22.6)
+        recipe = f.get("external.recipe")
+        return f"measured {recipe}" if recipe else "measured"
     return METHOD_NAMES.get(str(method), str(method))
 
 
@@ -127,7 +130,8 @@ def labels_of(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
     loras = [f for f in factor_sets if f.get("method") == "lora"]
     lora_shown = {k for k in keys if k.startswith("lora.")
                   and len({repr(f.get(k)) for f in loras}) > 1}
-    method_varies = bool(varying & {"method", "freeze_layers"}) or bool(lora_shown)
+    method_varies = (bool(varying & {"method", "freeze_layers"}) or bool(lora_shown)
+                     or any(k.startswith("external.") for k in varying))
     reg_varies = any(k.startswith("regularizer.") for k in varying)
     models = _short_models(f.get("model") for f in factor_sets)
     if not varying:
@@ -159,7 +163,7 @@ def other_labels(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
     keys = sorted({k for f in factor_sets for k in f})
     rest = [k for k in keys if len({repr(f.get(k)) for f in factor_sets}) > 1
             and k not in ("model", "data.dataset", "method", "freeze_layers", "train.lr")
-            and not k.startswith(("lora.", "regularizer."))]
+            and not k.startswith(("lora.", "regularizer.", "external."))]
     usual = {k: _modal([f.get(k) for f in factor_sets]) for k in rest}
     out = []
     for f in factor_sets:

@@ -184,8 +184,9 @@ def table_specs() -> tuple[TableSpec, ...]:
 NOT_AVAILABLE = "n/a"
 
 # Descriptive columns left out when every row has the default: no "other settings" column when
-# nothing else varies, no "regularizer" column when no run used one.
-OPTIONAL = {"other": "—", "regularizer": "none"}
+# nothing else varies, no "regularizer" column when no run used one, no "text tower" column
+# when every zero-shot ran through the pretrained one.
+OPTIONAL = {"other": "—", "regularizer": "none", "text_tower": "pretrained"}
 
 
 def make_table(name: str, title: str, caption: str, columns: Sequence[Column],

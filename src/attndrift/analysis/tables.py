@@ -31,6 +31,7 @@ from attndrift.analysis.common import (
     num,
     order,
     settings,
+    text_tower,
     zs,
     zs_columns,
     zs_tasks,
@@ -289,15 +290,18 @@ def zeroshot(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
             row = describe(r, ctx)
             row.update({"task": task, "before": zs(r, task, "before"), "after": zs(r, task),
                         "retention_pct": zs(r, task, "retention_pct"),
-                        "chance": zs(r, task, "chance"), "d_entropy": delta(r, "entropy", drift)})
+                        "chance": zs(r, task, "chance"), "d_entropy": delta(r, "entropy", drift),
+                        "text_tower": text_tower(r)})
             rows.append(row)
     cols = (RUN, *DESCRIBE, SEED, Column("task", "transfer task"),
             Column("before", "pretrained %", "acc"), Column("after", "adapted %", "acc"),
             Column("retention_pct", "retained %", "pct0"), Column("chance", "chance %", "acc"),
-            Column("d_entropy", "Δ entropy %", "pct"))
+            Column("d_entropy", "Δ entropy %", "pct"), Column("text_tower", "text tower"))
     return make_table("zeroshot", "Zero-shot transfer",
                       "Zero-shot accuracy through the adapted image encoder (LoRA active) with "
-                      "the frozen text tower, before and after adaptation; retained = after / "
+                      "the pretrained text tower (frozen in every attndrift run; a measured "
+                      "checkpoint's own where it changed it, column 'text tower'), before and "
+                      "after adaptation; retained = after / "
                       f"before. {drift_note(drift)}", cols,
                       sorted(rows, key=lambda r: (r["task"].casefold(), order(r))),
                       "no completed run evaluated zero-shot transfer")

@@ -53,7 +53,8 @@ class Pick:
 
     @property
     def name(self) -> str:
-        return f"{self.label} · lr {format_value(lr_of(self.setting.config), 'lr')}"
+        lr = lr_of(self.setting.config)  # a measured checkpoint records none
+        return f"{self.label} · lr {format_value(lr, 'lr')}" if math.isfinite(lr) else self.label
 
 
 def retention(run: Run) -> float:
@@ -115,7 +116,8 @@ def _reference(picks: list[Pick]) -> Pick | None:
 def _row(panel: tuple[str, str], picks: list[Pick], panels: int) -> dict[str, Any]:
     win, *rest = sorted(picks, key=lambda k: -k.ret[0])
     other = rest[0] if rest else None
-    top = max(picks, key=lambda k: k.acc[0] if math.isfinite(k.acc[0]) else -math.inf)
+    top = max(picks, key=lambda k: (k.acc[0] if math.isfinite(k.acc[0]) else -math.inf,
+                                    k is win))  # a tie in accuracy goes to the verdict's pick
     p = gap = p_ref = gap_ref = math.nan
     seeds = f"{len(win.retention)}"
     if other is not None:
@@ -196,9 +198,9 @@ def verdict_lines(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> list[str]:
     for r in table.rows:
         ret = f"{r['retained']:.1f}%" + (f" ± {r['retained_sd']:.1f}"
                                          if math.isfinite(r["retained_sd"]) else "")
-        line = (f"{r['panel']}: {r['keeps']} at lr {format_value(r['lr'], 'lr')} keeps the most "
-                f"zero-shot transfer, {ret} retained at {100 * r['test_acc']:.1f}% test "
-                "accuracy")
+        at = f" at lr {format_value(r['lr'], 'lr')}" if math.isfinite(r["lr"]) else ""
+        line = (f"{r['panel']}: {r['keeps']}{at} keeps the most zero-shot transfer, {ret} "
+                f"retained at {100 * r['test_acc']:.1f}% test accuracy")
         if math.isfinite(r["gap"]):
             line += (f"; {r['gap']:+.1f} points over {r['vs']} (Welch {_p(r['p'])}, "
                      f"{r['seeds']} seeds)")

@@ -99,7 +99,7 @@ def glance(runs: Sequence[Run]) -> dict[str, Any]:
             row = [
                 head,
                 s.label,
-                f"{lr:g}",
+                f"{lr:g}" if math.isfinite(lr) else "—",  # a measured checkpoint may have none
                 f"{len(ok)} / {n_all}",
                 _mean([100 * num(final(r).get("test_acc")) for r in ok], "{:.1f}"),
                 _mean([delta(r, "entropy") for r in ok], "{:+.2f}"),
