@@ -37,6 +37,16 @@ def os_error_line(e: OSError) -> str:
     return f"{verb}{e.filename}: {e.strerror}"
 
 
+def drift_text(final: dict) -> str:
+    """Δ entropy as `compare` and the report read it (the mean over the fixed probe subsets,
+    002), with probe subset 0's value labelled next to it (issue 22 item 7)."""
+    first = (final.get("delta_pct") or {}).get("entropy")
+    mean = (final.get("delta_pct_subset_mean") or {}).get("entropy")
+    if not isinstance(mean, int | float):
+        return f"Δentropy {first:+.2f}% (probe subset 0)"
+    return f"Δentropy {mean:+.2f}% (subset mean; subset 0: {first:+.2f}%)"
+
+
 @contextlib.contextmanager
 def sigterm_interrupts():
     """SIGTERM (kill, a scheduler's preemption) stops a run as Ctrl-C does: resumable."""
@@ -115,8 +125,7 @@ def run(
                       for t, z in zs.items())
     out.print(f"[green]completed[/] {record['run_id']} in {record['timing']['total_s']:.1f}s: "
               f"val {100 * final['best_val_acc']:.1f}%, test {100 * final['test_acc']:.1f}%, "
-              f"Δentropy {final['delta_pct']['entropy']:+.2f}%, zero-shot {shots} -> {out_dir}",
-              highlight=False)
+              f"{drift_text(final)}, zero-shot {shots} -> {out_dir}", highlight=False)
 
 
 @app.command()
@@ -279,7 +288,7 @@ def measure(
                       for t, z in zs.items())
     acc = "" if final["test_acc"] is None else f"test {100 * final['test_acc']:.1f}%, "
     out.print(f"[green]measured[/] {record['run_id']} in {record['timing']['total_s']:.1f}s: "
-              f"{acc}Δentropy {final['delta_pct']['entropy']:+.2f}%, zero-shot {shots} "
+              f"{acc}{drift_text(final)}, zero-shot {shots} "
               f"-> {out_dir / 'record.json'}", highlight=False, soft_wrap=True)
 
 

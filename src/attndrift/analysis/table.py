@@ -170,12 +170,13 @@ def table_specs() -> tuple[TableSpec, ...]:
     """Every registered table in report order (section, then ``order``); importing
     `attndrift.analysis` imports every module of it, which registers them."""
     import importlib
+    import importlib.util
     import pkgutil
 
-    import attndrift.analysis as package
-
-    for mod in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{mod.name}")
+    package = __name__.rpartition(".")[0]  # found on disk: a new module needs no list entry
+    for mod in pkgutil.iter_modules(importlib.util.find_spec(package).submodule_search_locations
+                                    or []):
+        importlib.import_module(f"{package}.{mod.name}")
     rank = {s.id: i for i, s in enumerate(SECTIONS)}
     return tuple(sorted(_TABLES.values(), key=lambda s: (rank[s.section], s.order)))
 

@@ -18,6 +18,7 @@ found without listing it anywhere. No IO and no pyplot state in a figure functio
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import pkgutil
 from collections.abc import Callable, Sequence
@@ -105,12 +106,18 @@ def register_figure(name: str, title: str, *, caption: str, section: str = "resu
 
 def figure_specs() -> tuple[FigureSpec, ...]:
     """Every registered figure in report order (section, then ``order``)."""
-    import attndrift.report as package
-
-    for mod in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{mod.name}")
+    import_package_modules(__name__)
     rank = {s.id: i for i, s in enumerate(SECTIONS)}
     return tuple(sorted(_FIGURES.values(), key=lambda s: (rank[s.section], s.order)))
+
+
+def import_package_modules(module: str) -> None:
+    """Import every module of ``module``'s package (found on disk, so a new module needs no
+    list entry): importing them runs their registrations."""
+    package = module.rpartition(".")[0]
+    spec = importlib.util.find_spec(package)
+    for mod in pkgutil.iter_modules(spec.submodule_search_locations or []):
+        importlib.import_module(f"{package}.{mod.name}")
 
 
 def series_label(run: Run) -> str:
