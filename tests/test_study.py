@@ -278,3 +278,73 @@ def test_local_pool_spreads_workers_over_the_given_gpus(tmp_path):
             for p in planned]
     assert all(v in ("3", "5") for v in seen), seen
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
+
+
+def _holder_of(lock: Path) -> int | None:
+    """The pid of the process (not this one) with ``lock`` open: the worker running the run."""
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if int(fd.parts[2]) != os.getpid() and Path(os.readlink(fd)) == lock:
+                return int(fd.parts[2])
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _once_checkpointed(run_dir: Path, act, deadline_s: float = 240) -> None:
+    """In a thread: once ``run_dir`` holds a resume checkpoint, ``act()``."""
+    def watch() -> None:
+        deadline = time.time() + deadline_s
+        while time.time() < deadline and not (run_dir / "resume.pt").exists():
+            time.sleep(0.05)
+        act()
+
+    import threading
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+@pytest.mark.slow
+def test_ray_retries_a_dead_worker_and_records_a_cancel_as_interrupted(tmp_path):
+    """A Ray worker SIGKILLed mid-run (a lost spot node): Ray starts the run again, it resumes
+    from its checkpoint and ends with the record of an uninterrupted run. Ctrl-C of the driver:
+    the running run records itself ``interrupted`` (it said ``running``)."""
+    ray = pytest.importorskip("ray")
+    import _thread
+
+    import attndrift.train as train
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("finds the worker process through /proc")
+    study = write_study(tmp_path, runs=[{"name": "a", "set": {"train.epochs": 4}},
+                                        {"name": "b", "set": {"train.epochs": 4, "seed": 1}}])
+    _, (a, b) = load_study(study)
+    store = Store(tmp_path / "store")
+    killed: list[int] = []
+
+    def kill_worker() -> None:
+        pid = _holder_of(store.run_dir(a.run_id) / ".lock")
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        _once_checkpointed(store.run_dir(a.run_id), kill_worker)
+        (outcome,) = execute(store, [a], backend="ray", ray_retries=2)
+        assert killed and outcome.status == "completed", (killed, outcome)
+        _once_checkpointed(store.run_dir(b.run_id), _thread.interrupt_main)
+        with pytest.raises(KeyboardInterrupt):
+            execute(store, [b], backend="ray")
+    finally:
+        ray.shutdown()
+    assert read_record(store.run_dir(b.run_id))["status"] == "interrupted"
+    record = read_record(store.run_dir(a.run_id))
+    assert record["status"] == "completed" and record["timing"]["resumed"] == 1
+    torch.set_num_threads(1)  # as the Ray task ran (cpus_per_run=1)
+    try:
+        ref = train.run(a.config, tmp_path / "ref", progress=False)
+    finally:
+        torch.set_num_threads(2)
+    for key in ("final", "zeroshot", "baseline", "history"):
+        assert record[key] == ref[key], key

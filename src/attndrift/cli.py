@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from attndrift.console import err, fail, out
+from attndrift.clistyle import App
+from attndrift.console import drift_text, err, fail, os_error_line, out, safe, sigterm_interrupts
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune CLIP, watch its attention drift, measure what it forgets.")
+app = App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+          help="Fine-tune CLIP, watch its attention drift, measure what it forgets.\n\n"
+               "Config overrides are key=value with dotted keys, given after the config or as "
+               "--set key=value (both forms work in run, validate and measure).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from attndrift import __version__
+
+        print(f"attndrift {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="print the version and exit")
+        ] = False) -> None:
+    """Fine-tune CLIP, watch its attention drift, measure what it forgets."""
+
+
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE", help="config override (repeatable); same as a positional "
+                                        "KEY=VALUE")]
 
 
 def _study_app() -> typer.Typer:
@@ -26,52 +47,16 @@ app.add_typer(_study_app(), name="study")
 
 
 
-WRITE_ERRNOS = {13, 28, 30, 122}  # EACCES, ENOSPC, EROFS, EDQUOT
-
-
-def os_error_line(e: OSError) -> str:
-    """An `OSError` as one line naming the path and the cause (full disk, read-only, ...)."""
-    if e.filename is None:
-        return str(e)
-    verb = "cannot write " if e.errno in WRITE_ERRNOS else ""
-    return f"{verb}{e.filename}: {e.strerror}"
-
-
-def drift_text(final: dict) -> str:
-    """Δ entropy as `compare` and the report read it (the mean over the fixed probe subsets,
-    002), with probe subset 0's value labelled next to it (issue 22 item 7)."""
-    first = (final.get("delta_pct") or {}).get("entropy")
-    mean = (final.get("delta_pct_subset_mean") or {}).get("entropy")
-    if not isinstance(mean, int | float):
-        return f"Δentropy {first:+.2f}% (probe subset 0)"
-    return f"Δentropy {mean:+.2f}% (subset mean; subset 0: {first:+.2f}%)"
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """SIGTERM (kill, a scheduler's preemption) stops a run as Ctrl-C does: resumable."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="run config YAML (configs/runs/...)")],
     overrides: Annotated[list[str] | None, typer.Argument(
-        help="key=value overrides, dotted keys, e.g. train.lr=1e-4 method=lora")] = None,
+        metavar="KEY=VALUE...", help="config overrides, dotted keys, e.g. train.lr=1e-4 "
+                                       "method=lora")] = None,
+    set_: SetOption = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="run directory (default: runs/<run id>)")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     force: Annotated[bool, typer.Option(
         "--force", help="replace a completed run of another config in --out")] = False,
 ) -> None:
@@ -79,35 +64,71 @@ def run(
 
     A completed run is never redone or overwritten: the same config in OUT is reported as
     already completed; another config's completed run in OUT is refused unless --force. An
-    interrupted or killed run in OUT resumes from its last checkpoint."""
-    from attndrift.config import ConfigError, check_downloads, identity, load_config
-    from attndrift.records import run_id_for
+    interrupted or killed run in OUT resumes from its last checkpoint. While it runs, OUT is
+    claimed (OUT/.lock, the lock a study worker takes): a second run on OUT is refused."""
+    from attndrift.config import ConfigError, load_config
 
     try:
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, [*(overrides or []), *(set_ or [])])
     except ConfigError as e:
         fail(str(e), 2)
-    from attndrift import runtime, train
+    from attndrift.config import identity
+    from attndrift.records import run_id_for
 
     run_id = run_id_for(identity(cfg.model_dump(mode="json")))
     out_dir = out_dir if out_dir is not None else Path("runs") / run_id
+    if _already_done(out_dir, run_id, force):
+        return
+    from attndrift.config import check_downloads
+
+    try:  # a hub model or dataset missing here: in seconds, before anything is written
+        check_downloads([cfg], str(config))
+    except ConfigError as e:
+        fail(str(e), 2)
+    from filelock import Timeout
+
+    from attndrift.study.store import claim
+
+    try:
+        lock = claim(out_dir)
+        lock.acquire(timeout=0)
+    except Timeout:
+        fail(f"{out_dir} is being run by another process (it holds {out_dir / '.lock'}); "
+             "wait for it to finish, or choose another --out", 1)
+    except OSError as e:
+        fail(os_error_line(e), 1)
+    try:
+        if _already_done(out_dir, run_id, force):  # finished while we waited for the claim
+            return
+        record = _train(cfg, out_dir, run_id, quiet)
+    finally:
+        lock.release()
+    _print_run(record, out_dir)
+
+
+def _already_done(out_dir: Path, run_id: str, force: bool) -> bool:
+    from attndrift import runtime
+
     try:
         done = runtime.completed_record(out_dir, run_id, force=force)
     except runtime.OutDirTaken as e:
         fail(str(e), 2)
     if done is not None:
-        out.print(f"already completed: {run_id} in {out_dir} (nothing to do; another --out "
-                  "runs it again)", highlight=False, soft_wrap=True)
-        return
-    try:  # a hub model or dataset missing here: in seconds, before anything is recorded
-        check_downloads([cfg], str(config))
-    except ConfigError as e:
-        fail(str(e), 2)
+        out.print(f"already completed: {safe(run_id)} in {safe(out_dir)} (nothing to do; "
+                  "another --out runs it again)", highlight=False, soft_wrap=True)
+    return done is not None
+
+
+def _train(cfg, out_dir: Path, run_id: str, quiet: bool) -> dict:
+    """`train.run` with the CLI's handling: Ctrl-C/SIGTERM leave a resumable run, failures
+    are one line naming the record."""
+    from attndrift import runtime, train
+
     progress = not quiet and sys.stderr.isatty()
     runtime.log_lines = not quiet and not progress
     try:
         with sigterm_interrupts():
-            record = train.run(cfg, out_dir, progress=progress)
+            return train.run(cfg, out_dir, progress=progress)
     except KeyboardInterrupt:
         fail(f"interrupted: {run_id} in {out_dir} is resumable; run the same command again to "
              "resume it from its last checkpoint", 130)
@@ -115,34 +136,68 @@ def run(
         fail(f"{os_error_line(e)} (record: {out_dir / 'record.json'})", 1)
     except (KeyError, ValueError, RuntimeError) as e:
         fail(f"{e} (record: {out_dir / 'record.json'})", 1)
+
+
+def _print_run(record: dict, out_dir: Path) -> None:
     for warning in record.get("warnings", []):
-        err.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
+        err.print(f"[bold yellow]WARNING:[/] {safe(warning)}", highlight=False, soft_wrap=True)
     final, zs = record["final"], record["zeroshot"]
     if record["status"] != "completed":
         fail(f"run {record['status']}: {record.get('error')} "
               f"(record: {out_dir / 'record.json'})", 1)
     shots = ", ".join(f"{t} {100 * z['before']:.1f}% → {100 * z['after']:.1f}%"
                       for t, z in zs.items())
-    out.print(f"[green]completed[/] {record['run_id']} in {record['timing']['total_s']:.1f}s: "
-              f"val {100 * final['best_val_acc']:.1f}%, test {100 * final['test_acc']:.1f}%, "
-              f"{drift_text(final)}, zero-shot {shots} -> {out_dir}", highlight=False)
+    out.print(f"[green]completed[/] {safe(record['run_id'])} in "
+              f"{record['timing']['total_s']:.1f}s: val {100 * final['best_val_acc']:.1f}%, "
+              f"test {100 * final['test_acc']:.1f}%, {drift_text(final)}, "
+              f"zero-shot {safe(shots)} -> "
+              f"{safe(out_dir)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def validate(
-    configs: Annotated[list[Path], typer.Argument(help="run config YAML files")],
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="key=value override")] = None,
+    configs: Annotated[list[str], typer.Argument(
+        metavar="CONFIG... [KEY=VALUE]...", help="run config YAML files, then overrides "
+                                                 "applied to each")],
+    set_: SetOption = None,
 ) -> None:
-    """Check run configs without running them (unknown keys, types, ranges, local paths, and
-    that hub models and datasets are cached or downloadable)."""
+    """Check run configs without running them.
+
+    Unknown keys, types, ranges, local paths, and whether hub models and datasets are cached
+    or downloadable. Every file is checked and reported; the exit status is 2 only when one
+    is invalid: a valid config whose model or dataset needs the hub (not cached here) is
+    reported as such."""
     from attndrift.config import ConfigError, check_downloads, load_config
 
-    for path in configs:
+    paths = [c for c in configs if "=" not in c or Path(c).is_file()]
+    overrides = [c for c in configs if c not in paths] + list(set_ or [])
+    if not paths:
+        fail("no config file given (usage: attndrift validate CONFIG... [KEY=VALUE]...)", 2)
+    invalid = hub = 0
+    for path in paths:
         try:
-            check_downloads([load_config(path, overrides or [])], str(path))
+            cfg = load_config(path, overrides)
         except ConfigError as e:
-            fail(str(e), 2)
-        out.print(f"ok {path}")
+            invalid += 1
+            err.print(f"[bold red]error:[/] {safe(e)}", highlight=False, soft_wrap=True)
+            continue
+        try:
+            check_downloads([cfg], path)
+        except ConfigError as e:
+            if "does not exist" in str(e):  # a wrong hub id: an error wherever it runs
+                invalid += 1
+                err.print(f"[bold red]error:[/] {safe(e)}", highlight=False, soft_wrap=True)
+            else:  # valid, but its model or data must come from the hub first
+                hub += 1
+                out.print(f"[yellow]needs the hub[/] {safe(e)}", highlight=False,
+                          soft_wrap=True)
+            continue
+        out.print(f"ok {safe(path)}", highlight=False, soft_wrap=True)
+    if len(paths) > 1:
+        out.print(f"{len(paths) - invalid - hub} ok, {hub} valid but need the hub, "
+                  f"{invalid} invalid", highlight=False)
+    if invalid:
+        raise typer.Exit(2)
 
 
 @app.command("config-reference")
@@ -154,17 +209,35 @@ def config_reference() -> None:
 
 
 @app.command()
-def compare(run_dirs: Annotated[list[Path], typer.Argument(help="run directories")]) -> None:
-    """Print accuracy, attention drift and zero-shot change of finished runs side by side."""
+def compare(run_dirs: Annotated[list[Path], typer.Argument(
+        help="run directories, or run stores (every run in them)")]) -> None:
+    """Print accuracy, attention drift and zero-shot change of finished runs side by side.
+    A run store (a `study run --store` directory, or any directory of run directories) stands
+    for the runs in it."""
     from attndrift.compare import print_comparison
     from attndrift.records import RecordError
 
+    run_dirs = [d for given in run_dirs for d in _runs_in(given)]
     try:
         problems = print_comparison(run_dirs, out)
     except RecordError as e:
         fail(str(e), 1)
     for problem in problems:  # listed, not fatal: the readable runs are compared
-        err.print(f"[yellow]corrupt, left out:[/] {problem}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]corrupt, left out:[/] {safe(problem)}", highlight=False,
+                  soft_wrap=True)
+
+
+def _runs_in(path: Path) -> list[Path]:
+    """``path`` if it is a run directory (or not a directory: compare says why), else the run
+    directories in it (``runs/*`` of a study store, or its subdirectories)."""
+    if (path / "record.json").exists() or not path.is_dir():
+        return [path]
+    root = path / "runs" if (path / "runs").is_dir() else path
+    found = sorted(d for d in root.iterdir() if (d / "record.json").exists())
+    if not found:
+        fail(f"{path} holds no record.json and no run directories; give run directories "
+             "(each with a record.json) or a run store", 1)
+    return found
 
 
 @app.command("pretrain-tiny")
@@ -198,9 +271,10 @@ def report(
         fail(os_error_line(e), 1)
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))
     if not result.counts:
-        err.print(f"[yellow]warning:[/] no run directories (with a record.json) under {store}",
+        err.print(f"[yellow]warning:[/] no run directories (with a record.json) under "
+                  f"{safe(store)}",
                   highlight=False, soft_wrap=True)
-    out.print(f"report: {result.html} ({counts or 'no runs'}; {len(result.tables)} tables, "
+    out.print(f"report: {safe(result.html)} ({counts or 'no runs'}; {len(result.tables)} tables, "
               f"{len(result.figures)} figures, {result.seconds:.1f}s)", highlight=False,
               soft_wrap=True)
 
@@ -211,7 +285,7 @@ def interpolate(
     alphas: Annotated[str, typer.Option(
         "--alphas", help="comma-separated alphas in [0, 1]; 0 = pretrained, 1 = fine-tuned")
     ] = "0,0.25,0.5,0.75,1",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="evaluation batch")] = 256,
 ) -> None:
     """Evaluate a run along pretrained -> fine-tuned (WiSE-FT, or scaled LoRA delta): accuracy,
@@ -223,13 +297,18 @@ def interpolate(
     except ValueError as e:
         fail(f"--alphas {alphas!r}: {e}", 2)
     from attndrift.interpolate import interpolate_run, interpolation_table
+    from attndrift.runtime import select_device
 
     try:
-        result = interpolate_run(run_dir, values, device=device, batch_size=batch_size)
+        dev = select_device(device)
+    except (RuntimeError, ValueError) as e:
+        fail(f"--device {device}: {e}", 2)
+    try:
+        result = interpolate_run(run_dir, values, device=dev, batch_size=batch_size)
     except (KeyError, FileNotFoundError, ValueError, RuntimeError) as e:
         fail(str(e), 1)
     out.print(interpolation_table(result))
-    out.print(f"wrote {run_dir / 'interpolation.json'}", highlight=False, soft_wrap=True)
+    out.print(f"wrote {safe(run_dir / 'interpolation.json')}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -237,6 +316,9 @@ def measure(
     finetuned: Annotated[str, typer.Argument(
         help="attndrift run dir, save_pretrained CLIP dir or hub id, PEFT adapter dir, or "
              "open_clip checkpoint file")],
+    positional: Annotated[list[str] | None, typer.Argument(
+        metavar="KEY=VALUE...", help="data.*, probe.* or train.precision overrides, e.g. "
+                                       "probe.images=100 (or --set)")] = None,
     reference: Annotated[str | None, typer.Option(
         "--reference", help="the pretrained model (tiny, hub id, local dir); default: a run "
                             "dir's own model")] = None,
@@ -260,9 +342,7 @@ def measure(
         help="the fine-tuning seed, for replicates (default: a run's own, else 0)")] = None,
     lr: Annotated[float | None, typer.Option(
         help="the fine-tuning learning rate, if known (default: a run's own)")] = None,
-    overrides: Annotated[list[str] | None, typer.Option(
-        "--set", help="data.*, probe.* or train.precision override, e.g. probe.images=100")
-    ] = None,
+    overrides: SetOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
 ) -> None:
     """Measure a CLIP fine-tuned anywhere against its pretrained model: attention drift,
@@ -274,7 +354,8 @@ def measure(
     tasks = None if zeroshot is None else [t.strip() for t in zeroshot.split(",") if t.strip()]
     try:
         record = _measure(finetuned, out_dir, reference=reference, dataset=data,
-                          zeroshot=tasks, overrides=overrides or [], fmt=fmt,
+                          zeroshot=tasks, overrides=[*(positional or []), *(overrides or [])],
+                          fmt=fmt,
                           open_clip_model=open_clip_model, name=name, recipe=recipe,
                           seed=seed, lr=lr, device=device, progress=sys.stderr.isatty())
     except (ConfigError, ExternalModelError, FileNotFoundError) as e:
@@ -282,14 +363,33 @@ def measure(
     except (KeyError, ValueError, RuntimeError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
     for warning in record.get("warnings", []):
-        err.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
+        err.print(f"[bold yellow]WARNING:[/] {safe(warning)}", highlight=False, soft_wrap=True)
     final, zs = record["final"], record["zeroshot"]
     shots = ", ".join(f"{t} {100 * z['before']:.1f}% → {100 * z['after']:.1f}%"
                       for t, z in zs.items())
     acc = "" if final["test_acc"] is None else f"test {100 * final['test_acc']:.1f}%, "
-    out.print(f"[green]measured[/] {record['run_id']} in {record['timing']['total_s']:.1f}s: "
-              f"{acc}{drift_text(final)}, zero-shot {shots} "
-              f"-> {out_dir / 'record.json'}", highlight=False, soft_wrap=True)
+    out.print(f"[green]measured[/] {safe(record['run_id'])} in "
+              f"{record['timing']['total_s']:.1f}s: {acc}{drift_text(final)}, "
+              f"zero-shot {safe(shots)} "
+              f"-> {safe(out_dir / 'record.json')}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def forecast(
+    run_dirs: Annotated[list[Path], typer.Argument(help="runs to forecast (new or running)")],
+    store: Annotated[Path, typer.Option("--store", help="store of finished runs to calibrate on")],
+    epoch: Annotated[float, typer.Option(help="read the signals after this epoch")] = 1.0,
+    fraction: Annotated[float | None, typer.Option(
+        help="read them at this share of training instead")] = None,
+) -> None:
+    """Forecast the runs' final zero-shot retention from an early point, calibrated on STORE."""
+    from attndrift.analysis.forecast import forecast_lines
+
+    if not store.is_dir():
+        fail(f"no run store at {store}; give --store the directory of finished runs", 2)
+    point = ("fraction", fraction) if fraction is not None else ("epoch", epoch)
+    for line in forecast_lines(store, run_dirs, point):
+        out.print(safe(line), highlight=False, soft_wrap=True)
 
 
 def main() -> None:

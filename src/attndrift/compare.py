@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from attndrift.records import RecordError, read_record
@@ -46,7 +47,7 @@ def run_labels(dirs: list[Path]) -> list[str]:
 
 def comparison_tables(records: list[dict[str, Any]],
                       labels: list[str] | None = None) -> list[Table]:
-    labels = labels or [r["run_id"] for r in records]
+    labels = [escape(str(x)) for x in labels or [r["run_id"] for r in records]]  # not markup
     summary = Table(title="Runs: accuracy and layer-mean attention drift vs pretrained "
                           "(mean over the fixed probe subsets, 002; subset 0 where a record has "
                           "no subset means)")

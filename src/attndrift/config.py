@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,6 +22,8 @@ from pydantic import (
 )
 
 from attndrift.guard import GuardConfig, check_measured
+from attndrift.pathsafe import check_name
+from attndrift.yamlio import YamlError, looks_numeric, parse_yaml, shorten
 
 
 class ConfigError(ValueError):
@@ -157,6 +157,13 @@ class ProbeConfig(_Strict):
     zeroshot_images: PosInt = Field(
         1000, description="images per transfer task in that subset (seeded by probe.seed)")
 
+    @model_validator(mode="after")
+    def _enough_for_cka(self) -> ProbeConfig:
+        if "cka" in self.aux and self.images < 2:  # else every run fails in setup
+            raise ValueError("probe.images=1: CKA compares at least 2 images; set "
+                             "probe.images >= 2 or leave cka out of probe.aux")
+        return self
+
 
 class RegularizerConfig(_Strict):
     name: Literal["none", "apr", "entropy_floor", "l2sp"] = Field(
@@ -181,7 +188,8 @@ FLIP_CHANGES_LABELS = frozenset({"shapes-layout"})
 
 
 class RunConfig(_Strict):
-    name: str = Field("run", description="a label for the run")
+    name: str = Field("run", description="a label for the run, used in its id and default "
+                      "directory: no / or \\, not starting with ., at most 200 bytes")
     seed: int = Field(42, description="model head init, data order, dropout, augmentation")
     model: str = Field("tiny", description="'tiny' (shipped), a hub id or a local CLIP directory")
     method: Literal["full_ft", "lora", "freeze", "linear_probe"] = Field(
@@ -211,6 +219,12 @@ class RunConfig(_Strict):
             if dataset in FLIP_CHANGES_LABELS and isinstance(train, dict) and "flip" not in train:
                 data = {**data, "train": {**train, "flip": False}}
         return data
+
+    @field_validator("name")
+    @classmethod
+    def _path_safe_name(cls, name: str) -> str:
+        check_name(name)
+        return name
 
     @field_validator("model")
     @classmethod
@@ -265,26 +279,6 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string: accept every float spelling.
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                 |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                 |[-+]?\.(?:inf|Inf|INF)
-                 |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
-
-
 def _set_dotted(data: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = data
@@ -301,7 +295,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
-        _set_dotted(data, key.strip(), parse_yaml(raw) if raw.strip() else "")
+        try:
+            value = parse_yaml(raw) if raw.strip() else ""
+        except YamlError as err:
+            raise ConfigError(f"override {shorten(item)}: {err}") from None
+        _set_dotted(data, key.strip(), value)
     return data
 
 
@@ -316,7 +314,9 @@ def _describe(err: ValidationError) -> str:
     if first["type"] == "value_error":  # our validators' messages say what they got
         msg = first["msg"].removeprefix("Value error, ")
         return f"{loc}: {msg}" if first["loc"] else msg
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) else f" (got {shorten(got)})"
+    if isinstance(got, str) and first["type"] in ("float_type", "int_type") and looks_numeric(got):
+        shown += f"; remove the quotes around {shorten(got)}: quoted, it is text"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
     return f"{loc}: {first['msg']}{shown}{more}"
 
@@ -369,10 +369,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path} not found")
         try:
             data = parse_yaml(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} is not valid YAML") from None
+        except YamlError as err:
+            raise ConfigError(f"{path}: {err}") from None
         if data is None:  # every default is rarely what anyone meant
             raise ConfigError(f"{path} is empty; a run config names at least its method and "
                               "data (see configs/runs/tiny_full_ft.yaml)")

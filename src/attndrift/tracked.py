@@ -1,6 +1,7 @@
 """The signals tracked during training, read from a run record at a probe or at a point of
 training: what the predictor ranking (`attndrift.analysis.predictors`), the forecast
-(`attndrift.forecast`) and the guard (`attndrift.guard`) read, all through `value_at_probe`.
+(`attndrift.analysis.forecast`) and the guard (`attndrift.guard`) read, all through
+`value_at_probe`.
 
 A signal is one number per probe: the layer-mean drift of entropy, ERF, Gini and head diversity
 (signed and absolute, 002 §3.2 eq. 2 on the probe set), the last layer's Δ entropy, CKA to the

@@ -11,24 +11,35 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from attndrift.console import fail, out
+from attndrift.clistyle import App
+from attndrift.console import fail, os_error_line, out, safe, sigterm_interrupts
+from attndrift.study import MAX_RUNS
 
-app = typer.Typer(no_args_is_help=True, help="Declarative experiment matrices.")
+app = App(no_args_is_help=True, help="Declarative experiment matrices.")
+
+MaxRuns = Annotated[int, typer.Option(
+    "--max-runs", min=1, help="refuse a study that expands to more runs than this")]
 
 
 
 def status_rows(store) -> list[dict]:
-    manifest = store.manifest()
+    """One row per run of the store's manifest. Reads only: a run it cannot read is listed
+    ``corrupt`` (or ``unreadable``) with the reason, never a traceback."""
     rows = []
-    for entry in manifest["runs"]:
-        state = store.state(entry["run_id"])
-        status = state.status
-        if status in ("running", "pending", "interrupted") and store.is_locked(entry["run_id"]):
-            status = "running"
-        elif status == "running":
-            status = "interrupted"  # started, nobody holds it: the next study run resumes it
-        rows.append({"run_id": entry["run_id"], "group": entry["group"], "status": status,
-                     "error": state.error})
+    for entry in store.manifest()["runs"]:
+        run_id, group = entry["run_id"], str(entry.get("group", ""))
+        try:
+            state = store.state(run_id)
+            status, error = state.status, state.error
+            if status in ("running", "pending", "interrupted") and store.is_locked(run_id):
+                status = "running"
+            elif status == "running":
+                status = "interrupted"  # started, nobody holds it: the next study run resumes it
+        except ValueError as e:  # a hand-edited run id that is no directory name
+            status, error = "corrupt", str(e)
+        except (OSError, RecursionError) as e:
+            status, error = "unreadable", f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append({"run_id": run_id, "group": group, "status": status, "error": error})
     return rows
 
 
@@ -51,6 +62,10 @@ def run_cmd(
              "else cores // workers); give each of two `study run` processes on one machine "
              "half the cores")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs only")] = False,
+    ray_retries: Annotated[int, typer.Option(
+        "--ray-retries", min=0, help="Ray: times a run whose worker process or node died is "
+                                     "started again (it resumes from its last checkpoint)")] = 3,
+    max_runs: MaxRuns = MAX_RUNS,
 ) -> None:
     """Run every run of STUDY not yet completed in the store; resume interrupted ones."""
     from attndrift.config import ConfigError
@@ -79,7 +94,7 @@ def run_cmd(
     except ValueError as e:
         fail(str(e), 2)
     try:
-        spec, planned = load_study(study)
+        spec, planned = load_study(study, max_runs)
     except ConfigError as e:
         fail(str(e), 2)
     if dry_run:
@@ -94,7 +109,6 @@ def run_cmd(
                          != "completed"], str(study))
     except ConfigError as e:
         fail(str(e), 2)
-    from attndrift.cli import os_error_line, sigterm_interrupts
 
     try:
         store.root.mkdir(parents=True, exist_ok=True)
@@ -124,7 +138,7 @@ def run_cmd(
         eta = (sum(durations) / len(durations)) * left / max(1, workers) if durations else 0
         colour = {"completed": "green", "failed": "red", "diverged": "yellow"}.get(o.status, "")
         tag = f"[{colour}]{o.status}[/]" if colour else o.status
-        why = f" ({o.error})" if o.error and o.status != "completed" else ""
+        why = f" ({safe(o.error)})" if o.error and o.status != "completed" else ""
         out.print(f"[{done}/{total}] {tag} {o.run_id} {o.seconds:.1f}s{why} | "
                   f"failed {counts['failed']}, diverged {counts['diverged']}, "
                   f"left {left}, ETA {eta:.0f}s", highlight=False, soft_wrap=True)
@@ -137,7 +151,7 @@ def run_cmd(
                                progress=sys.stderr.isatty() and workers == 1,
                                on_outcome=report, ray_address=ray_address,
                                gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run,
-                               gpus=gpu_ids, threads=threads)
+                               gpus=gpu_ids, threads=threads, ray_retries=ray_retries)
     except KeyboardInterrupt:
         fail(f"interrupted: unfinished runs are resumable; `{resume}` resumes them", 130)
     except OSError as e:
@@ -168,12 +182,13 @@ def status_cmd(
     store_dir: Annotated[Path, typer.Option("--store", help="run store directory")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Show every run of the study in STORE with its status."""
-    from attndrift.study.store import Store
+    """Show every run of the study in STORE with its status. Writes nothing (a read-only
+    store is fine); a run or manifest it cannot read is reported as such."""
+    from attndrift.study.store import Store, StoreError
 
     try:
         rows = status_rows(Store(store_dir))
-    except FileNotFoundError as e:
+    except StoreError as e:
         fail(str(e), 2)
     counts: dict[str, int] = {}
     for r in rows:
@@ -185,7 +200,7 @@ def status_cmd(
     for col in ("run", "group", "status", "error"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["run_id"], r["group"], r["status"], r["error"] or "")
+        table.add_row(*(safe(r[k] or "") for k in ("run_id", "group", "status", "error")))
     out.print(table)
 
 
@@ -193,13 +208,14 @@ def status_cmd(
 def plan_cmd(
     study: Annotated[Path, typer.Argument(help="study YAML (configs/studies/...)")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    max_runs: MaxRuns = MAX_RUNS,
 ) -> None:
     """Print every run STUDY expands to, with the config keys that distinguish it."""
     from attndrift.config import ConfigError
     from attndrift.study.spec import distinguishing, load_study
 
     try:
-        spec, planned = load_study(study)
+        spec, planned = load_study(study, max_runs)
     except ConfigError as e:
         fail(str(e), 2)
     keys, values = distinguishing(planned)
@@ -212,7 +228,7 @@ def plan_cmd(
     for col in ("run", "group", *keys):
         table.add_column(col)
     for p, v in zip(planned, values, strict=True):
-        table.add_row(p.run_id, p.group, *(json.dumps(v[k]) if isinstance(v[k], list)
-                                           else str(v[k]) for k in keys))
+        table.add_row(p.run_id, p.group, *(safe(json.dumps(v[k]) if isinstance(v[k], list)
+                                                else v[k]) for k in keys))
     out.print(table)
 

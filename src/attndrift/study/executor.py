@@ -125,7 +125,13 @@ def _pool_task(*args) -> Outcome:
 
 
 def _ray_task(*args, **kwargs) -> Outcome:  # module-level so Ray can ship it by reference
-    return execute_one(*args, **kwargs)
+    """`execute_one` in a Ray worker. A cancel (the driver's Ctrl-C or SIGTERM) arrives as
+    `KeyboardInterrupt`: the run records itself ``interrupted`` (resumable), as in a local
+    pool worker, instead of staying ``running``."""
+    try:
+        return execute_one(*args, **kwargs)
+    except KeyboardInterrupt:
+        return Outcome(args[1], "interrupted", 0.0, "interrupted")
 
 
 def execute(store: Store, planned: list[PlannedRun], *, workers: int = 1,
@@ -133,7 +139,7 @@ def execute(store: Store, planned: list[PlannedRun], *, workers: int = 1,
             on_outcome: Callable[[Outcome], None] | None = None,
             ray_address: str | None = None, gpus_per_run: float = 0.0,
             cpus_per_run: float = 1.0, gpus: list[str] | None = None,
-            threads: int | None = None) -> list[Outcome]:
+            threads: int | None = None, ray_retries: int = 3) -> list[Outcome]:
     """Run every planned run that still needs running; returns one `Outcome` per run.
 
     Each run uses `attndrift.runtime.torch_threads` torch threads: ``threads``,
@@ -142,7 +148,10 @@ def execute(store: Store, planned: list[PlannedRun], *, workers: int = 1,
 
     With the local backend and ``workers > 1``, worker ``i`` sees only GPU ``gpus[i % len]``
     (default: every visible GPU), so several workers share a GPU when there are more workers
-    than GPUs. Ray places runs itself (``gpus_per_run``, fractions share a GPU)."""
+    than GPUs. Ray places runs itself (``gpus_per_run``, fractions share a GPU) and starts a
+    run again, up to ``ray_retries`` times, when its worker process or node dies (system
+    failures only: a run that raises is recorded failed, not retried); the retry claims the
+    run anew and resumes it from its last checkpoint."""
     todo = [p for p in planned if store.needs_run(p.run_id, retry_failed)]
     outcomes = [Outcome(p.run_id, "skipped-done", 0.0) for p in planned if p not in todo]
     report = on_outcome or (lambda _o: None)
@@ -153,7 +162,7 @@ def execute(store: Store, planned: list[PlannedRun], *, workers: int = 1,
     if backend == "ray":
         threads = torch_threads(1, threads) or max(1, int(cpus_per_run))
         outcomes += _execute_ray(jobs, report, ray_address, gpus_per_run, cpus_per_run,
-                                 threads)
+                                 threads, ray_retries)
     elif workers <= 1:
         threads = torch_threads(1, threads)
         for job in jobs:
@@ -197,24 +206,41 @@ def execute(store: Store, planned: list[PlannedRun], *, workers: int = 1,
     return outcomes
 
 
-def _execute_ray(jobs, report, address, gpus, cpus, threads) -> list[Outcome]:
+def _execute_ray(jobs, report, address, gpus, cpus, threads, retries) -> list[Outcome]:
     try:
         import ray
     except ImportError:
         raise RuntimeError("backend=ray needs Ray: pip install 'attndrift[ray]'") from None
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=0)(_ray_task)
+    task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=retries,
+                      retry_exceptions=False)(_ray_task)
     refs = {task.remote(*job, False, threads): job[1] for job in jobs}
     outcomes = []
-    while refs:
-        done, _ = ray.wait(list(refs), num_returns=1)
-        for ref in done:
-            run_id = refs.pop(ref)
-            try:
-                outcome = ray.get(ref)
-            except Exception as err:  # the worker process itself died
-                outcome = Outcome(run_id, "failed", 0.0, f"ray task failed: {err}")
-            report(outcome)
-            outcomes.append(outcome)
+    try:
+        while refs:  # a timeout, so Ctrl-C / SIGTERM reach this loop while runs are going
+            done, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+            for ref in done:
+                run_id = refs.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except Exception as err:  # the worker died more often than `retries` allows
+                    outcome = Outcome(run_id, "failed", 0.0,
+                                      f"ray task failed: {str(err).splitlines()[0][:300]}")
+                report(outcome)
+                outcomes.append(outcome)
+    except KeyboardInterrupt:
+        _cancel_ray(ray, list(refs))
+        raise
     return outcomes
+
+
+def _cancel_ray(ray, refs: list, grace_s: float = 30.0) -> None:
+    """Cancel running tasks the way Ctrl-C stops a local run: `KeyboardInterrupt` inside the
+    task, so each run records itself ``interrupted`` and releases its claim; waits up to
+    ``grace_s`` for them to finish writing."""
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=False)
+    with contextlib.suppress(Exception):
+        ray.wait(refs, num_returns=len(refs), timeout=grace_s)

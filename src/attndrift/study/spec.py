@@ -24,9 +24,11 @@ nested directory or one outside the store.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
-import re
+import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from attndrift.config import (
     ConfigError,
     RunConfig,
-    apply_overrides,
+    _set_dotted,
     identity,
-    parse_yaml,
     validate,
 )
+from attndrift.pathsafe import safe_component
 from attndrift.records import config_digest
+from attndrift.study import MAX_RUNS
+from attndrift.yamlio import YamlError, parse_yaml
 
 
 class _Spec(BaseModel):
@@ -96,22 +100,15 @@ class StudySpec(_Spec):
         return self
 
 
+MAX_SLUG = 120  # characters of a grid run's readable id prefix
+
+
 @dataclass(frozen=True)
 class PlannedRun:
     run_id: str
     group: str
     axes: dict[str, Any]
     config: RunConfig
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.=+,@-]+")
-
-
-def safe_component(text: str) -> str:
-    """``text`` as one path component that cannot leave its directory: every run of characters
-    outside ``[A-Za-z0-9_.=+,@-]`` (``/``, ``\\``, spaces, ...) and every ``..`` becomes ``_``,
-    and leading dots go (no hidden names). Safe text is returned unchanged."""
-    return re.sub(r"\.\.+", "_", _UNSAFE.sub("_", text)).lstrip(".") or "_"
 
 
 def _short(key: str) -> str:
@@ -129,8 +126,9 @@ def config_hash(config: RunConfig) -> str:
 
 def _resolve(base: dict, layers: list[dict[str, Any]], name: str, where: str) -> RunConfig:
     data = json.loads(json.dumps(base))  # deep copy of plain data
-    for layer in layers:
-        apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in layer.items()])
+    for layer in layers:  # values are plain data already: set, not re-parsed as YAML text
+        for key, value in layer.items():
+            _set_dotted(data, str(key).strip(), copy.deepcopy(value))
     data["name"] = name
     try:
         return validate(data, where)
@@ -145,7 +143,7 @@ def load_spec(path: str | Path) -> tuple[StudySpec, dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {path} not found")
-    raw = parse_yaml(path.read_text()) or {}
+    raw = _read_yaml(path) or {}
     try:
         spec = StudySpec.model_validate(raw)
     except ValidationError as err:
@@ -157,12 +155,34 @@ def load_spec(path: str | Path) -> tuple[StudySpec, dict]:
         base_path = (path.parent / spec.base).resolve()
         if not base_path.is_file():
             raise ConfigError(f"{path}: base config {spec.base} not found at {base_path}")
-        base = parse_yaml(base_path.read_text()) or {}
+        base = _read_yaml(base_path) or {}
+        if not isinstance(base, dict):
+            raise ConfigError(f"{path}: base config {spec.base} holds a "
+                              f"{type(base).__name__}, not a mapping of config keys")
     return spec, base
 
 
-def expand(spec: StudySpec, base: dict) -> list[PlannedRun]:
-    """Every run of the study, in spec order; raises `ConfigError` naming the bad entry."""
+def _read_yaml(path: Path) -> Any:
+    try:
+        return parse_yaml(path.read_text())
+    except YamlError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read it ({err})") from None
+
+
+def run_count(spec: StudySpec) -> int:
+    """How many runs ``spec`` expands to, without expanding it."""
+    return len(spec.runs) + sum(math.prod(len(v) for v in g.axes.values()) for g in spec.grids)
+
+
+def expand(spec: StudySpec, base: dict, max_runs: int = MAX_RUNS) -> list[PlannedRun]:
+    """Every run of the study, in spec order; raises `ConfigError` naming the bad entry, or
+    when the study has more than ``max_runs`` runs (checked before expanding anything)."""
+    total = run_count(spec)
+    if total > max_runs:
+        raise ConfigError(f"study {spec.name} expands to {total:,} runs, more than the "
+                          f"{max_runs:,} allowed; split it, or raise --max-runs if you mean it")
     planned: list[PlannedRun] = []
     for entry in spec.runs:
         cfg = _resolve(base, [spec.set, entry.set], entry.name, f"{spec.name}/{entry.name}")
@@ -175,19 +195,22 @@ def expand(spec: StudySpec, base: dict) -> list[PlannedRun]:
                      if all(axes.get(k) == v for k, v in c.if_.items())]
             slug = safe_component(
                 "-".join([grid.name, *(f"{_short(k)}={_fmt(v)}" for k, v in axes.items())]))
+            if len(slug) > MAX_SLUG:  # a directory name; the hash keeps ids distinct
+                slug = slug[:MAX_SLUG].rstrip("-_.")
             cfg = _resolve(base, [spec.set, grid.set, axes, *extra], slug,
                            f"{spec.name}/{slug}")
             planned.append(PlannedRun(f"{slug}-{config_hash(cfg)}", grid.name, axes, cfg))
-    ids = [p.run_id for p in planned]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    counts = Counter(p.run_id for p in planned)  # linear: list.count was quadratic
+    dupes = sorted(i for i, n in counts.items() if n > 1)
     if dupes:
         raise ConfigError(f"study {spec.name}: duplicate runs {dupes}; give entries distinct names")
     return planned
 
 
-def load_study(path: str | Path) -> tuple[StudySpec, list[PlannedRun]]:
+def load_study(path: str | Path, max_runs: int = MAX_RUNS
+               ) -> tuple[StudySpec, list[PlannedRun]]:
     spec, base = load_spec(path)
-    return spec, expand(spec, base)
+    return spec, expand(spec, base, max_runs)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,6 +15,7 @@ machines sharing a filesystem with working locks) never execute the same run.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ from attndrift.study.spec import PlannedRun
 MANIFEST = "study.json"
 DONE = ("completed",)
 UNSUCCESSFUL = ("failed", "diverged")
+
+
+class StoreError(FileNotFoundError):
+    """The store holds no readable study; ``str(err)`` is one line naming the fix."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,25 @@ class Store:
         atomic_write_bytes(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
 
     def manifest(self) -> dict[str, Any]:
+        """The study's manifest; raises `StoreError` (one line) when it is missing or is not
+        one this version wrote (truncated, hand-edited)."""
         path = self.root / MANIFEST
         if not path.is_file():
-            raise FileNotFoundError(f"{self.root} holds no study (no {MANIFEST}); run "
-                                    "`attndrift study run STUDY.yaml --store DIR` first")
-        return json.loads(path.read_text())
+            raise StoreError(f"{self.root} holds no study (no {MANIFEST}); run "
+                             "`attndrift study run STUDY.yaml --store DIR` first")
+        fix = "`attndrift study run STUDY.yaml --store DIR` rewrites it"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise StoreError(f"{path} is unreadable ({type(err).__name__}: "
+                             f"{str(err)[:200]}); {fix}") from None
+        runs = data.get("runs") if isinstance(data, dict) else None
+        bad = not isinstance(runs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("run_id"), str) for r in runs)
+        if bad:
+            raise StoreError(f"{path} is not a study manifest (expected runs: a list of "
+                             f"entries with a run_id); {fix}")
+        return data
 
     def state(self, run_id: str) -> RunState:
         """What the run's directory says, without taking its lock."""
@@ -74,21 +93,53 @@ class Store:
         return RunState(run_id, record["status"], record.get("error"))
 
     def is_locked(self, run_id: str) -> bool:
-        lock = self.lock(run_id)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            return True
-        lock.release()
-        return False
+        """Whether a worker holds the run's claim. Read-only: creates nothing, and works on a
+        store this process may not write (`held`)."""
+        return held(self.run_dir(run_id))
 
     def lock(self, run_id: str) -> FileLock:
-        run_dir = self.run_dir(run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return FileLock(run_dir / ".lock", thread_local=False)
+        return claim(self.run_dir(run_id))
 
     def needs_run(self, run_id: str, retry_failed: bool) -> bool:
         status = self.state(run_id).status
         if status in DONE:
             return False
         return not (status in UNSUCCESSFUL and not retry_failed)
+
+
+def claim(run_dir: Path) -> FileLock:
+    """The claim on a run directory (``run_dir/.lock``), taken by whoever executes the run
+    there: a study worker, or `attndrift run --out run_dir`. Creates ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(run_dir / ".lock", thread_local=False)
+
+
+def held(run_dir: Path) -> bool:
+    """Whether another process holds ``run_dir``'s claim, found without writing anything: no
+    ``.lock`` file means no holder (a holder creates it); an existing one is opened read-only
+    and probed with a non-blocking shared ``flock``, which conflicts with the holder's."""
+    path = run_dir / ".lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # missing (nobody ever claimed it) or unreadable: as good as missing
+        return False
+    try:
+        import fcntl
+    except ImportError:  # Windows: filelock's own probe (it opens the file for writing)
+        os.close(fd)
+        lock = FileLock(path, thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return True
+        lock.release()
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)

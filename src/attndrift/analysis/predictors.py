@@ -1,0 +1,243 @@
+"""Which signal predicts forgetting, and how early (the later protocol's predictor analysis).
+
+For every backbone and transfer task, every tracked signal (`attndrift.tracked.SIGNALS`) is read
+at the end of training and at early points (after the first epoch, and at a share of training,
+`EARLY_FRACTION`) and ranked by its Spearman ρ with the run's final zero-shot retention
+(``zeroshot[task].retention_pct``, the whole test split), as the later protocol did over its 48
+runs: each run is one point (a correlation across runs does not treat the seeds of a setting as
+replicates of one another). Beside it: ρ over setting means (seed means; one point per setting),
+the mean |ρ| within each dataset and within each dataset × method, and a bootstrap 95% CI of |ρ|
+that resamples setting cells (all runs of a setting together, never runs as if independent),
+with the paired gap to the leading signal on the same resamples. Runs are pooled only within one
+backbone; runs stopped by their guard are left out (their training was cut short).
+
+Reads records only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from attndrift.analysis.common import SUBSET_MEAN
+from attndrift.analysis.runs import Run, dataset_of, method_label, model_of, setting_key
+from attndrift.analysis.runs import short_model as _short
+from attndrift.analysis.table import Column, Table, make_table
+from attndrift.tracked import SIGNALS, value_at
+
+EARLY_FRACTION = 0.25  # the configurable early point, a share of training
+BOOTSTRAP = 2000  # resamples of setting cells
+SEED = 0
+MIN_RUNS = 3
+
+
+def points(fraction: float = EARLY_FRACTION) -> list[tuple[str, tuple[str, float]]]:
+    """(label, point) of the reading points: end of training, after epoch 1, at ``fraction``."""
+    return [("end", ("end", 1.0)), ("epoch 1", ("epoch", 1.0)),
+            (f"{fraction:.0%} of training", ("fraction", fraction))]
+
+
+def guard_stopped(run: Run) -> bool:
+    return bool(((run.record or {}).get("guard") or {}).get("stopped"))
+
+
+def retention(run: Run, task: str) -> float:
+    value = (((run.record or {}).get("zeroshot") or {}).get(task) or {}).get("retention_pct")
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+@dataclass
+class Sample:
+    """The runs of one backbone and transfer task: their setting cell (index), dataset,
+    dataset × method, and final retention."""
+
+    model: str
+    task: str
+    runs: list[Run]
+    cells: np.ndarray
+    datasets: list[str]
+    methods: list[str]
+    y: np.ndarray
+
+    def signal(self, name: str, point: tuple[str, float]) -> np.ndarray:
+        return np.array([value_at(r.record, name, point, self.task) for r in self.runs])
+
+
+def samples(runs: Sequence[Run]) -> list[Sample]:
+    """Completed, not guard-stopped runs with a final retention, per backbone × task."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        if not r.ok or guard_stopped(r):
+            continue
+        for task in sorted((r.record.get("zeroshot") or {}), key=str.casefold):
+            if math.isfinite(retention(r, task)):
+                groups.setdefault((model_of(r.config), task), []).append(r)
+    out = []
+    for (model, task), group in sorted(groups.items()):
+        keys = [setting_key(r.config) for r in group]
+        index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        out.append(Sample(model, task, group, np.array([index[k] for k in keys]),
+                          [dataset_of(r.config) for r in group],
+                          [f"{dataset_of(r.config)} · {method_label(r.config)}" for r in group],
+                          np.array([retention(r, task) for r in group])))
+    return out
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float, int]:
+    """(ρ, two-sided p, n) over the pairs where both are finite; NaN when n < 3 or constant."""
+    keep = np.isfinite(x) & np.isfinite(y)
+    n = int(keep.sum())
+    if n < MIN_RUNS or np.ptp(x[keep]) == 0 or np.ptp(y[keep]) == 0:
+        return math.nan, math.nan, n
+    res = stats.spearmanr(x[keep], y[keep])
+    return float(res.statistic), float(res.pvalue), n
+
+
+def cell_means(x: np.ndarray, y: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per setting cell, the mean of x and of y over its runs where both are finite."""
+    keep = np.isfinite(x) & np.isfinite(y)
+    ids = sorted(set(cells[keep].tolist()))
+    return (np.array([x[keep & (cells == c)].mean() for c in ids]),
+            np.array([y[keep & (cells == c)].mean() for c in ids]))
+
+
+def within_mean_abs(x: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> tuple[float, int]:
+    """Mean |ρ| over the groups (datasets, or dataset × method) where ρ is defined, and how
+    many groups that is."""
+    labels = np.asarray(groups)
+    rhos = [abs(spearman(x[labels == g], y[labels == g])[0]) for g in dict.fromkeys(groups)]
+    rhos = [r for r in rhos if math.isfinite(r)]
+    return (float(np.mean(rhos)) if rhos else math.nan), len(rhos)
+
+
+def draw_cells(n_cells: int, n_boot: int = BOOTSTRAP, seed: int = SEED) -> np.ndarray:
+    """``[n_boot, n_cells]`` indices of the setting cells each bootstrap resample takes."""
+    return np.random.default_rng(seed).integers(0, n_cells, size=(n_boot, n_cells))
+
+
+def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Spearman ρ of samples in which point i appears ``w[b, i]`` times, one per row b of
+    ``w`` ``[B, n]``: exactly scipy's ρ of the expanded sample (average ranks of ties), computed
+    from weighted mid-ranks. x and y must be finite where w > 0."""
+    x, y = np.nan_to_num(x), np.nan_to_num(y)
+
+    def midranks(v: np.ndarray) -> np.ndarray:
+        order = np.argsort(v, kind="stable")
+        sorted_v = v[order]
+        starts = np.flatnonzero(np.r_[True, sorted_v[1:] != sorted_v[:-1]])
+        tied = np.add.reduceat(w[:, order], starts, axis=1)  # [B, groups]: copies per value
+        below = np.cumsum(tied, axis=1) - tied  # copies of smaller values
+        group = np.cumsum(np.r_[True, sorted_v[1:] != sorted_v[:-1]]) - 1  # sorted pos -> group
+        ranks = np.empty_like(w)
+        ranks[:, order] = (below + (tied + 1.0) / 2.0)[:, group]
+        return ranks
+
+    rx, ry = midranks(x), midranks(y)
+    total = w.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dx = rx - (w * rx).sum(axis=1, keepdims=True) / total
+        dy = ry - (w * ry).sum(axis=1, keepdims=True) / total
+        cov = (w * dx * dy).sum(axis=1)
+        rho = cov / np.sqrt((w * dx * dx).sum(axis=1) * (w * dy * dy).sum(axis=1))
+    rho[(total[:, 0] < MIN_RUNS) | ~np.isfinite(rho)] = np.nan
+    return rho
+
+
+def cell_counts(draws: np.ndarray) -> np.ndarray:
+    """``[B, n_cells]``: how often each resample drew each cell."""
+    counts = np.zeros(draws.shape, dtype=float)
+    np.add.at(counts, (np.arange(draws.shape[0])[:, None], draws), 1.0)
+    return counts
+
+
+def bootstrap_abs_rho(x: np.ndarray, y: np.ndarray, cells: np.ndarray, draws: np.ndarray
+                      ) -> np.ndarray:
+    """|ρ| of each resample: the runs of the drawn setting cells (a cell drawn twice counts its
+    runs twice), pairs with a non-finite value left out. ``[B]``. ``draws`` as from
+    `draw_cells`, or already counted by `cell_counts` (float)."""
+    counts = draws if draws.dtype.kind == "f" else cell_counts(draws)
+    ok = (np.isfinite(x) & np.isfinite(y)).astype(float)
+    return np.abs(weighted_spearman(x, y, counts[:, cells] * ok[None, :]))
+
+
+def percentile_ci(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size < 0.5 * values.size or finite.size == 0:
+        return math.nan, math.nan
+    lo, hi = np.percentile(finite, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def rank_sample(sample: Sample, point: tuple[str, float], when: str,
+                n_boot: int = BOOTSTRAP) -> list[dict]:
+    """One row per signal with a value at ``point``, leader first."""
+    draws = cell_counts(draw_cells(int(sample.cells.max()) + 1, n_boot))
+    rows, boots = [], {}
+    for name, sig in SIGNALS.items():
+        x = sample.signal(name, point)
+        rho, p, n = spearman(x, sample.y)
+        if n == 0:
+            continue
+        mx, my = cell_means(x, sample.y, sample.cells)
+        rho_s, _, n_s = spearman(mx, my)
+        ds, n_ds = within_mean_abs(x, sample.y, sample.datasets)
+        dms, n_dms = within_mean_abs(x, sample.y, sample.methods)
+        boots[name] = bootstrap_abs_rho(x, sample.y, sample.cells, draws)
+        lo, hi = percentile_ci(boots[name])
+        rows.append({"model": _short(sample.model), "task": sample.task, "when": when,
+                     "signal": sig.label, "name": name, "n": n, "rho": rho, "p": p,
+                     "abs_rho": abs(rho), "rho_settings": rho_s, "n_settings": n_s,
+                     "within_dataset": ds, "n_datasets": n_ds,
+                     "within_dataset_method": dms, "n_dataset_methods": n_dms,
+                     "ci_lo": lo, "ci_hi": hi})
+    ranked = sorted(rows, key=lambda r: -r["abs_rho"] if math.isfinite(r["abs_rho"]) else 1.0)
+    if ranked and math.isfinite(ranked[0]["abs_rho"]):
+        lead = ranked[0]
+        for i, row in enumerate(ranked):
+            row["rank"] = i + 1 if math.isfinite(row["abs_rho"]) else None
+            row["leader"] = lead["signal"]
+            row["gap"] = lead["abs_rho"] - row["abs_rho"]
+            row["gap_lo"], row["gap_hi"] = percentile_ci(boots[lead["name"]] - boots[row["name"]])
+    return ranked
+
+
+def predictor_rows(runs: Sequence[Run], fraction: float = EARLY_FRACTION,
+                   n_boot: int = BOOTSTRAP) -> list[dict]:
+    rows = []
+    for sample in samples(runs):
+        for when, point in points(fraction):
+            rows += rank_sample(sample, point, when, n_boot)
+    return rows
+
+
+def predictors(runs: Sequence[Run], drift: str = SUBSET_MEAN,
+               fraction: float = EARLY_FRACTION) -> Table:
+    """The predictor ranking table (``tables/predictors.csv``)."""
+    cols = (Column("model", "backbone"), Column("task", "zero-shot task"),
+            Column("when", "read at"), Column("rank", "rank", "int"),
+            Column("signal", "signal"), Column("n", "runs", "int"),
+            Column("rho", "Spearman ρ", "num"), Column("p", "p", "p"),
+            Column("rho_settings", "ρ, setting means", "num"),
+            Column("n_settings", "settings", "int"),
+            Column("within_dataset", "mean |ρ| within dataset", "num"),
+            Column("within_dataset_method", "mean |ρ| within dataset × method", "num"),
+            Column("ci_lo", "|ρ| 95% CI low", "num"), Column("ci_hi", "|ρ| 95% CI high", "num"),
+            Column("gap", "gap to leader", "num"), Column("gap_lo", "gap CI low", "num"),
+            Column("gap_hi", "gap CI high", "num"))
+    return make_table(
+        "predictors", "Which signal predicts forgetting, and how early?",
+        "Spearman ρ of each tracked signal with the final zero-shot retention of a transfer "
+        "task, one point per run (as the later protocol), read at the end of training, after "
+        f"epoch 1 and at {fraction:.0%} of training (its last value measured by then), pooled "
+        "within one backbone, ranked by |ρ|. p: scipy's (runs treated as independent); "
+        "ρ, setting means: one point per setting (seed means). Mean |ρ| within each dataset "
+        "and each dataset × method. |ρ| 95% CI: percentile bootstrap over setting cells "
+        f"({BOOTSTRAP} resamples; a cell's runs are drawn together), and the paired gap to the "
+        "leading signal on the same resamples. Runs stopped by a guard are left out. "
+        "Correlational, not causal.",
+        cols, predictor_rows(runs, fraction),
+        "needs 3 completed runs of one backbone with zero-shot retention")
