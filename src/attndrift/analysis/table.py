@@ -84,6 +84,7 @@ SECTIONS: tuple[Section, ...] = (
         "p-values are descriptive. Holm-Bonferroni adjusts p-values within each family of "
         "comparisons; Cohen's d uses the pooled sd.")),
     Section("forgetting", "Forgetting during training"),
+    Section("predictors", "Which signal predicts forgetting"),
     Section("interpolation", "Interpolation: pretrained to fine-tuned"),
     Section("runs", "Run status and convergence"),
     Section("provenance", "Provenance", intro=(

@@ -184,7 +184,7 @@ def verdict(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
 
 def _p(p: float) -> str:
     text = format_value(p, "p")
-    return f"p {text}" if text.startswith("<") else f"p = {text}"
+    return f"p < {text[1:]}" if text.startswith("<") else f"p = {text}"
 
 
 @register_summary("verdict", order=10)
