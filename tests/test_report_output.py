@@ -135,7 +135,9 @@ def test_measured_records_read_as_what_they_are(tmp_path):
     assert verdict["keeps"] == "measured untouched_cls" and verdict["vs"] == "measured lora_cls"
     for t in tables.values():
         for row in display(t)[1]:
-            assert not any("external.recipe" in c or c in ("", "nan") for c in row), t.name
+            assert not any("external.recipe" in c or c == "nan" for c in row), t.name
+    assert {r["method"] for r in tables["matched_lr"].rows} == {"measured untouched_cls",
+                                                                "measured lora_cls"}
     zs = {r["run"]: r["text_tower"] for r in tables["zeroshot"].rows}
     assert zs == {"untouched_cls": "pretrained", "lora_cls": "fine-tuned"}
 

@@ -41,6 +41,7 @@ from attndrift.analysis.runs import (
     LR_KEYS,
     Run,
     dataset_of,
+    factors,
     family_key,
     model_of,
     regularizer_label,
@@ -105,11 +106,15 @@ def main_comparison(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
 
 
 def _baselines(runs: Sequence[Run]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(backbone, probe images from, baseline block) once per backbone and probe set."""
+    """(backbone, probe images from, baseline block) once per backbone and probe set (the probe
+    and data keys that choose the images; operational ones such as ``probe.zeroshot_every`` or
+    ``probe.batch_size`` do not make another probe set)."""
     seen, out = set(), []
     for r in completed(runs):
         cfg = r.config
-        key = (model_of(cfg), dataset_of(cfg), repr(cfg.get("probe")))
+        probe_set = sorted((k, repr(v)) for k, v in factors(cfg).items()
+                           if k.startswith(("probe.", "data.")))
+        key = (model_of(cfg), dataset_of(cfg), repr(probe_set))
         base = (r.record or {}).get("baseline") or {}
         if key in seen or not base:
             continue
