@@ -78,6 +78,9 @@ def test_first_screen_is_the_answer_then_the_dashboard(runs, tmp_path):
     assert order == sorted(order)
     assert "not computed: no predictor analysis" in html  # the slot the predictors fill
     assert '<details class="section" id="statistics">' in html  # details fold below
+    # every table scrolls inside its box, its first (naming) column fixed
+    assert html.count("<table") == html.count('<div class="scroll"><table')
+    assert ".scroll th:first-child, .scroll td:first-child { position: sticky; left: 0;" in html
 
 
 def test_registering_a_table_figure_and_summary_line_is_all_it_takes(runs, tmp_path,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from matplotlib.figure import Figure
 
 from attndrift.analysis.interpolation import walked_settings
-from attndrift.analysis.runs import Run
+from attndrift.analysis.runs import Run, short_number
 from attndrift.report.base import NoData, figure_grid, register_figure
 from attndrift.report.style import (
     Palette,
@@ -60,7 +60,7 @@ def interpolation(runs: Sequence[Run]) -> Figure:
             x = [100 * p["zs_mean"] for p in points]
             y = [100 * p["test_acc"] for p in points]
             lr = s.config.get("train", {}).get("lr")
-            ax.plot(x, y, label=f"{fam} · lr {lr:g}" if lr is not None else fam,
+            ax.plot(x, y, label=f"{fam} · lr {short_number(lr)}" if lr is not None else fam,
                     **{**kw, "marker": "."})
             ends = {p["alpha"]: (xa, ya) for p, xa, ya in zip(points, x, y, strict=True)}
             if 0.0 in ends:
