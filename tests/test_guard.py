@@ -97,3 +97,12 @@ def test_tiny_run_stops_at_the_first_crossing_and_resumes_without_training_past_
     assert rec["final"]["step"] == stop_step  # evaluated where it stopped, not trained on
     assert rec["final"]["delta_pct"]["entropy"] == pytest.approx(values[1], rel=1e-6)
     assert (tmp_path / "final.safetensors").is_file() and not (tmp_path / "resume.pt").exists()
+    # the report lists it, and leaves it out of the predictor ranking
+    from attndrift.analysis import load_run
+    from attndrift.analysis.frontier import guarded_runs
+    from attndrift.analysis.predictors import samples
+
+    table = guarded_runs([load_run(tmp_path), load_run(full_ft_run)])
+    (row,) = table.rows
+    assert row["stopped"] == "yes" and row["step"] == stop_step and row["signal"] == "Δ entropy"
+    assert samples([load_run(tmp_path)]) == []

@@ -23,8 +23,8 @@ from attndrift.data.registry import load_task
 from attndrift.data.splits import balanced_subset, stratified_split
 from attndrift.measure import measure
 from attndrift.models.clip import TINY_CLIP_DIR, load_clip
-from attndrift.models.external import ArchitectureMismatch, ExternalModelError, load_open_clip
-from attndrift.models.open_clip import check_open_clip_name, open_clip_to_hf
+from attndrift.models.external import ArchitectureMismatch, ExternalModelError
+from attndrift.models.open_clip import check_open_clip_name, load_open_clip, open_clip_to_hf
 from attndrift.records import read_record
 from attndrift.zeroshot import clip_image_encoder, text_classifier, zeroshot_accuracy
 
@@ -422,7 +422,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, random_reference: Path) -> None
     assert "vision num_hidden_layers is 2 there and 4 in the reference" in lines[0]
     code, lines = _cli(str(tmp_path / "two_layers"), *base, "--set", "train.lr=1")
     assert code == 2 and len(lines) == 1 and "data.*, probe.*" in lines[0]
-    code, lines = _cli(str(TINY_CLIP_DIR), "--out", str(tmp_path / "o"))
+    code, lines = _cli(str(TINY_CLIP_DIR), "--reference", "tiny", "--out", str(tmp_path / "o"))
     assert code == 2 and "--data" in lines[0]
     sd = _open_clip_checkpoint(random_reference, seed=7)
     torch.save({k: v for k, v in sd.items() if ".resblocks.3." not in k}, tmp_path / "3.pt")
@@ -432,6 +432,8 @@ def test_cli_errors_are_one_line(tmp_path: Path, random_reference: Path) -> None
         str(random_reference),
         "--data",
         "shapes-layout",
+        "--zeroshot",
+        TASK,
         "--out",
         str(tmp_path / "o"),
     )

@@ -177,3 +177,33 @@ def test_table_has_one_row_per_task_signal_and_point():
     assert len(keys) == len(set(keys))
     assert {r["when"] for r in table.rows} == {"end", "epoch 1", "25% of training"}
     assert predictors([]).skipped
+
+
+def test_selection_utility_picks_the_least_changed_candidate():
+    from attndrift.analysis.frontier import MARGIN_POINTS, pareto, selection_rows
+
+    runs, _ = _store()
+    tiny = [r for r in runs if r.config["model"] == "tiny"
+            and r.config["data"]["dataset"] == "shapes-objects"]
+    accs = [0.90, 0.885, 0.95, 0.70, 0.94, 0.935] * 2  # candidates: within 2 points of 0.95
+    for r, acc in zip(tiny, accs, strict=True):
+        r.record["final"]["best_val_acc"] = acc
+    cands = [r for r, a in zip(tiny, accs, strict=True) if a >= 0.95 - MARGIN_POINTS / 100]
+    assert len(cands) == 6
+    rows = selection_rows(tiny)
+    y = [r.record["zeroshot"][TASK]["retention_pct"] for r in cands]
+    best = max(y)
+    # CKA at the end: least change = highest CKA; embedding drift: lowest
+    for name, label, key in (("cka_mean", "CKA to pretrained (mean)", max),
+                             ("embedding_drift", "embedding drift", min)):
+        values = [(r.record["final"]["aux"]["cka_cls"][0] if name == "cka_mean"
+                   else r.record["final"]["aux"]["embedding_drift"]) for r in cands]
+        picked = cands[values.index(key(values))]
+        row = next(r for r in rows if r["when"] == "end" and r["signal"] == label)
+        assert row["candidates"] == 6 and row["best"] == best
+        assert row["retention"] == picked.record["zeroshot"][TASK]["retention_pct"]
+        assert row["regret"] == pytest.approx(best - row["retention"])
+    anyone = next(r for r in rows if r["signal"] == "any candidate (expected)")
+    assert anyone["regret"] == pytest.approx(np.mean([best - v for v in y]))
+    assert pareto([(1, 1), (2, 0.5), (0.5, 2), (0.9, 0.9), (2, 0.5), (math.nan, 3)]) == [
+        True, True, True, False, True, False]

@@ -296,7 +296,8 @@ def interpolate(
         values = check_alphas([float(a) for a in alphas.split(",") if a.strip()])
     except ValueError as e:
         fail(f"--alphas {alphas!r}: {e}", 2)
-    from attndrift.interpolate import interpolate_run, interpolation_table
+    from attndrift.interpolate import NotATrainingRun, interpolate_run, interpolation_table
+    from attndrift.models.errors import ExternalModelError
     from attndrift.runtime import select_device
 
     try:
@@ -305,6 +306,8 @@ def interpolate(
         fail(f"--device {device}: {e}", 2)
     try:
         result = interpolate_run(run_dir, values, device=dev, batch_size=batch_size)
+    except (NotATrainingRun, ExternalModelError) as e:  # a measured record, a hostile file
+        fail(str(e), 2)
     except (KeyError, FileNotFoundError, ValueError, RuntimeError) as e:
         fail(str(e), 1)
     out.print(interpolation_table(result))
@@ -327,8 +330,8 @@ def measure(
                        "run dir's own)")] = None,
     zeroshot: Annotated[str | None, typer.Option(
         "--zeroshot", help="comma-separated zero-shot transfer tasks")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="directory for record.json")] = Path(
-        "runs/measured"),
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="directory for record.json (default: runs/measured/<run id>)")] = None,
     fmt: Annotated[str, typer.Option(
         "--format", help="auto | run | clip | peft | open_clip")] = "auto",
     open_clip_model: Annotated[str | None, typer.Option(
@@ -344,24 +347,43 @@ def measure(
         help="the fine-tuning learning rate, if known (default: a run's own)")] = None,
     overrides: SetOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    force: Annotated[bool, typer.Option(
+        "--force", help="replace another measurement in --out (never a training run)")] = False,
 ) -> None:
     """Measure a CLIP fine-tuned anywhere against its pretrained model: attention drift,
-    auxiliary metrics, zero-shot of both; writes OUT/record.json (method external)."""
+    auxiliary metrics, zero-shot of both; writes OUT/record.json (method external).
+
+    Never replaces what it did not write: the same measurement in OUT is reported as already
+    measured; a training run, another measurement (unless --force) or other files are refused."""
     from attndrift.config import ConfigError
-    from attndrift.measure import measure as _measure
-    from attndrift.models.external import ExternalModelError
+    from attndrift.measure import (
+        OutDirTaken,
+        existing_measurement,
+        plan_measurement,
+        run_measurement,
+    )
+    from attndrift.models.errors import ExternalModelError
+    from attndrift.records import RecordError
 
     tasks = None if zeroshot is None else [t.strip() for t in zeroshot.split(",") if t.strip()]
     try:
-        record = _measure(finetuned, out_dir, reference=reference, dataset=data,
-                          zeroshot=tasks, overrides=[*(positional or []), *(overrides or [])],
-                          fmt=fmt,
-                          open_clip_model=open_clip_model, name=name, recipe=recipe,
-                          seed=seed, lr=lr, device=device, progress=sys.stderr.isatty())
-    except (ConfigError, ExternalModelError, FileNotFoundError) as e:
+        plan = plan_measurement(finetuned, out_dir, reference=reference, dataset=data,
+                                zeroshot=tasks,
+                                overrides=[*(positional or []), *(overrides or [])], fmt=fmt,
+                                open_clip_model=open_clip_model, name=name, recipe=recipe,
+                                seed=seed, lr=lr, device=device, progress=sys.stderr.isatty())
+        if existing_measurement(plan, force) is not None:
+            out.print(f"already measured: {safe(plan.run_id)} in {safe(plan.out_dir)} "
+                      "(nothing rewritten)", highlight=False, soft_wrap=True)
+            return
+        record = run_measurement(plan, device)
+    except (ConfigError, ExternalModelError, FileNotFoundError, OutDirTaken, RecordError) as e:
         fail(str(e), 2)
+    except OSError as e:
+        fail(os_error_line(e), 1)
     except (KeyError, ValueError, RuntimeError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
+    out_dir = plan.out_dir
     for warning in record.get("warnings", []):
         err.print(f"[bold yellow]WARNING:[/] {safe(warning)}", highlight=False, soft_wrap=True)
     final, zs = record["final"], record["zeroshot"]

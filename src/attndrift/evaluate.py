@@ -15,7 +15,7 @@ from attndrift.probes.capture import cls_patch_attention, full_attention
 from attndrift.probes.cka import layer_representations, layerwise_cka
 from attndrift.probes.drift import embedding_drift, weight_drift
 from attndrift.probes.rollout import rollout_summary
-from attndrift.zeroshot import zeroshot_accuracy
+from attndrift.zeroshot import zeroshot_accuracy, zeroshot_scores
 
 
 def autocast(device: torch.device, precision: str):
@@ -73,18 +73,20 @@ def accuracy(model: CLIPClassifier, task: ImageTask, preprocess: Preprocessor,
 
 def zeroshot_all(model: CLIPClassifier, weights: dict[str, torch.Tensor],
                  tasks: dict[str, ImageTask], preprocess: Preprocessor, device: torch.device,
-                 batch_size: int, precision: str = "fp32") -> dict[str, float]:
+                 batch_size: int, precision: str = "fp32", *, detail: bool = False) -> dict:
     """Zero-shot accuracy on every task through the classifier's (adapted) image encoder, run
     under ``autocast(device, precision)``; the embeddings are normalised and compared with the
-    text weights in float32."""
+    text weights in float32. With ``detail``, each task's `zeroshot_scores` (top-1, top-5,
+    mean per-class recall) instead of its top-1 accuracy."""
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):
             return model.embed(x)
 
+    score = zeroshot_scores if detail else zeroshot_accuracy
     with eval_mode(model):
-        return {name: zeroshot_accuracy(encode, weights[name], task, preprocess, device,
-                                        batch_size) for name, task in tasks.items()}
+        return {name: score(encode, weights[name], task, preprocess, device, batch_size)
+                for name, task in tasks.items()}
 
 
 @torch.no_grad()
@@ -198,11 +200,27 @@ def validation_probe_sets(source: ImageTask, val_frac: float, split_seed: int, i
     builds them: the stratified validation split (seeded), then ``subsets`` fixed
     class-balanced probe subsets of ``images`` validation images (seeds ``seed..``); indices
     of the subsets are into ``val_set``. The first subset is the one probed during training."""
-    from attndrift.data.splits import probe_subsets, stratified_split
+    train_idx, val_idx, _, val_set, _, probe = run_probe_sets(
+        source, val_frac, split_seed, images, subsets, seed)
+    return train_idx, val_idx, val_set, probe
 
-    train_idx, val_idx = stratified_split(source.labels, val_frac, split_seed)
+
+def run_probe_sets(source: ImageTask, val_frac: float, split_seed: int, images: int,
+                   subsets: int, seed: int, budget: tuple[int, int, int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ImageTask, ImageTask,
+                              list[torch.Tensor]]:
+    """``(train_idx, val_idx, pool_idx, val_set, probe_set, probe_subsets)``: as
+    `validation_probe_sets`, or, with a per-class ``budget`` ``(train, val, probe)``
+    (`attndrift.data.splits.budget_split`, the later protocol), with the probe subsets drawn
+    from a probe split disjoint from validation. ``pool_idx`` indexes ``source`` (the
+    validation indices without a budget); the subsets index ``probe_set``."""
+    from attndrift.data.splits import probe_subsets, run_split
+
+    train_idx, val_idx, pool_idx = run_split(source.labels, val_frac, split_seed, budget)
     val_set = source.subset(val_idx, f"{source.name}/val")
-    return train_idx, val_idx, val_set, probe_subsets(val_set.labels, images, subsets, seed)
+    probe_set = source.subset(pool_idx, f"{source.name}/probe") if budget else val_set
+    return (train_idx, val_idx, pool_idx, val_set, probe_set,
+            probe_subsets(probe_set.labels, images, subsets, seed))
 
 
 def drift_summary(final_metrics: dict[str, Any], baseline: dict[str, Any],
@@ -232,12 +250,26 @@ def drift_summary(final_metrics: dict[str, Any], baseline: dict[str, Any],
     }
 
 
-def zeroshot_summary(before: dict[str, float], after: dict[str, float],
-                     tasks: dict[str, ImageTask]) -> dict[str, dict[str, Any]]:
+def zeroshot_summary(before: dict[str, Any], after: dict[str, Any],
+                     tasks: dict[str, ImageTask],
+                     prompts: dict[str, dict[str, Any]] | None = None
+                     ) -> dict[str, dict[str, Any]]:
     """A record's ``zeroshot``: per task, accuracy before and after, retention % = after /
-    before (002 §4.4: through the adapted image encoder), chance and class count."""
-    return {name: {"before": before[name], "after": after[name],
-                   "retention_pct": 100.0 * after[name] / before[name]
-                   if before[name] > 0 else None,
-                   "chance": 1.0 / task.num_classes, "classes": task.num_classes}
-            for name, task in tasks.items()}
+    before (002 §4.4: through the adapted image encoder), chance and class count. Given
+    `zeroshot_scores` dicts instead of accuracies, also ``top5`` and ``mean_recall`` before
+    and after; ``prompts`` adds each task's prompt entry (`attndrift.data.prompts`)."""
+    out = {}
+    for name, task in tasks.items():
+        b, a = before[name], after[name]
+        # each side a top-1 accuracy or a scores dict (a run resumed from an older checkpoint
+        # holds a plain accuracy from before training)
+        b1, a1 = (v["top1"] if isinstance(v, dict) else v for v in (b, a))
+        entry = {"before": b1, "after": a1,
+                 "retention_pct": 100.0 * a1 / b1 if b1 > 0 else None,
+                 "chance": 1.0 / task.num_classes, "classes": task.num_classes}
+        if isinstance(b, dict) and isinstance(a, dict):
+            entry.update({k: {"before": b[k], "after": a[k]} for k in ("top5", "mean_recall")})
+        if prompts and name in prompts:
+            entry["prompt"] = prompts[name]
+        out[name] = entry
+    return out

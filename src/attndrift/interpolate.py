@@ -1,13 +1,19 @@
 """Walk a finished run back toward its pretrained model: accuracy, forgetting and attention
 along ``alpha`` in [0, 1] (0 = pretrained encoder, 1 = the fine-tuned one).
 
-- full_ft, freeze: WiSE-FT (Wortsman et al., 2022) weight interpolation
+Each method names its scheme in its `attndrift.methods.MethodSpec`:
+
+- wise-ft (full_ft, freeze, last_block): WiSE-FT (Wortsman et al., 2022) weight interpolation
   ``theta(alpha) = (1 - alpha) * theta_pretrained + alpha * theta_finetuned`` of every trainable
   vision-tower and visual-projection tensor (frozen tensors are pretrained at every alpha).
-- lora: the adapter delta is scaled, ``W + alpha * (B @ A) * scaling``, through PEFT's own
-  per-adapter scale (``LoraLayer.set_scale``), which equals merging ``alpha * delta W``; the
-  visual projection, trained as a full tensor, is interpolated as in WiSE-FT.
-- linear_probe: the encoder never changed; every alpha is the fine-tuned model.
+- lora-scale (lora): the adapter delta is scaled, ``W + alpha * (B @ A) * scaling``, through
+  PEFT's own per-adapter scale (``LoraLayer.set_scale``), which equals merging
+  ``alpha * delta W``; the visual projection, when trained as a full tensor, is interpolated
+  as in WiSE-FT (frozen, it is pretrained at every alpha).
+- dora-scale (dora): as lora-scale, and each DoRA magnitude vector is interpolated from its
+  initial value, the row norms of the pretrained weight (PEFT's DoRA initialisation), so
+  alpha = 0 is again exactly the pretrained weight.
+- none (linear_probe): the encoder never changed; every alpha is the fine-tuned model.
 
 The classification head is always the fine-tuned one: it was trained from scratch on the task,
 so there is no pretrained head to interpolate toward (WiSE-FT interpolates a zero-shot head,
@@ -31,10 +37,16 @@ from typing import Any
 
 import torch
 
+from attndrift.methods import METHODS
+
 SCHEMA_VERSION = 1
 INTERPOLATION_FILE = "interpolation.json"
-SCHEMES = {"full_ft": "wise-ft", "freeze": "wise-ft", "lora": "lora-scale",
-           "linear_probe": "none"}
+# Each method declares its scheme (`attndrift.methods.MethodSpec.scheme`).
+SCHEMES = {name: spec.scheme for name, spec in METHODS.items()}
+
+
+class NotATrainingRun(ValueError):
+    """The directory holds a record that no attndrift training run wrote (a measurement)."""
 
 
 def check_alphas(alphas: Sequence[float]) -> list[float]:
@@ -67,6 +79,12 @@ class _Interpolator:
         self.pretrained: dict[str, torch.Tensor] = {}
         self.params = dict(model.named_parameters())
         for name, param in self.params.items():
+            if ".lora_magnitude_vector." in name:  # DoRA: starts at the base weight's row norms
+                base = name.split(".lora_magnitude_vector.")[0] + ".weight"
+                self.finetuned[name] = param.detach().clone()
+                self.pretrained[name] = torch.linalg.norm(pretrained[base].float(), dim=1).to(
+                    param.device, param.dtype)
+                continue
             if not param.requires_grad or name.startswith("head.") or ".lora_" in name:
                 continue
             base = name.replace(".base_layer", "")
@@ -104,8 +122,9 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
         no longer matches the record; FileNotFoundError: no final checkpoint.
     """
     from attndrift.config import validate
+    from attndrift.data.prompts import zeroshot_tasks
     from attndrift.data.registry import load_task
-    from attndrift.data.splits import balanced_subset, index_fingerprint, stratified_split
+    from attndrift.data.splits import balanced_subset, index_fingerprint, run_split
     from attndrift.evaluate import accuracy, probe_attention, zeroshot_all
     from attndrift.models.clip import load_clip
     from attndrift.models.restore import restore_run
@@ -117,6 +136,12 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
     alphas = check_alphas(alphas)
     run_dir = Path(run_dir)
     record = read_record(run_dir)
+    if record["config"].get("method") == "external":
+        raise NotATrainingRun(
+            f"{run_dir} is a measured record (attndrift measure): interpolation walks a "
+            "training run of attndrift back to its pretrained weights; give a run directory "
+            "written by attndrift run"
+        )
     if record["status"] != "completed":
         raise ValueError(f"{run_dir}: run is {record['status']}; only completed runs can be "
                          "interpolated")
@@ -127,19 +152,22 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
     # --- the run's data, exactly as train.py built it ------------------------------------
     size = loaded.image_size  # datasets cached at the model's input size, as train.py did
     source = load_task(cfg.data.dataset, "train", image_size=size)
-    _, val_idx = stratified_split(source.labels, cfg.data.val_frac, cfg.data.split_seed)
+    budget = cfg.data.budget  # the probe pool: validation, or the budget's probe split
+    _, val_idx, pool_idx = run_split(source.labels, cfg.data.val_frac, cfg.data.split_seed,
+                                     (budget.train, budget.val, budget.probe) if budget else None)
     val_set = source.subset(val_idx, f"{source.name}/val")
-    probe_idx = balanced_subset(val_set.labels, cfg.probe.images, cfg.probe.seed)
+    pool = source.subset(pool_idx, f"{source.name}/probe")
+    probe_idx = balanced_subset(pool.labels, cfg.probe.images, cfg.probe.seed)
     data = record["provenance"].get("data", {})
-    for key, index in (("val_ids", val_idx), ("probe_ids", val_idx[probe_idx])):
+    for key, index in (("val_ids", val_idx), ("probe_ids", pool_idx[probe_idx])):
         saved = data.get(key)
         saved = saved[0] if isinstance(saved, list) and saved else saved  # probe subset 0
         if saved is not None and saved != index_fingerprint(index):
             raise ValueError(f"{run_dir}: the rebuilt {key[:-4]} split differs from the run's "
                              f"({cfg.data.dataset} changed since the run?)")
-    probe_images = val_set.images[probe_idx]
+    probe_images = pool.images[probe_idx]
     test_set = load_task(cfg.data.dataset, "test", image_size=size)
-    zs_tasks = {name: load_task(name, "test", image_size=size) for name in cfg.data.zeroshot}
+    zs_tasks = zeroshot_tasks(cfg.data.zeroshot, cfg.data.zeroshot_eval, image_size=size)[0]
 
     # --- models: the fine-tuned run, and the pretrained tensors to walk toward ------------
     model = adapted.model.eval()

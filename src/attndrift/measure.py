@@ -11,6 +11,13 @@ and task accuracy when the checkpoint has a classification head (attndrift runs)
 and the statistics read it like any run; several checkpoints of one reference measured into
 one directory tree form a store.
 
+A measurement is planned first (`plan_measurement`: settings, identity, output directory),
+then run (`run_measurement`). Like ``run``, it never replaces what it did not write: the same
+measurement already in OUT is returned as it is ("already measured"), and a directory holding
+a training run, another measurement (unless ``force``) or other files is refused
+(`existing_measurement`). The default OUT is ``runs/measured/<run id>``, derived from the
+input, so two measurements never meet in one directory.
+
 What a record cannot know about a foreign fine-tune is left out rather than guessed: there
 is no training history, and ``train.lr`` is recorded only when given. ``external.recipe``
 names the fine-tuning recipe: checkpoints of one recipe that differ only in ``seed`` are
@@ -19,17 +26,59 @@ replicates of one setting in the report's tables and statistics.
 
 from __future__ import annotations
 
-import time
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from attndrift.measure_phases import measure_phases
+from attndrift.models.external import check_format, detect_format
 
-from attndrift.models.classifier import CLIPClassifier
-from attndrift.models.external import detect_format, load_finetuned
-
-ATTENTION_SAMPLES = 8  # probe images whose maps are saved for heatmap overlays (as a run)
 OVERRIDABLE = ("data.", "probe.", "train.precision")
+DEFAULT_ROOT = Path("runs/measured")
+# files a measurement writes into OUT (and the lock it holds there)
+OWN_FILES = {"record.json", "attention.safetensors", ".lock"}
+
+
+class OutDirTaken(ValueError):
+    """OUT holds something a measurement must not replace (one line, with the fix)."""
+
+
+@dataclass
+class Plan:
+    """One measurement, decided before any model is loaded."""
+
+    finetuned: str
+    fmt: str
+    reference: str
+    data: Any
+    probe: Any
+    precision: str
+    run_config: dict[str, Any] | None
+    config: dict[str, Any]
+    run_id: str
+    out_dir: Path
+    sha256: str | None
+    open_clip_model: str | None = None
+    progress: bool = False
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    from attndrift.config import ConfigError
+
+    for item in overrides:
+        if not item.split("=", 1)[0].strip().startswith(OVERRIDABLE):
+            raise ConfigError(
+                f"override {item!r}: measure takes data.*, probe.* and train.precision overrides"
+            )
+
+
+def _is_tiny(reference: str | None) -> bool:
+    from attndrift.models.clip import TINY_CLIP_DIR, TINY_NAMES
+
+    if reference is None:
+        return False
+    return reference in TINY_NAMES or Path(reference).resolve() == TINY_CLIP_DIR.resolve()
 
 
 def resolve_settings(
@@ -38,25 +87,26 @@ def resolve_settings(
     dataset: str | None = None,
     zeroshot: list[str] | None = None,
     overrides: list[str] | None = None,
+    reference: str | None = None,
 ):
     """The ``(DataConfig, ProbeConfig, precision, run config or None)`` a measurement uses.
 
     A run directory starts from its own data, probe and precision settings (so its probe set
-    is the run's); anything else from a run's defaults. ``dataset``, ``zeroshot`` and
-    ``overrides`` (``data.*``, ``probe.*``, ``train.precision``) apply on top.
+    is the run's); anything else from a run's defaults, except the zero-shot tasks: those
+    default to the shapes world's only for the tiny CLIP reference, and must be given for
+    any other. ``dataset``, ``zeroshot`` and ``overrides`` (``data.*``, ``probe.*``,
+    ``train.precision``) apply on top.
 
     Raises:
-        ConfigError: a bad override, or no dataset for a checkpoint that is not a run.
+        ConfigError: a bad override, no dataset or no zero-shot task for a checkpoint that
+        is not a run.
     """
     from attndrift.config import ConfigError, apply_overrides, validate
     from attndrift.records import read_record
 
     overrides = list(overrides or [])
-    for item in overrides:
-        if not item.split("=", 1)[0].strip().startswith(OVERRIDABLE):
-            raise ConfigError(
-                f"override {item!r}: measure takes data.*, probe.* and train.precision overrides"
-            )
+    _check_overrides(overrides)
+    given = {o.split("=", 1)[0].strip() for o in overrides}
     run_config = None
     base: dict[str, Any] = {}
     if fmt in ("run", "auto") and (Path(finetuned) / "record.json").is_file():
@@ -66,9 +116,14 @@ def resolve_settings(
             "probe": dict(run_config.get("probe") or {}),
             "train": {"precision": (run_config.get("train") or {}).get("precision", "auto")},
         }
-    elif dataset is None and not any(o.startswith("data.dataset=") for o in overrides):
+    elif dataset is None and "data.dataset" not in given:
         raise ConfigError(
             "give --data DATASET (the dataset whose validation split holds the probe images)"
+        )
+    elif zeroshot is None and "data.zeroshot" not in given and not _is_tiny(reference):
+        raise ConfigError(
+            f"give --zeroshot TASK[,TASK...]: the transfer tasks to score {reference or 'it'} "
+            "on (the default, shapes-zs-shape, is the tiny CLIP's toy world)"
         )
     if dataset is not None:
         base.setdefault("data", {})["dataset"] = dataset
@@ -78,13 +133,9 @@ def resolve_settings(
     return cfg.data, cfg.probe, cfg.train.precision, run_config
 
 
-def _classifier(clip: torch.nn.Module) -> CLIPClassifier:
-    return CLIPClassifier(clip.vision_model, clip.visual_projection, 1)  # head unused
-
-
-def measure(
+def plan_measurement(
     finetuned: str,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     *,
     reference: str | None = None,
     dataset: str | None = None,
@@ -98,158 +149,30 @@ def measure(
     lr: float | None = None,
     device: str = "auto",
     progress: bool = False,
-) -> dict[str, Any]:
-    """Measure ``finetuned`` against ``reference`` and write ``out_dir/record.json``.
-
-    ``reference`` defaults to a run directory's own model (and is required otherwise), and
-    ``seed`` and ``lr`` (the fine-tuning's, for grouping replicates and learning-rate tables)
-    to a run's own (else 0 and unrecorded); ``fmt`` is ``auto`` or one of
-    `attndrift.models.external.FORMATS`. Returns the record.
-
-    Raises:
-        ConfigError: bad settings; FileNotFoundError: missing file; ExternalModelError /
-        ArchitectureMismatch: unknown format, unreadable or mismatching checkpoint.
-    """
+) -> Plan:
+    """Settings, identity and output directory of a measurement (see `measure`); reads no
+    model. The run id hashes the settings and the checkpoint's bytes, not the device."""
     from attndrift.config import ConfigError
-    from attndrift.data.registry import load_task
-    from attndrift.data.splits import balanced_subset, index_fingerprint
-    from attndrift.evaluate import (
-        accuracy,
-        auxiliary_metrics,
-        drift_summary,
-        probe_attention,
-        sanity_check,
-        validation_probe_sets,
-        zeroshot_all,
-        zeroshot_summary,
-    )
-    from attndrift.models.clip import load_clip, resolve_source
-    from attndrift.models.external import checkpoint_sha256, text_tower_changed
-    from attndrift.probes.drift import vision_weight_snapshot
-    from attndrift.probes.metrics import summarize
-    from attndrift.records import RECORD_FILE, new_record, provenance, run_id_for, write_record
-    from attndrift.runtime import save_weights, select_device
-    from attndrift.zeroshot import text_classifier
+    from attndrift.models.weights import checkpoint_sha256
+    from attndrift.records import read_record, run_id_for
 
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    data, probe, precision, run_config = resolve_settings(
-        finetuned, fmt, dataset, zeroshot, overrides
-    )
+    check_format(fmt)
     fmt = detect_format(finetuned) if fmt == "auto" else fmt
+    run_config = read_record(Path(finetuned))["config"] if fmt == "run" else None
     if reference is None:
         if run_config is None:
             raise ConfigError("give --reference PRETRAINED (the model that was fine-tuned)")
         reference = str(run_config.get("model", "tiny"))
+    data, probe, precision, run_config = resolve_settings(
+        finetuned, fmt, dataset, zeroshot, overrides, reference
+    )
     if run_config is not None:  # a run knows its learning rate and seed
         lr = (run_config.get("train") or {}).get("lr") if lr is None else lr
         seed = run_config.get("seed") if seed is None else seed
-    seed = 0 if seed is None else seed
-    dev = select_device(device)
-
-    # --- models -------------------------------------------------------------------------
-    t = time.perf_counter()
-    ref = load_clip(reference)
-    ft = load_finetuned(finetuned, ref, fmt, open_clip_model)
-    ref_model = _classifier(ref.model).to(dev)
-    ft_model = ft.classifier.to(dev)
-    ft.clip.to(dev)
-    ref.model.to(dev)
-    pre_ref = ref.preprocessor()
-    pre_ft = type(pre_ref)(ref.image_size, ft.mean, ft.std)
-    own_text = text_tower_changed(ft.clip, ref.model)
-
-    # --- the probe set, exactly as a run builds it ---------------------------------------
-    size = ref.image_size
-    source = load_task(data.dataset, "train", image_size=size, progress=progress)
-    train_idx, val_idx, val_set, subsets = validation_probe_sets(
-        source, data.val_frac, data.split_seed, probe.images, probe.subsets, probe.seed
-    )
-    if data.train_limit is not None:
-        train_idx = train_idx[
-            balanced_subset(source.labels[train_idx], data.train_limit, data.split_seed)
-        ]
-    probe_images = val_set.images[subsets[0]]
-    zs_tasks = {n: load_task(n, "test", image_size=size, progress=progress) for n in data.zeroshot}
-    setup_s = time.perf_counter() - t
-
-    def probe_of(model, preprocess, images):
-        return probe_attention(
-            model, images, preprocess, dev, probe.batch_size, probe.precision, on_device=True
-        )
-
-    def measured(model, preprocess) -> tuple[torch.Tensor, dict[str, Any]]:
-        attn = probe_of(model, preprocess, probe_images)
-        metrics = summarize(attn)
-        metrics["subsets"] = [metrics["mean"]] + [
-            summarize(probe_of(model, preprocess, val_set.images[s]))["mean"] for s in subsets[1:]
-        ]
-        return attn, metrics
-
-    # --- attention probe and auxiliary metrics ------------------------------------------
-    t = time.perf_counter()
-    base_attn, baseline = measured(ref_model, pre_ref)
-    final_attn, final_metrics = measured(ft_model, pre_ft)
-    probe_s = time.perf_counter() - t
-    t = time.perf_counter()
-    which = list(probe.aux)
-    baseline["aux"], aux_ref = auxiliary_metrics(
-        ref_model, probe_images, pre_ref, dev, probe.batch_size, which, None, None, probe.precision
-    )
-    weights = vision_weight_snapshot(ref_model) if "drift" in which else None
-    final_aux = auxiliary_metrics(
-        ft_model,
-        probe_images,
-        pre_ft,
-        dev,
-        probe.batch_size,
-        which,
-        aux_ref,
-        weights,
-        probe.precision,
-    )[0]
-    aux_s = time.perf_counter() - t
-
-    # --- zero-shot: each model through its own image encoder and text tower -------------
-    t = time.perf_counter()
-    bs = data.eval_batch_size
-    ref_text = {
-        n: text_classifier(ref.model, ref.tokenizer, k.class_names, k.templates, dev)
-        for n, k in zs_tasks.items()
-    }
-    ft_text = {
-        n: text_classifier(ft.clip, ft.tokenizer, k.class_names, k.templates, dev)
-        for n, k in zs_tasks.items()
-    }
-    before = zeroshot_all(ref_model, ref_text, zs_tasks, pre_ref, dev, bs, precision)
-    after = zeroshot_all(ft_model, ft_text, zs_tasks, pre_ft, dev, bs, precision)
-    own = {
-        "task": text_classifier(
-            ref.model, ref.tokenizer, val_set.class_names, val_set.templates, dev
-        )
-    }
-    own_acc = zeroshot_all(ref_model, own, {"task": val_set}, pre_ref, dev, bs, precision)["task"]
-    zeroshot_s = time.perf_counter() - t
-
-    # --- task accuracy, where the checkpoint has a head trained on this dataset ---------
-    val_acc = test_acc = None
-    head_note = "no classification head"
-    if ft.has_head:
-        same = (
-            ft.details.get("dataset") == data.dataset
-            and ft.details.get("classes") == source.num_classes
-        )
-        head_note = "the run's head" if same else "head trained on another dataset: not scored"
-        if same:
-            val_acc = accuracy(ft_model, val_set, pre_ft, dev, bs, precision)
-            test_set = load_task(data.dataset, "test", image_size=size)  # read once
-            test_acc = accuracy(ft_model, test_set, pre_ft, dev, bs, precision)
-
-    # --- the record ---------------------------------------------------------------------
     label = name or (run_config or {}).get("name") or Path(finetuned.rstrip("/")).name
     config = {
         "name": label,
-        "seed": seed,
+        "seed": 0 if seed is None else seed,
         "model": reference,
         "method": "external",
         "external": {"format": fmt, "recipe": recipe or label},
@@ -258,76 +181,97 @@ def measure(
         "train": {"precision": precision, **({"lr": lr} if lr is not None else {})},
         "device": device,
     }
-    record = new_record(run_id_for({**config, "finetuned_sha256": ft.sha256}), config)
-    ref_source = resolve_source(reference)
-    weights_file = Path(ref_source) / "model.safetensors"  # what a run's model_sha256 hashes
-    ref_sha = checkpoint_sha256(str(weights_file) if weights_file.is_file() else ref_source)
-    record["provenance"] = provenance(str(dev))
-    record["provenance"].update(
-        {
-            "model_source": ref_source,
-            "model_sha256": ref_sha,
-            "reference": {"name": reference, "source": ref_source, "sha256": ref_sha},
-            "finetuned": {
-                "source": str(finetuned),
-                "format": fmt,
-                "sha256": ft.sha256,
-                "text_tower": "fine-tuned" if own_text else "reference",
-                "head": head_note,
-                **ft.details,
-            },
-            "data": {
-                "dataset": data.dataset,
-                "content": source.fingerprint(),
-                "train_ids": index_fingerprint(train_idx),
-                "val_ids": index_fingerprint(val_idx),
-                "probe_ids": [index_fingerprint(val_idx[s]) for s in subsets],
-                "sizes": {"train": len(train_idx), "val": len(val_set), "probe": len(subsets[0])},
-            },
-            "zeroshot_data": {n: k.fingerprint() for n, k in zs_tasks.items()},
-        }
-    )
-    record["sanity"], record["warnings"] = sanity_check(
-        {
-            f"{data.dataset} (validation)": (own_acc, val_set.num_classes),
-            **{n: (before[n], k.num_classes) for n, k in zs_tasks.items()},
-        }
-    )
-    record["baseline"] = baseline
-    final_subsets = final_metrics.pop("subsets")
-    drift = drift_summary(final_metrics, baseline, final_subsets)
-    subset_cv = drift.pop("subset_cv")
-    record["final"] = {
-        "step": None,
-        "epochs": None,
-        "val_acc": val_acc,
-        "best_val_acc": val_acc,
-        "best_epoch": None,
-        "test_acc": test_acc,
-        "train_loss": None,
-        "metrics": final_metrics,
-        **drift,
-        "aux": {**final_aux, "subset_cv": subset_cv},
-    }
-    record["zeroshot"] = zeroshot_summary(before, after, zs_tasks)
-    record["status"] = "completed"
-    record["timing"] = {
-        "setup_s": setup_s,
-        "probe_s": probe_s,
-        "aux_s": aux_s,
-        "zeroshot_s": zeroshot_s,
-        "total_s": time.perf_counter() - t_start,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(
-        out_dir / "attention.safetensors",
-        {
-            "pretrained": base_attn[:ATTENTION_SAMPLES].cpu(),
-            "final": final_attn[:ATTENTION_SAMPLES].cpu(),
-            "labels": val_set.labels[subsets[0]][:ATTENTION_SAMPLES],
-            "images": probe_images[:ATTENTION_SAMPLES],
-        },
-        {"run_id": record["run_id"], "method": "external", "model": reference},
-    )
-    write_record(out_dir / RECORD_FILE, record)
-    return record
+    sha = checkpoint_sha256(finetuned)
+    identity = {k: v for k, v in config.items() if k != "device"}
+    run_id = run_id_for({**identity, "finetuned_sha256": sha})
+    out = Path(out_dir) if out_dir is not None else DEFAULT_ROOT / run_id
+    return Plan(finetuned, fmt, reference, data, probe, precision, run_config, config, run_id,
+                out, sha, open_clip_model, progress)
+
+
+def existing_measurement(plan: Plan, force: bool = False) -> dict[str, Any] | None:
+    """The completed record of this very measurement in ``plan.out_dir`` (nothing to do), or
+    None when OUT is free: new, empty, or holding only an unfinished measurement's files.
+
+    Raises:
+        OutDirTaken: OUT is FINETUNED itself, holds a training run (never replaced), another
+        completed measurement (unless ``force``), or files a measurement did not write.
+    """
+    from attndrift.records import RecordError, read_record
+
+    out = plan.out_dir
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise OutDirTaken(f"--out {out} is a file; choose a directory")
+    try:
+        record = read_record(out)
+    except RecordError:
+        record = None
+    if record is not None and record["config"].get("method") != "external":
+        raise OutDirTaken(
+            f"--out {out} holds the attndrift training run {record['run_id']} "
+            f"({record['status']}); measure never replaces a run: choose another --out"
+        )
+    if Path(plan.finetuned).exists() and out.resolve() == Path(plan.finetuned).resolve():
+        raise OutDirTaken(f"--out {out} is FINETUNED itself; choose another --out")
+    if record is not None and record["status"] == "completed":
+        if record["run_id"] == plan.run_id:
+            return record
+        if not force:
+            raise OutDirTaken(
+                f"--out {out} holds another measurement, {record['run_id']} (this one is "
+                f"{plan.run_id}); choose another --out, or pass --force to replace it"
+            )
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in OWN_FILES and not p.name.startswith(".record.json."))
+    if others and record is None:
+        raise OutDirTaken(
+            f"--out {out} holds files a measurement did not write (e.g. {others[0]}); "
+            "choose a new or empty directory"
+        )
+    return None
+
+
+def run_measurement(plan: Plan, device: str = "auto") -> dict[str, Any]:
+    """Measure ``plan`` and write ``OUT/record.json`` and ``OUT/attention.safetensors`` under
+    OUT's lock (a second process measuring into OUT is refused, `OutDirTaken`)."""
+    from filelock import FileLock, Timeout
+
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(plan.out_dir / ".lock", thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise OutDirTaken(f"another process is measuring into {plan.out_dir}") from None
+    with contextlib.ExitStack() as stack:
+        stack.callback(lock.release)
+        return measure_phases(plan, device)
+
+
+def measure(
+    finetuned: str,
+    out_dir: str | Path | None = None,
+    *,
+    force: bool = False,
+    device: str = "auto",
+    **settings: Any,
+) -> dict[str, Any]:
+    """Measure ``finetuned`` against ``reference`` and write ``out_dir/record.json``
+    (default ``runs/measured/<run id>``); returns the record. The same measurement already in
+    ``out_dir`` is returned as it is, nothing rewritten.
+
+    ``settings`` are `plan_measurement`'s: ``reference`` defaults to a run directory's own
+    model (and is required otherwise), ``dataset`` and ``zeroshot`` likewise (``zeroshot``
+    defaults to the shapes task only for the tiny CLIP), and ``seed`` and ``lr`` (the
+    fine-tuning's, for grouping replicates and learning-rate tables) to a run's own (else 0
+    and unrecorded); ``fmt`` is ``auto`` or one of `attndrift.models.external.FORMATS`.
+
+    Raises:
+        ConfigError: bad settings; FileNotFoundError: missing file; ExternalModelError /
+        ArchitectureMismatch: unknown format, unreadable, incomplete or mismatching
+        checkpoint; OutDirTaken: OUT holds something else.
+    """
+    plan = plan_measurement(finetuned, out_dir, device=device, **settings)
+    done = existing_measurement(plan, force)
+    return done if done is not None else run_measurement(plan, device)

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from attndrift.config import RunConfig, identity
+from attndrift.data.prompts import zeroshot_tasks
 from attndrift.data.registry import load_task
+from attndrift.data.robustness import robustness_summary, robustness_tasks
 from attndrift.data.splits import balanced_subset, index_fingerprint
 from attndrift.evaluate import (
     accuracy,
@@ -36,8 +38,8 @@ from attndrift.evaluate import (
     auxiliary_metrics,
     drift_summary,
     probe_attention,
+    run_probe_sets,
     sanity_check,
-    validation_probe_sets,
     zeroshot_all,
     zeroshot_summary,
 )
@@ -56,12 +58,7 @@ from attndrift.records import (
     run_id_for,
     write_record,
 )
-from attndrift.regularizers import (
-    apr_loss,
-    entropy_floor_loss,
-    entropy_floor_targets,
-    l2sp_loss,
-)
+from attndrift.regularizers import Batch, Pretrained, regularizer
 from attndrift.runtime import (
     RESUME_FILE,
     board_metrics,
@@ -161,7 +158,6 @@ class _Run:
         self.aux_which = list(cfg.probe.aux)
         self.best: dict[str, Any] = {}  # improved trainable state not yet on disk + its epoch
         self.perm_at: torch.Tensor | None = None  # the epoch's order where the images are
-        self.tau: torch.Tensor | None = None  # entropy floors, once the baseline is known
 
     def probe_of(self, images: torch.Tensor) -> torch.Tensor:
         """The attention probe, as configured, summarized on the device."""
@@ -174,9 +170,11 @@ class _Run:
                                  self.cfg.probe.batch_size, self.aux_which, reference, weights,
                                  self.cfg.probe.precision)
 
-    def zeroshot(self, weights: dict[str, torch.Tensor], tasks: dict) -> dict[str, float]:
+    def zeroshot(self, weights: dict[str, torch.Tensor], tasks: dict,
+                 detail: bool = False) -> dict:
         return zeroshot_all(self.model, weights, tasks, self.preprocess, self.device,
-                            self.cfg.data.eval_batch_size, self.cfg.train.precision)
+                            self.cfg.data.eval_batch_size, self.cfg.train.precision,
+                            detail=detail)
 
 
 def _run(cfg: RunConfig, out_dir: Path, record: dict[str, Any], saved: dict[str, Any] | None,
@@ -220,19 +218,24 @@ def _prepare_data(r: _Run) -> None:
     r.image_size = size = loaded.image_size
     source = load_task(cfg.data.dataset, "train", image_size=size, progress=progress)
     # decoded (and cached) now, read at the end: a bad test image stops the run before training
-    load_task(cfg.data.dataset, "test", image_size=size, progress=progress)
-    train_idx, val_idx, r.val_set, r.subsets = validation_probe_sets(
+    test = load_task(cfg.data.dataset, "test", image_size=size, progress=progress)
+    budget = cfg.data.budget
+    train_idx, val_idx, pool_idx, r.val_set, r.probe_set, r.subsets = run_probe_sets(
         source, cfg.data.val_frac, cfg.data.split_seed, cfg.probe.images, cfg.probe.subsets,
-        cfg.probe.seed)
+        cfg.probe.seed, (budget.train, budget.val, budget.probe) if budget else None)
     if cfg.data.train_limit is not None:
         train_idx = train_idx[balanced_subset(source.labels[train_idx], cfg.data.train_limit,
                                               cfg.data.split_seed)]
     r.source = source
     r.train_set = source.subset(train_idx, f"{source.name}/train")
     r.probe_idx = r.subsets[0]  # probed during training too
-    r.probe_images = r.val_set.images[r.probe_idx]
-    r.zs_tasks = {name: load_task(name, "test", image_size=size, progress=progress)
-                  for name in cfg.data.zeroshot}
+    r.probe_images = r.probe_set.images[r.probe_idx]
+    r.zs_tasks, r.zs_prompts = zeroshot_tasks(cfg.data.zeroshot, cfg.data.zeroshot_eval,
+                                              image_size=size, progress=progress)
+    rob = cfg.data.robustness
+    r.robust = robustness_tasks(
+        cfg.data.dataset, test, **rob.model_dump(), image_size=size,
+        progress=progress) if rob else {}
     r.zs_weights = {name: text_classifier(r.clip, loaded.tokenizer, t.class_names, t.templates,
                                           device) for name, t in r.zs_tasks.items()}
     # forgetting during training: the same class-balanced images of each task at every point
@@ -245,9 +248,11 @@ def _prepare_data(r: _Run) -> None:
         "model_sha256": file_sha256(weights_file, 16) if weights_file.is_file() else None,
         "data": {"dataset": cfg.data.dataset, "content": source.fingerprint(),
                  "train_ids": index_fingerprint(train_idx), "val_ids": index_fingerprint(val_idx),
-                 "probe_ids": [index_fingerprint(val_idx[s]) for s in r.subsets],
+                 "probe_ids": [index_fingerprint(pool_idx[s]) for s in r.subsets],
                  "sizes": {"train": len(r.train_set), "val": len(r.val_set),
-                           "probe": len(r.probe_idx)}},
+                           "probe": len(r.probe_idx)},
+                 **({"probe_split_ids": index_fingerprint(pool_idx),
+                     "budget": budget.model_dump()} if budget else {})},
         "zeroshot_data": {n: t.fingerprint() for n, t in r.zs_tasks.items()},
     })
     if r.zs_subsets:
@@ -261,7 +266,7 @@ def _prepare_model(r: _Run) -> None:
     torch.manual_seed(cfg.seed)  # head init and LoRA init depend only on the seed
     model = CLIPClassifier.from_clip(r.clip, r.source.num_classes).to(r.device)
     adapted = adapt(model, cfg.method,
-                    **method_kwargs(cfg.method, cfg.lora.model_dump(), cfg.freeze_layers))
+                    **method_kwargs(cfg.method, cfg.model_dump()))
     r.model = adapted.model.to(r.device)
     n_trainable, n_total = count_parameters(r.model)
     r.record["provenance"]["parameters"] = {"trainable": n_trainable, "total": n_total}
@@ -309,37 +314,41 @@ def _pretrained_references(r: _Run) -> None:
     before any update, also on resume (the resumed weights are loaded after this)."""
     model, reg, cfg = r.model, r.reg, r.cfg
     r.pretrained_weights = vision_weight_snapshot(model) if "drift" in r.aux_which else None
-    r.l2sp_ref = {n: p.detach().clone() for n, p in model.named_parameters()
-                  if p.requires_grad and not n.startswith("head.")} if reg.name == "l2sp" else {}
-    r.apr_ref = None
-    if reg.name == "apr":
+
+    def cache() -> torch.Tensor:
         t = time.perf_counter()
-        r.apr_ref = attention_cache(model, r.train_set.images, r.preprocess, r.device,
-                                    cfg.probe.batch_size, reg.layers, cfg.probe.precision)
+        ref = attention_cache(model, r.train_set.images, r.preprocess, r.device,
+                              cfg.probe.batch_size, reg.layers, cfg.probe.precision)
         r.timing["apr_cache_s"] = time.perf_counter() - t
-        r.timing["apr_cache_mb"] = r.apr_ref.numel() * r.apr_ref.element_size() / 2**20
+        r.timing["apr_cache_mb"] = ref.numel() * ref.element_size() / 2**20
+        return ref
+
+    r.regularizer = regularizer(reg.name)
+    r.reg_state = (r.regularizer.prepare(Pretrained(model, reg.layers, reg.ratio, r.device,
+                                                    cache)) if r.regularizer else {})
     r.grab = (AttentionProbe(model.vision_model, reg.layers, detach=False)
-              if reg.name in ("apr", "entropy_floor") else None)
+              if r.regularizer and r.regularizer.attention else None)
 
 
 def _baseline(r: _Run) -> dict[str, Any]:
     """Measure the pretrained model (attention on every probe subset, zero-shot, sanity of the
     class names, auxiliary metrics) and return the loop's initial state."""
     record, val_set = r.record, r.val_set
+    probe_set = r.probe_set
     t = time.perf_counter()
     base_attn = r.probe_of(r.probe_images)
     record["baseline"] = summarize(base_attn)
     record["baseline"]["subsets"] = [record["baseline"]["mean"]] + [
-        summarize(r.probe_of(val_set.images[s]))["mean"] for s in r.subsets[1:]]
+        summarize(r.probe_of(probe_set.images[s]))["mean"] for s in r.subsets[1:]]
     probe_s = time.perf_counter() - t
     t = time.perf_counter()
-    zs_before = r.zeroshot(r.zs_weights, r.zs_tasks)
+    zs_before = r.zeroshot(r.zs_weights, r.zs_tasks, detail=True)
     own = text_classifier(r.clip, r.loaded.tokenizer, val_set.class_names, val_set.templates,
                           r.device)
     own_acc = r.zeroshot({"task": own}, {"task": val_set})["task"]
     record["sanity"], record["warnings"] = sanity_check(
         {f"{r.cfg.data.dataset} (validation)": (own_acc, val_set.num_classes),
-         **{n: (zs_before[n], t.num_classes) for n, t in r.zs_tasks.items()}})
+         **{n: (zs_before[n]["top1"], t.num_classes) for n, t in r.zs_tasks.items()}})
     if r.zs_subsets:  # the trajectory's starting point, on the same subsets as the probes
         record["baseline"]["zeroshot_subset"] = r.zeroshot(r.zs_weights, r.zs_subsets)
     zeroshot_s = time.perf_counter() - t
@@ -399,12 +408,8 @@ def _train(r: _Run, state: dict[str, Any]) -> torch.Tensor:
     """The loop: step, log, probe, validate at epoch ends, checkpoint. Returns the last
     probe's attention (the final step is always a probe point)."""
     cfg, total_steps = r.cfg, r.total_steps
-    if r.reg.name == "entropy_floor":
-        layers = r.reg.layers if r.reg.layers is not None else range(
-            len(r.record["baseline"]["entropy"]["layers"]))
-        r.tau = entropy_floor_targets(
-            [r.record["baseline"]["entropy"]["layers"][i] for i in layers],
-            r.reg.ratio).to(r.device)
+    if r.regularizer is not None:
+        r.reg_state = r.regularizer.start(r.reg_state, r.record["baseline"]["entropy"]["layers"])
     r.board = open_board(r.out_dir, state["step"]) if cfg.tensorboard else None
     r.model.train()
     bar, task_id = progress_bar(r.progress, total_steps, state["step"],
@@ -470,17 +475,10 @@ def _train_step(r: _Run, state: dict[str, Any]) -> torch.Tensor:
     y = r.train_labels[at].to(device, non_blocking=True)
     with autocast(device, cfg.train.precision), grab or contextlib.nullcontext():
         loss = F.cross_entropy(r.forward(x).float(), y)
-    if reg.name != "none":
+    if r.regularizer is not None:
         # the gradient-carrying attention path; monitoring probes stay detached
-        if reg.name == "apr":
-            ref = r.apr_ref[idx, flips.long() if flips is not None else 0]
-            penalty = apr_loss(renormalize_patches(grab.pop()),
-                               ref.to(device, torch.float32, non_blocking=True))
-        elif reg.name == "entropy_floor":
-            penalty = entropy_floor_loss(renormalize_patches(grab.pop()), r.tau)
-        else:
-            penalty = l2sp_loss({n: p for n, p in r.model.named_parameters()
-                                 if n in r.l2sp_ref}, r.l2sp_ref)
+        maps = renormalize_patches(grab.pop()) if grab is not None else None
+        penalty = r.regularizer.penalty(r.reg_state, Batch(r.model, maps, idx, flips))
         loss = loss + reg.lam * penalty
         r.reg_sum += penalty.detach()
     r.optimizer.zero_grad(set_to_none=True)
@@ -573,14 +571,14 @@ def _end_epoch(r: _Run, state: dict[str, Any]) -> float:
 def _final_evaluation(r: _Run, state: dict[str, Any], final_attn: torch.Tensor) -> None:
     """Measure the trained model (probe subsets, zero-shot, auxiliary metrics, the test split
     read once), write the weights and attention samples, and fill in the record."""
-    cfg, history, val_set = r.cfg, r.history, r.val_set
+    cfg, history, probe_set = r.cfg, r.history, r.probe_set
     step = state["step"]
     # the final step is always a probe point: its probe already measured the final model
     final_metrics = history["probes"][-1]["metrics"]
     final_subsets = [final_metrics["mean"]] + [
-        summarize(r.probe_of(val_set.images[s]))["mean"] for s in r.subsets[1:]]
+        summarize(r.probe_of(probe_set.images[s]))["mean"] for s in r.subsets[1:]]
     t = time.perf_counter()
-    zs_after = r.zeroshot(r.zs_weights, r.zs_tasks)
+    zs_after = r.zeroshot(r.zs_weights, r.zs_tasks, detail=True)
     zeroshot_s = state["zeroshot_s"] + time.perf_counter() - t
     t = time.perf_counter()
     final_aux = r.aux_of(state["aux_ref"], r.pretrained_weights)[0]
@@ -588,13 +586,17 @@ def _final_evaluation(r: _Run, state: dict[str, Any], final_attn: torch.Tensor) 
     test_set = load_task(cfg.data.dataset, "test", image_size=r.image_size)  # read once
     test_acc = accuracy(r.model, test_set, r.preprocess, r.device, cfg.data.eval_batch_size,
                         cfg.train.precision)
+    if r.robust:  # corrupted test splits, scored like the test split
+        r.record["robustness"] = robustness_summary(
+            {n: accuracy(r.model, t, r.preprocess, r.device, cfg.data.eval_batch_size,
+                         cfg.train.precision) for n, t in r.robust.items()}, test_acc, r.robust)
     _write_best(r)
     if cfg.save_checkpoints:
         save_weights(r.out_dir / "final.safetensors", trainable_state(r.model, "cpu"),
                      {**r.meta, "step": str(step)})
     save_weights(r.out_dir / "attention.safetensors",
                  {"pretrained": state["base_attn"], "final": final_attn[:ATTENTION_SAMPLES],
-                  "labels": val_set.labels[r.probe_idx][:ATTENTION_SAMPLES],
+                  "labels": probe_set.labels[r.probe_idx][:ATTENTION_SAMPLES],
                   "images": r.probe_images[:ATTENTION_SAMPLES]}, r.meta)
     _record_final(r, state, final_subsets, final_aux, test_acc)
     _record_zeroshot(r, state["zs_before"], zs_after)
@@ -634,4 +636,4 @@ def _record_final(r: _Run, state: dict[str, Any], final_subsets: list[dict[str, 
 
 
 def _record_zeroshot(r: _Run, before: dict[str, float], after: dict[str, float]) -> None:
-    r.record["zeroshot"] = zeroshot_summary(before, after, r.zs_tasks)
+    r.record["zeroshot"] = zeroshot_summary(before, after, r.zs_tasks, r.zs_prompts)

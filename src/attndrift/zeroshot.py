@@ -51,6 +51,34 @@ def encode_images(encode: ImageEncoder, images: torch.Tensor, preprocess: Prepro
     return torch.cat(out)
 
 
+def classification_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+    """Top-1 accuracy, top-5 accuracy and mean per-class recall of ``logits`` ``[N, C]``
+    against ``labels`` ``[N]``. Mean per-class recall averages, over the classes present in
+    ``labels``, the share of each class's images predicted as it (balanced accuracy). Top-5
+    is None with five classes or fewer, where it is trivially 1."""
+    labels = labels.to(logits.device)
+    pred = logits.argmax(dim=-1)
+    hit = (pred == labels).double()
+    classes = torch.unique(labels)
+    recall = torch.stack([hit[labels == c].mean() for c in classes])
+    top5 = None
+    if logits.shape[1] > 5:
+        top = logits.topk(5, dim=-1).indices
+        top5 = float((top == labels[:, None]).any(dim=-1).double().mean())
+    return {"top1": int(hit.sum()) / len(labels), "top5": top5,
+            "mean_recall": float(recall.mean())}
+
+
+@torch.no_grad()
+def zeroshot_scores(encode: ImageEncoder, text_weights: torch.Tensor, task: ImageTask,
+                    preprocess: Preprocessor, device: torch.device | str = "cpu",
+                    batch_size: int = 256) -> dict[str, float | None]:
+    """`classification_scores` of nearest-prompt classification of ``task`` through
+    ``encode``."""
+    feats = encode_images(encode, task.images, preprocess, device, batch_size)
+    return classification_scores((feats @ text_weights.to(feats.device).T).cpu(), task.labels)
+
+
 @torch.no_grad()
 def zeroshot_accuracy(encode: ImageEncoder, text_weights: torch.Tensor, task: ImageTask,
                       preprocess: Preprocessor, device: torch.device | str = "cpu",
@@ -58,4 +86,4 @@ def zeroshot_accuracy(encode: ImageEncoder, text_weights: torch.Tensor, task: Im
     """Top-1 accuracy of nearest-prompt classification of ``task`` through ``encode``."""
     feats = encode_images(encode, task.images, preprocess, device, batch_size)
     pred = (feats @ text_weights.to(feats.device).T).argmax(dim=-1).cpu()
-    return float((pred == task.labels).float().mean())
+    return int((pred == task.labels).sum()) / max(1, len(task))  # exact, as the scores

@@ -37,6 +37,7 @@ from attndrift.analysis.runs import (
     Run,
     factors,
     lr_of,
+    matches,
     method_label,
     model_of,
     regularizer_label,
@@ -45,6 +46,7 @@ from attndrift.analysis.runs import (
 )
 from attndrift.analysis.settings import Setting, group_families, key_label, setting_order
 from attndrift.analysis.table import Column, Table, make_table, register_table
+from attndrift.methods import REFERENCE_METHOD
 
 RUN_LEVEL = "run-level (seeds are the units)"
 SETTING_LEVEL = "setting-level (seed means per lr are the units)"
@@ -55,7 +57,7 @@ _NOT_CONTRASTS = {"train.lr", "data.dataset"}  # lr has the trend test; datasets
 def _factor(key: str) -> str:
     if key.startswith("regularizer."):
         return "regularizer"
-    if key in ("method", "freeze_layers") or key.startswith("lora."):
+    if matches(key, METHOD_KEYS):
         return "method"
     return key
 
@@ -103,7 +105,7 @@ def _reference_first(a: Setting, b: Setting, factor: str) -> tuple[Setting, Sett
     def rank(s: Setting) -> tuple:
         cfg = s.config
         if factor == "method":
-            return (cfg.get("method") != "full_ft", setting_order(cfg))
+            return (cfg.get("method") != REFERENCE_METHOD, setting_order(cfg))
         if factor == "regularizer":
             return (regularizer_label(cfg) != "none", setting_order(cfg))
         if factor == "model":
@@ -224,7 +226,8 @@ def method_lr_contrasts(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
         groups = [s for s in fam.settings if len(s.completed) >= 2]
         for a, b in itertools.combinations(groups, 2):
             a, b = _reference_first(a, b, "method")
-            if (a.config.get("method") != "full_ft" or b.config.get("method") == "full_ft"
+            if (a.config.get("method") != REFERENCE_METHOD
+                    or b.config.get("method") == REFERENCE_METHOD
                     or lr_of(a.config) == lr_of(b.config)):
                 continue
             row = {"where": where_label(a.config, "method", "train.lr", other=ctx.other[a.key]),

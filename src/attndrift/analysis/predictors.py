@@ -242,3 +242,31 @@ def predictors(runs: Sequence[Run], drift: str = SUBSET_MEAN,
         "Correlational, not causal.",
         cols, predictor_rows(runs, fraction),
         "needs 3 completed runs of one backbone with zero-shot retention")
+
+
+def early_warning(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> list[str]:
+    """The report's first-screen sentences: per backbone and task, the signal that predicted
+    the final retention best after epoch 1 (and at the end), next to signed Δ entropy."""
+    rows = [r for r in predictor_rows(runs) if r["when"] in ("end", "epoch 1")
+            and math.isfinite(r["rho"])]
+    out = []
+    for key in dict.fromkeys((r["model"], r["task"]) for r in rows):
+        mine = [r for r in rows if (r["model"], r["task"]) == key]
+        parts = []
+        for when in ("epoch 1", "end"):
+            ranked = [r for r in mine if r["when"] == when]
+            if not ranked:
+                continue
+            lead, dh = ranked[0], next((r for r in ranked if r["name"] == "d_entropy"), None)
+            text = (f"{'after epoch 1' if when == 'epoch 1' else 'at the end'}: "
+                    f"{lead['signal']} (ρ = {lead['rho']:+.2f}, |ρ| 95% CI "
+                    f"{lead['ci_lo']:.2f}-{lead['ci_hi']:.2f}, {lead['n']} runs)")
+            if dh is not None and dh is not lead:
+                text += f"; Δ entropy ρ = {dh['rho']:+.2f}"
+            parts.append(text)
+        out.append(f"{key[0]} → {key[1]}, best predictor of final retention " +
+                   "; ".join(parts) + ".")
+    stopped = [r for r in runs if guard_stopped(r)]
+    if stopped:
+        out.append(f"{len(stopped)} run(s) stopped by their guard (table 'Guarded runs').")
+    return out

@@ -287,6 +287,21 @@ def regularization(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "no regularized or weight-decay variant next to an unregularized run")
 
 
+_ZS_EXTRA = (("top5_before", "top-5 pretrained %"), ("top5_after", "top-5 adapted %"),
+             ("recall_before", "mean recall pretrained %"),
+             ("recall_after", "mean recall adapted %"))
+
+
+def _zs_extra(run: Run, task: str) -> dict[str, float]:
+    entry = (((run.record or {}).get("zeroshot") or {}).get(task) or {})
+    out = {}
+    for name, key in (("top5", "top5"), ("recall", "mean_recall")):
+        pair = entry.get(key) if isinstance(entry.get(key), dict) else {}
+        out[f"{name}_before"], out[f"{name}_after"] = num(pair.get("before")), num(
+            pair.get("after"))
+    return out
+
+
 @register_table("zeroshot", "results", order=110)
 def zeroshot(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     ctx, rows = context(runs), []
@@ -296,18 +311,23 @@ def zeroshot(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
             row.update({"task": task, "before": zs(r, task, "before"), "after": zs(r, task),
                         "retention_pct": zs(r, task, "retention_pct"),
                         "chance": zs(r, task, "chance"), "d_entropy": delta(r, "entropy", drift),
-                        "text_tower": text_tower(r)})
+                        **_zs_extra(r, task), "text_tower": text_tower(r)})
             rows.append(row)
+    # top-5 and mean per-class recall: only where some record has them (issue 21)
+    extra = [Column(k, label, "acc") for k, label in _ZS_EXTRA
+             if any(np.isfinite(row.get(k, np.nan)) for row in rows)]
     cols = (RUN, *DESCRIBE, SEED, Column("task", "transfer task"),
             Column("before", "pretrained %", "acc"), Column("after", "adapted %", "acc"),
-            Column("retention_pct", "retained %", "pct0"), Column("chance", "chance %", "acc"),
-            Column("d_entropy", "Δ entropy %", "pct"), Column("text_tower", "text tower"))
+            Column("retention_pct", "retained %", "pct0"), *extra,
+            Column("chance", "chance %", "acc"), Column("d_entropy", "Δ entropy %", "pct"),
+            Column("text_tower", "text tower"))
     return make_table("zeroshot", "Zero-shot transfer",
                       "Zero-shot accuracy through the adapted image encoder (LoRA active) with "
                       "the pretrained text tower (frozen in every attndrift run; a measured "
                       "checkpoint's own where it changed it, column 'text tower'), before and "
-                      "after adaptation; retained = after / "
-                      f"before. {drift_note(drift)}", cols,
+                      "after adaptation; retained = after / before; top-5 (none for five "
+                      "classes or fewer) and mean per-class recall where recorded. "
+                      f"{drift_note(drift)}", cols,
                       sorted(rows, key=lambda r: (r["task"].casefold(), order(r))),
                       "no completed run evaluated zero-shot transfer")
 

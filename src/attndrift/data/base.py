@@ -51,6 +51,9 @@ class ImageTask:
     labels: torch.Tensor
     class_names: list[str]
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    # the label names as the dataset stores them (``aquarium_fish``), when they differ from
+    # the prompt names; None: the same
+    raw_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
@@ -72,7 +75,7 @@ class ImageTask:
 
     def subset(self, index: torch.Tensor, name: str | None = None) -> ImageTask:
         return ImageTask(name or self.name, self.images[index], self.labels[index],
-                         self.class_names, self.templates)
+                         self.class_names, self.templates, self.raw_names)
 
     def fingerprint(self) -> str:
         """Content hash of images, labels and class names (16 hex digits)."""

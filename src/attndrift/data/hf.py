@@ -160,7 +160,7 @@ def load_hf(name: str, source: HFSource, split: str, image_size: int = 224,
         return ImageTask(name, images, labels, class_names, list(source.templates))
 
     task = cached_task(f"{name.replace('/', '_').replace(':', '_')}-{split}-{key}", build)
-    return ImageTask(name, task.images, task.labels, class_names, list(source.templates))
+    return ImageTask(name, task.images, task.labels, class_names, list(source.templates), raw)
 
 
 REAL_DATASETS: dict[str, HFSource] = {

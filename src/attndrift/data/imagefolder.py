@@ -152,4 +152,6 @@ def load_imagefolder(name: str, split: str, image_size: int = 224,
         return ImageTask(name, images, torch.tensor(kept_labels), class_names,
                          list(TEMPLATES["generic"]))
 
-    return cached_task(f"imagefolder-{root.name}-{split}-{h.hexdigest()[:20]}", build)
+    task = cached_task(f"imagefolder-{root.name}-{split}-{h.hexdigest()[:20]}", build)
+    return ImageTask(task.name, task.images, task.labels, task.class_names, task.templates,
+                     list(classes))

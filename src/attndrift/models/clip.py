@@ -15,6 +15,7 @@ import torch
 
 from attndrift import hub
 from attndrift.data.base import Preprocessor
+from attndrift.models.errors import ExternalModelError
 
 TINY_CLIP_DIR = Path(__file__).resolve().parent / "tiny_clip"
 TINY_NAMES = ("tiny", "attndrift/tiny")
@@ -64,6 +65,7 @@ def check_model_name(name: str) -> None:
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {path} has no config.json; give a directory "
                              "written by save_pretrained")
+        _check_clip_dir(path)
         return
     if path.exists():
         raise ValueError(f"model {name} is a file; give a directory written by save_pretrained")
@@ -71,6 +73,22 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"model directory {name} does not exist; give 'tiny', a hub id such as "
                          "openai/clip-vit-base-patch16, or a directory written by "
                          "save_pretrained")
+
+
+def _check_clip_dir(path: Path) -> None:
+    """Refuse, before anything loads, a model directory whose weight files cannot be read
+    safely (`attndrift.models.weights`) or that holds no tensors of one of CLIP's towers (a
+    ``CLIPForImageClassification`` save has no text tower: it would be random)."""
+    from attndrift.models.weights import check_weight_dir
+
+    names = check_weight_dir(path)
+    lacking = [t for t in ("vision_model.", "text_model.")
+               if names and not any(n.startswith(t) for n in names)]
+    if lacking:
+        raise ExternalModelError(
+            f"model directory {path} is not a whole CLIP: it has no "
+            f"{lacking[0].rstrip('.')} tensors (a vision-only save?); give the pretrained "
+            "CLIP, and measure a fine-tune with attndrift measure")
 
 
 def hub_cached(name: str) -> bool:
@@ -156,11 +174,22 @@ def load_clip(name: str = "tiny", *, attn_implementation: str = "sdpa") -> Loade
             raise ModelUnavailable(problem)
         # cached, and the hub does not answer: read the cache without transformers' retries
         local_only = hub.offline() or (hub.probe(name) or ("",))[0] == "unreachable"
+    if Path(source).expanduser().is_dir():
+        _check_clip_dir(Path(source).expanduser())
     try:
-        model = CLIPModel.from_pretrained(source, attn_implementation=attn_implementation,
-                                          dtype=torch.float32, local_files_only=local_only)
+        model, info = CLIPModel.from_pretrained(
+            source, attn_implementation=attn_implementation, dtype=torch.float32,
+            local_files_only=local_only, output_loading_info=True)
     except OSError as err:
         raise _unavailable(name, "the CLIP model", err) from None
+    except Exception as err:  # SafetensorError, a pickle, ...: one line, never "unpickle it"
+        raise ExternalModelError(f"model {name!r} is not a loadable CLIP checkpoint "
+                                 f"({type(err).__name__})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # randomly initialised tensors: nothing is ever scored on them
+        raise ExternalModelError(f"model {name!r} lacks {len(missing)} CLIPModel tensors "
+                                 f"(e.g. {missing[0]}): not a whole CLIP; give the "
+                                 "pretrained CLIP")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as err:

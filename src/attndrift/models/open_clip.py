@@ -8,12 +8,16 @@ mapped model against an open_clip-style forward written in plain torch.
 
 from __future__ import annotations
 
+import copy
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from attndrift.models.external import ArchitectureMismatch, ExternalModelError
+from attndrift.models.errors import ArchitectureMismatch, ExternalModelError
+from attndrift.models.saved_clip import PARTS, part_of
 
 # open_clip's OpenAI-style ViTs: (patch size, width, layers, image size).
 OPEN_CLIP_VITS = {
@@ -127,3 +131,43 @@ def check_open_clip_name(name: str, reference: Any) -> None:
         raise ArchitectureMismatch(
             f"open_clip model {name} uses QuickGELU, the reference {vision.hidden_act}"
         )
+
+
+def load_open_clip(
+    path: Path, reference: Any, model_name: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of the reference CLIPModel (``reference``: a `LoadedCLIP`) holding the open_clip
+    checkpoint's weights, and details (which towers the checkpoint held). Every vision tensor
+    must come from the checkpoint; a text tower it lacks stays the reference's."""
+    from attndrift.models.weights import read_state_dict, regular_file
+
+    if model_name is not None:
+        check_open_clip_name(model_name, reference.model.config)
+    mapped = open_clip_to_hf(read_state_dict(regular_file(path)))
+    clip = copy.deepcopy(reference.model)
+    own = clip.state_dict()
+    for key, value in mapped.items():
+        if key not in own:
+            raise ArchitectureMismatch(
+                f"{path.name} does not match the reference's architecture: {key} does not "
+                "exist there"
+            )
+        if own[key].shape != value.shape:
+            raise ArchitectureMismatch(
+                f"{path.name} does not match the reference's architecture: {key} has shape "
+                f"{tuple(value.shape)}, the reference {tuple(own[key].shape)}"
+            )
+    vision = [k for k in own if k.startswith(("vision_model.", "visual_projection."))]
+    missing = [k for k in vision if k not in mapped]
+    if missing:
+        raise ArchitectureMismatch(
+            f"{path.name} does not match the reference's architecture: "
+            f"it lacks {len(missing)} vision tensors, e.g. {missing[0]}"
+        )
+    clip.load_state_dict(mapped, strict=False)
+    has_text = any(k.startswith("text_model.") for k in mapped)
+    lacking = {part_of(k) for k in own if k not in mapped}
+    filled = [name for _, name in PARTS if name in lacking]
+    return clip, {"open_clip_model": model_name, "text_tower_in_checkpoint": has_text,
+                  "from_reference": filled}
+

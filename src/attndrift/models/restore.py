@@ -17,7 +17,7 @@ def restore_run(run_dir: str | Path, which: str = "final",
                 device: str | torch.device = "cpu") -> tuple[LoadedCLIP, Adapted]:
     """The pretrained CLIP of run ``run_dir`` with the checkpoint ``which`` (final|best) loaded
     into its classifier; the classifier shares that CLIP's vision tower. Eval mode."""
-    from safetensors.torch import load_file
+    from attndrift.models.weights import read_safetensors
 
     run_dir = Path(run_dir)
     record = read_record(run_dir)
@@ -26,11 +26,11 @@ def restore_run(run_dir: str | Path, which: str = "final",
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (was the run saved with save_checkpoints?)")
     loaded = load_clip(cfg.model)
-    state = load_file(path, device=str(device))
+    state = read_safetensors(path, device=str(device))  # a truncated file: one line
     num_classes = state["head.weight"].shape[0]
     model = CLIPClassifier.from_clip(loaded.model, num_classes)
     adapted = adapt(model, cfg.method,
-                    **method_kwargs(cfg.method, cfg.lora.model_dump(), cfg.freeze_layers))
+                    **method_kwargs(cfg.method, cfg.model_dump()))
     # The checkpoint holds exactly the trainable tensors; anything else would be a mismatch.
     expected = {n for n, p in adapted.model.named_parameters() if p.requires_grad}
     if set(state) != expected:

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from attndrift.analysis.common import SUBSET_MEAN, completed, final, num, zs, zs_tasks
 from attndrift.analysis.runs import Run
 from attndrift.analysis.stats import bootstrap_ci, cohens_d
+from attndrift.methods import REFERENCE_METHOD
 from attndrift.report.base import NoData, figure_grid, hbars, register_figure
 from attndrift.report.style import (
     REFERENCE,
@@ -142,7 +143,7 @@ def statistical_summary(runs: Sequence[Run]) -> Figure:
         ref = [
             s
             for s in fams
-            if s.runs[0].config.get("method") == "full_ft"
+            if s.runs[0].config.get("method") == REFERENCE_METHOD
             and (s.runs[0].config.get("regularizer") or {}).get("name", "none") == "none"
         ]
         ref = max(ref, key=lambda s: len(s.runs)) if ref else None

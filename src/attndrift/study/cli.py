@@ -43,6 +43,81 @@ def status_rows(store) -> list[dict]:
     return rows
 
 
+def _gpu_ids(gpus: str | None, backend: str, workers: int) -> list[str] | None:
+    """``--gpus`` as ids, checked against the backend, the workers and the visible GPUs."""
+    gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
+    if gpu_ids is not None:
+        from attndrift.study.executor import visible_gpus
+
+        if backend != "local" or workers < 2:
+            fail("--gpus spreads local workers: it needs --backend local and --workers 2 or "
+                 "more (one run in this process uses its config's device, e.g. device=cuda:1)", 2)
+        visible = visible_gpus()
+        unknown = [g for g in gpu_ids if g not in visible]
+        if unknown:
+            fail(f"--gpus {gpus}: {', '.join(unknown)} not among the visible GPUs "
+                 f"({', '.join(visible) or 'none: torch sees no CUDA device'})", 2)
+    return gpu_ids
+
+
+def _progress(counts: dict[str, int], total: int, workers: int):
+    """The per-run progress line: done/total, status, duration, counts, runs left, ETA."""
+    durations: list[float] = []
+
+    def report(o) -> None:
+        if o.status in counts:
+            counts[o.status] += 1
+        elif o.status == "skipped-done":  # completed by another worker while we looked
+            counts["completed"] += 1
+        if o.status not in ("skipped-done", "skipped-busy"):
+            durations.append(o.seconds)
+        done = min(total, sum(counts.values()))
+        left = total - done
+        eta = (sum(durations) / len(durations)) * left / max(1, workers) if durations else 0
+        colour = {"completed": "green", "failed": "red", "diverged": "yellow"}.get(o.status, "")
+        tag = f"[{colour}]{o.status}[/]" if colour else o.status
+        why = f" ({safe(o.error)})" if o.error and o.status != "completed" else ""
+        out.print(f"[{done}/{total}] {tag} {o.run_id} {o.seconds:.1f}s{why} | "
+                  f"failed {counts['failed']}, diverged {counts['diverged']}, "
+                  f"left {left}, ETA {eta:.0f}s", highlight=False, soft_wrap=True)
+
+    return report
+
+
+def _summarise(store, name: str, outcomes: list, seconds: float, resume: str) -> None:
+    """The closing line, and exit 1 unless every run of the study is completed."""
+    busy = [o.run_id for o in outcomes if o.status == "skipped-busy"]
+    rows = status_rows(store)
+    done = sum(r["status"] == "completed" for r in rows)
+    bad = [r for r in rows if r["status"] in ("failed", "diverged", "corrupt")]
+    unfinished = [r for r in rows if r["status"] not in ("completed", "failed", "diverged",
+                                                          "corrupt")]
+    out.print(f"study {name}: {done}/{len(rows)} completed, "
+              f"{len(bad)} failed or diverged, {len(busy)} held by other workers, "
+              f"{seconds:.1f}s", highlight=False)
+    # never report success while a run is not completed
+    if bad:
+        fail(f"{len(bad)} run(s) did not complete: {', '.join(r['run_id'] for r in bad)}; "
+              "see `attndrift study status` and rerun with --retry-failed", 1)
+    if unfinished:
+        held = [r["run_id"] for r in unfinished if r["status"] == "running"]
+        fail(f"{len(unfinished)} run(s) not completed yet: "
+             f"{', '.join(r['run_id'] + ' (' + r['status'] + ')' for r in unfinished)}; "
+             + ("another worker holds " + ", ".join(held) + "; " if held else "")
+             + f"`{resume}` runs or resumes them", 1)
+
+
+def _counts(store, planned: list, retry_failed: bool) -> dict[str, int]:
+    """Runs already completed, failed and diverged; failed and diverged ones count as done
+    only when they are not run again."""
+    counts = {"completed": 0, "failed": 0, "diverged": 0}
+    for p in planned:
+        s = store.state(p.run_id).status
+        if s == "completed" or (s in counts and not retry_failed):
+            counts[s] += 1
+    return counts
+
+
 @app.command("run")
 def run_cmd(
     study: Annotated[Path, typer.Argument(help="study YAML (configs/studies/...)")],
@@ -75,18 +150,7 @@ def run_cmd(
 
     if backend not in ("local", "ray"):
         fail(f"--backend {backend!r}: choose local or ray", 2)
-    gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
-    if gpu_ids is not None:
-        from attndrift.study.executor import visible_gpus
-
-        if backend != "local" or workers < 2:
-            fail("--gpus spreads local workers: it needs --backend local and --workers 2 or "
-                 "more (one run in this process uses its config's device, e.g. device=cuda:1)", 2)
-        visible = visible_gpus()
-        unknown = [g for g in gpu_ids if g not in visible]
-        if unknown:
-            fail(f"--gpus {gpus}: {', '.join(unknown)} not among the visible GPUs "
-                 f"({', '.join(visible) or 'none: torch sees no CUDA device'})", 2)
+    gpu_ids = _gpu_ids(gpus, backend, workers)
     from attndrift.runtime import torch_threads
 
     try:
@@ -109,40 +173,16 @@ def run_cmd(
                          != "completed"], str(study))
     except ConfigError as e:
         fail(str(e), 2)
-
     try:
         store.root.mkdir(parents=True, exist_ok=True)
         store.write_manifest(spec.name, planned)
     except OSError as e:
         fail(os_error_line(e), 1)
-    total = len(planned)
-    counts = {"completed": 0, "failed": 0, "diverged": 0}
-    for p in planned:
-        s = store.state(p.run_id).status
-        # failed/diverged runs count as done only when they are not run again
-        if s == "completed" or (s in counts and not retry_failed):
-            counts[s] += 1
-    t0, durations = time.perf_counter(), []
+    total, counts = len(planned), _counts(store, planned, retry_failed)
+    t0 = time.perf_counter()
     out.print(f"study [bold]{spec.name}[/]: {total} runs, {counts['completed']} already "
-              f"completed -> {store.root}", highlight=False)
-
-    def report(o) -> None:
-        if o.status in counts:
-            counts[o.status] += 1
-        elif o.status == "skipped-done":  # completed by another worker while we looked
-            counts["completed"] += 1
-        if o.status not in ("skipped-done", "skipped-busy"):
-            durations.append(o.seconds)
-        done = min(total, sum(counts.values()))
-        left = total - done
-        eta = (sum(durations) / len(durations)) * left / max(1, workers) if durations else 0
-        colour = {"completed": "green", "failed": "red", "diverged": "yellow"}.get(o.status, "")
-        tag = f"[{colour}]{o.status}[/]" if colour else o.status
-        why = f" ({safe(o.error)})" if o.error and o.status != "completed" else ""
-        out.print(f"[{done}/{total}] {tag} {o.run_id} {o.seconds:.1f}s{why} | "
-                  f"failed {counts['failed']}, diverged {counts['diverged']}, "
-                  f"left {left}, ETA {eta:.0f}s", highlight=False, soft_wrap=True)
-
+              f"completed -> {safe(store.root)}", highlight=False)
+    report = _progress(counts, total, workers)
     resume = f"attndrift study run {study} --store {store_dir}"
     try:
         with sigterm_interrupts():
@@ -156,25 +196,7 @@ def run_cmd(
         fail(f"interrupted: unfinished runs are resumable; `{resume}` resumes them", 130)
     except OSError as e:
         fail(os_error_line(e), 1)
-    busy = [o.run_id for o in outcomes if o.status == "skipped-busy"]
-    rows = status_rows(store)
-    done = sum(r["status"] == "completed" for r in rows)
-    bad = [r for r in rows if r["status"] in ("failed", "diverged", "corrupt")]
-    unfinished = [r for r in rows if r["status"] not in ("completed", "failed", "diverged",
-                                                          "corrupt")]
-    out.print(f"study {spec.name}: {done}/{total} completed, "
-              f"{len(bad)} failed or diverged, {len(busy)} held by other workers, "
-              f"{time.perf_counter() - t0:.1f}s", highlight=False)
-    # never report success while a run is not completed
-    if bad:
-        fail(f"{len(bad)} run(s) did not complete: {', '.join(r['run_id'] for r in bad)}; "
-              "see `attndrift study status` and rerun with --retry-failed", 1)
-    if unfinished:
-        held = [r["run_id"] for r in unfinished if r["status"] == "running"]
-        fail(f"{len(unfinished)} run(s) not completed yet: "
-             f"{', '.join(r['run_id'] + ' (' + r['status'] + ')' for r in unfinished)}; "
-             + ("another worker holds " + ", ".join(held) + "; " if held else "")
-             + f"`{resume}` runs or resumes them", 1)
+    _summarise(store, spec.name, outcomes, time.perf_counter() - t0, resume)
 
 
 @app.command("status")

@@ -210,7 +210,8 @@ def _execute_ray(jobs, report, address, gpus, cpus, threads, retries) -> list[Ou
     try:
         import ray
     except ImportError:
-        raise RuntimeError("backend=ray needs Ray: pip install 'attndrift[ray]'") from None
+        raise RuntimeError("backend=ray needs Ray: pip install ray (or pip install -e "
+                           "'.[ray]' in the attndrift clone)") from None
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=retries,

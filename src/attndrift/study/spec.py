@@ -149,7 +149,8 @@ def load_spec(path: str | Path) -> tuple[StudySpec, dict]:
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "study"
-        raise ConfigError(f"{path}: {loc}: {first['msg'].removeprefix('Value error, ')}") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{path}: {loc[:80]}: {msg[:300]}") from None  # never a whole value
     base: dict = {}
     if spec.base:
         base_path = (path.parent / spec.base).resolve()

@@ -1,0 +1,120 @@
+"""The record of one measurement (`attndrift.measure`): the run schema with method
+``external``, provenance naming both checkpoints, and what came from where.
+
+``provenance.finetuned`` says which text tower scored zero-shot (``text_tower``), which parts
+of the scored model were not in the checkpoint and came from the reference
+(``from_reference``), what was left out (``ignored``: a head the reference has no place for)
+and the head; loader warnings (an adapter naming another base model) join ``warnings``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ATTENTION_FILE = "attention.safetensors"
+ATTENTION_SAMPLES = 8  # probe images whose maps are saved for heatmap overlays (as a run)
+
+
+def _reference_provenance(reference: str) -> dict[str, Any]:
+    from attndrift.models.clip import resolve_source
+    from attndrift.models.weights import checkpoint_sha256
+
+    source = resolve_source(reference)
+    weights_file = Path(source) / "model.safetensors"  # what a run's model_sha256 hashes
+    sha = checkpoint_sha256(str(weights_file) if weights_file.is_file() else source)
+    return {"model_source": source, "model_sha256": sha,
+            "reference": {"name": reference, "source": source, "sha256": sha}}
+
+
+def _finetuned_provenance(s: Any, head: str) -> tuple[dict[str, Any], list[str]]:
+    from attndrift.models.external import text_tower_changed
+
+    details = dict(s.ft.details)
+    warnings = list(details.pop("warnings", None) or [])
+    own_text = text_tower_changed(s.ft.clip, s.ref.model)
+    return {
+        "source": str(s.plan.finetuned),
+        "format": s.plan.fmt,
+        "sha256": s.ft.sha256,
+        "text_tower": "fine-tuned" if own_text else "reference",
+        "from_reference": details.pop("from_reference", None) or [],
+        "head": head,
+        **details,
+    }, warnings
+
+
+def _data_provenance(s: Any) -> dict[str, Any]:
+    from attndrift.data.splits import index_fingerprint
+
+    train_idx, val_idx, val_set, subsets = s.split
+    return {
+        "dataset": s.plan.data.dataset,
+        "content": s.source.fingerprint(),
+        "train_ids": index_fingerprint(train_idx),
+        "val_ids": index_fingerprint(val_idx),
+        "probe_ids": [index_fingerprint(val_idx[sub]) for sub in subsets],
+        "sizes": {"train": len(train_idx), "val": len(val_set), "probe": len(subsets[0])},
+    }
+
+
+def assemble(s: Any, results: dict[str, Any]) -> dict[str, Any]:
+    """The completed record of measurement state ``s`` and phase ``results``."""
+    from attndrift.evaluate import drift_summary, sanity_check, zeroshot_summary
+    from attndrift.records import new_record, provenance
+
+    plan = s.plan
+    record = new_record(plan.run_id, plan.config)
+    finetuned, loader_warnings = _finetuned_provenance(s, results["head"])
+    record["provenance"] = provenance(str(s.dev))
+    record["provenance"].update(_reference_provenance(plan.reference))
+    record["provenance"].update({
+        "finetuned": finetuned,
+        "data": _data_provenance(s),
+        "zeroshot_data": {n: k.fingerprint() for n, k in s.zs_tasks.items()},
+    })
+    before, after, own_acc = results["zeroshot"]
+    val_set = s.split[2]
+    record["sanity"], warnings = sanity_check({
+        f"{plan.data.dataset} (validation)": (own_acc, val_set.num_classes),
+        **{n: (before[n], k.num_classes) for n, k in s.zs_tasks.items()},
+    })
+    record["warnings"] = loader_warnings + warnings
+    record["baseline"] = results["baseline"]
+    final_metrics = results["final"]
+    final_subsets = final_metrics.pop("subsets")
+    drift = drift_summary(final_metrics, results["baseline"], final_subsets)
+    subset_cv = drift.pop("subset_cv")
+    val_acc, test_acc = results["task"]
+    record["final"] = {
+        "step": None, "epochs": None, "val_acc": val_acc, "best_val_acc": val_acc,
+        "best_epoch": None, "test_acc": test_acc, "train_loss": None,
+        "metrics": final_metrics, **drift,
+        "aux": {**results["final_aux"], "subset_cv": subset_cv},
+    }
+    record["zeroshot"] = zeroshot_summary(before, after, s.zs_tasks)
+    record["status"] = "completed"
+    return record
+
+
+def write_outputs(out_dir: Path, record: dict[str, Any], s: Any,
+                  results: dict[str, Any]) -> None:
+    """``attention.safetensors`` (the first probe images' maps, for the report's heatmaps),
+    then ``record.json`` last: a directory with a record holds a finished measurement."""
+    from attndrift.records import RECORD_FILE, write_record
+    from attndrift.runtime import save_weights
+
+    n = ATTENTION_SAMPLES
+    _, _, val_set, subsets = s.split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(
+        out_dir / ATTENTION_FILE,
+        {
+            "pretrained": results["base_attn"][:n].cpu(),
+            "final": results["final_attn"][:n].cpu(),
+            "labels": val_set.labels[subsets[0]][:n],
+            "images": s.probe_images[:n],
+        },
+        {"run_id": record["run_id"], "method": "external", "model": s.plan.reference},
+    )
+    write_record(out_dir / RECORD_FILE, record)
