@@ -80,6 +80,8 @@ def test_measuring_a_run_reproduces_its_record(which: str, request, tmp_path: Pa
     for task, z in run["zeroshot"].items():
         assert got["zeroshot"][task]["after"] == pytest.approx(z["after"], abs=1e-12)
         assert got["zeroshot"][task]["before"] == pytest.approx(z["before"], abs=1e-12)
+        for key in ("top5", "mean_recall", "prompt"):  # the run's zero-shot entry, all of it
+            assert got["zeroshot"][task].get(key) == z.get(key), (task, key)
     assert got["final"]["test_acc"] == pytest.approx(run["final"]["test_acc"], abs=1e-12)
     assert got["final"]["aux"]["weight_drift"] == pytest.approx(
         run["final"]["aux"]["weight_drift"], rel=1e-9

@@ -75,7 +75,12 @@ def measured(tmp_path_factory) -> Path:
 
 def test_image_classification_save_takes_missing_parts_from_reference(tmp_path: Path) -> None:
     _image_classifier().save_pretrained(tmp_path / "cls")  # untouched: the reference's encoder
-    got = measure(str(tmp_path / "cls"), tmp_path / "m", **ARGS)
+    code, lines = _cli("measure", str(tmp_path / "cls"), "--reference", "tiny", "--data",
+                       "shapes-layout", "--zeroshot", TASK, *SMALL, "--out", str(tmp_path / "m"))
+    assert code == 0 and any(line.startswith("note: not in the checkpoint, taken from the "
+                                             "reference: visual projection, text tower")
+                             for line in lines), lines
+    got = read_record(tmp_path / "m")
     zs = got["zeroshot"][TASK]
     assert zs["retention_pct"] == pytest.approx(100.0) and zs["after"] == zs["before"]
     assert all(v == 0.0 for v in got["final"]["delta_pct"].values())

@@ -384,6 +384,10 @@ def measure(
     except (KeyError, ValueError, RuntimeError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
     out_dir = plan.out_dir
+    filled = record["provenance"]["finetuned"].get("from_reference")
+    if filled:  # a vision-only save: said, as in the record
+        err.print(f"note: not in the checkpoint, taken from the reference: {', '.join(filled)}",
+                  highlight=False, soft_wrap=True)
     for warning in record.get("warnings", []):
         err.print(f"[bold yellow]WARNING:[/] {safe(warning)}", highlight=False, soft_wrap=True)
     final, zs = record["final"], record["zeroshot"]

@@ -180,7 +180,9 @@ def setting_order(config: dict[str, Any]) -> tuple:
         return float(v) if isinstance(v, int | float) else -1.0
 
     spec = method_spec(f.get("method"))
-    own = tuple(_sortable(f.get(k)) for k in (spec.reads if spec else ()))
+    # a key left out at its default (lora.train_projection) sorts before any other value
+    own = tuple((1, _sortable(f[k])) if k in f else (0, (0, 0.0, ""))
+                for k in (spec.reads if spec else ()))
     primary = {"model", "data.dataset", "train.lr", "regularizer.name", "regularizer.lam"}
     rest = tuple((k, _sortable(v)) for k, v in sorted(f.items())
                  if k not in primary and not matches(k, METHOD_KEYS))
