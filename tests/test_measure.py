@@ -468,14 +468,15 @@ def test_report_and_compare_render_measured_records(full_ft_run: Path, tmp_path:
     result = build_report(store, tmp_path / "report")
     assert result.counts == {"completed": 3}
     html = result.html.read_text()
-    for name in ("attndrift-full-ft", "lora-elsewhere-s0", "lora-elsewhere-s1", "external"):
+    for name in ("attndrift-full-ft", "lora-elsewhere-s0", "lora-elsewhere-s1", "measured"):
         assert name in html
+    assert "external.recipe" not in html and "best lr nan" not in html  # issue 22 item 6
     import csv
 
     with open(tmp_path / "report" / "tables" / "matched_lr.csv") as fh:  # mean over seeds
         rows = {r["method"]: r for r in csv.DictReader(fh)}
-    assert rows["external lora-elsewhere"]["n"] == "2"  # the two seeds: one setting
-    assert rows["external attndrift-full-ft"]["n"] == "1"
+    assert rows["measured lora-elsewhere"]["n"] == "2"  # the two seeds: one setting
+    assert rows["measured attndrift-full-ft"]["n"] == "1"
     assert (
         read_record(store / "run")["config"]["train"]["lr"]
         == read_record(full_ft_run)["config"]["train"]["lr"]
