@@ -22,13 +22,14 @@ from attndrift.analysis.runs import (
     regularizer_label,
     setting_key,
 )
-from attndrift.analysis.settings import labels_of
+from attndrift.analysis.settings import labels_of, setting_order
 from attndrift.config import OPERATIONAL_KEYS, RunConfig, identity
 from attndrift.interpolate import SCHEMES, _Interpolator
-from attndrift.models.adapt import METHODS, adapt, method_kwargs
+from attndrift.models.adapt import METHODS, adapt, merge_lora, method_kwargs
 from attndrift.models.classifier import CLIPClassifier
 from attndrift.models.clip import load_clip
 from attndrift.probes import AttentionProbe, renormalize_patches
+from attndrift.probes.drift import vision_weight_snapshot, weight_drift
 from attndrift.records import run_id_for
 from attndrift.regularizers import REGULARIZERS, Batch, Pretrained
 from attndrift.report.style import METHOD_COLORS, REG_HATCHES, REG_LINESTYLES, REG_MARKERS
@@ -211,7 +212,12 @@ def test_field_roles_reproduce_the_keys_decided_before_they_were_declared():
         "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
         "data.eval_batch_size", "data.resident_mb", "data.zeroshot", "probe.batch_size",
         "probe.precision", "probe.aux", "probe.aux_every", "probe.zeroshot_every",
-        "probe.zeroshot_images"} == NOT_A_FACTOR
+        "probe.zeroshot_images",
+        # added since: corrupted-split accuracy is an extra measurement, like data.zeroshot
+        "data.robustness"} == NOT_A_FACTOR
+    measured = _config("full_ft", **{"data.robustness": {"corruptions": ["contrast"]}})
+    assert setting_key(measured) == setting_key(_config("full_ft"))
+    assert run_id_for(identity(measured)) != run_id_for(identity(_config("full_ft")))
 
 
 def test_a_field_added_later_keeps_earlier_run_ids_and_settings():
@@ -255,3 +261,27 @@ def test_every_methods_interpolation_ends_at_pretrained_and_adapted(tiny, name):
     torch.testing.assert_close(at0, before, atol=1e-5, rtol=0)
     torch.testing.assert_close(at1, after, atol=1e-6, rtol=0)
     assert (SCHEMES[name] == "none") == torch.allclose(after, before, atol=1e-5)
+
+
+def test_settings_sort_by_method_rank_then_the_keys_it_reads():
+    cfgs = [_config("lora", **{"lora.train_projection": False}), _config("dora"),
+            _config("lora", **{"lora.r": 16}), _config("lora"), _config("full_ft")]
+    order = sorted(cfgs, key=setting_order)
+    assert [method_label(c) for c in order] == [
+        "full FT", "LoRA r=8 α=16", "LoRA r=8 α=16 (proj frozen)", "LoRA r=16 α=16",
+        "DoRA r=8 α=16"]
+
+
+@pytest.mark.parametrize("name", list(specs.METHODS))
+def test_every_methods_weight_drift_is_that_of_its_merged_weights(tiny, name):
+    """Weight drift reads the weights a method's forward uses (DoRA: PEFT's own merge of the
+    variant), so the adapted model and its merged export drift the same."""
+    torch.manual_seed(0)
+    model = CLIPClassifier.from_clip(tiny.model, 3)
+    reference = vision_weight_snapshot(model)
+    adapted = adapt(model, name, **method_kwargs(name, _config(name)))
+    _step(adapted.model, _images(tiny), steps=2)
+    drift = weight_drift(adapted.model, reference)
+    merged = weight_drift(merge_lora(adapted), reference)
+    assert drift["total"] == pytest.approx(merged["total"], rel=1e-5, abs=1e-9)
+    assert (drift["total"] > 0) == (SCHEMES[name] != "none")

@@ -164,3 +164,16 @@ def test_interpolation_rebuilds_the_budget_split_and_the_task_prompts(protocol_r
     assert first["zeroshot"]["shapes-zs-shape"] == pytest.approx(z["before"], abs=1e-9)
     assert last["zeroshot"]["shapes-zs-shape"] == pytest.approx(z["after"], abs=1e-9)
     assert last["val_acc"] == pytest.approx(protocol_run["final"]["val_acc"], abs=1e-9)
+
+
+def test_measuring_a_budget_run_rebuilds_its_probe_split(protocol_run, tmp_path):
+    from attndrift.measure import measure
+
+    got = measure(str(protocol_run["_dir"]), tmp_path / "m", reference="tiny")
+    data = protocol_run["provenance"]["data"]
+    assert got["provenance"]["data"]["probe_ids"] == data["probe_ids"]
+    assert got["provenance"]["data"]["val_ids"] == data["val_ids"]
+    for task, z in protocol_run["zeroshot"].items():  # shapes-zs-shape: its 96-image view
+        assert got["zeroshot"][task]["after"] == pytest.approx(z["after"], abs=1e-12), task
+    for m, value in protocol_run["final"]["delta_pct"].items():
+        assert got["final"]["delta_pct"][m] == pytest.approx(value, abs=1e-9), m

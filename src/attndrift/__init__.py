@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 def load_store(path, drift: str = "subset_mean"):
     """A run store's runs, tables (``Table.to_pandas()``) and histories: see
     `attndrift.results`. Imported on call, so ``import attndrift`` stays light."""
-    from attndrift.results import load_store as _load
+    import importlib
 
-    return _load(path, drift)
+    return importlib.import_module("attndrift.results").load_store(path, drift)

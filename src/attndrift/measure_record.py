@@ -47,14 +47,17 @@ def _finetuned_provenance(s: Any, head: str) -> tuple[dict[str, Any], list[str]]
 def _data_provenance(s: Any) -> dict[str, Any]:
     from attndrift.data.splits import index_fingerprint
 
-    train_idx, val_idx, val_set, subsets = s.split
+    split, budget = s.split, s.plan.data.budget
     return {
         "dataset": s.plan.data.dataset,
         "content": s.source.fingerprint(),
-        "train_ids": index_fingerprint(train_idx),
-        "val_ids": index_fingerprint(val_idx),
-        "probe_ids": [index_fingerprint(val_idx[sub]) for sub in subsets],
-        "sizes": {"train": len(train_idx), "val": len(val_set), "probe": len(subsets[0])},
+        "train_ids": index_fingerprint(split.train_idx),
+        "val_ids": index_fingerprint(split.val_idx),
+        "probe_ids": [index_fingerprint(split.pool_idx[sub]) for sub in split.subsets],
+        "sizes": {"train": len(split.train_idx), "val": len(split.val_set),
+                  "probe": len(split.subsets[0])},
+        **({"probe_split_ids": index_fingerprint(split.pool_idx),
+            "budget": budget.model_dump()} if budget else {}),
     }
 
 
@@ -74,10 +77,9 @@ def assemble(s: Any, results: dict[str, Any]) -> dict[str, Any]:
         "zeroshot_data": {n: k.fingerprint() for n, k in s.zs_tasks.items()},
     })
     before, after, own_acc = results["zeroshot"]
-    val_set = s.split[2]
     record["sanity"], warnings = sanity_check({
-        f"{plan.data.dataset} (validation)": (own_acc, val_set.num_classes),
-        **{n: (before[n], k.num_classes) for n, k in s.zs_tasks.items()},
+        f"{plan.data.dataset} (validation)": (own_acc, s.split.val_set.num_classes),
+        **{n: (before[n]["top1"], k.num_classes) for n, k in s.zs_tasks.items()},
     })
     record["warnings"] = loader_warnings + warnings
     record["baseline"] = results["baseline"]
@@ -92,7 +94,7 @@ def assemble(s: Any, results: dict[str, Any]) -> dict[str, Any]:
         "metrics": final_metrics, **drift,
         "aux": {**results["final_aux"], "subset_cv": subset_cv},
     }
-    record["zeroshot"] = zeroshot_summary(before, after, s.zs_tasks)
+    record["zeroshot"] = zeroshot_summary(before, after, s.zs_tasks, s.zs_prompts)
     record["status"] = "completed"
     return record
 
@@ -105,14 +107,14 @@ def write_outputs(out_dir: Path, record: dict[str, Any], s: Any,
     from attndrift.runtime import save_weights
 
     n = ATTENTION_SAMPLES
-    _, _, val_set, subsets = s.split
+    subsets = s.split.subsets
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(
         out_dir / ATTENTION_FILE,
         {
             "pretrained": results["base_attn"][:n].cpu(),
             "final": results["final_attn"][:n].cpu(),
-            "labels": val_set.labels[subsets[0]][:n],
+            "labels": s.split.probe_set.labels[subsets[0]][:n],
             "images": s.probe_images[:n],
         },
         {"run_id": record["run_id"], "method": "external", "model": s.plan.reference},

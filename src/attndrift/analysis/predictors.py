@@ -26,7 +26,7 @@ from scipy import stats
 from attndrift.analysis.common import SUBSET_MEAN
 from attndrift.analysis.runs import Run, dataset_of, method_label, model_of, setting_key
 from attndrift.analysis.runs import short_model as _short
-from attndrift.analysis.table import Column, Table, make_table
+from attndrift.analysis.table import Column, Table, make_table, register_table
 from attndrift.tracked import SIGNALS, value_at
 
 EARLY_FRACTION = 0.25  # the configurable early point, a share of training
@@ -214,6 +214,7 @@ def predictor_rows(runs: Sequence[Run], fraction: float = EARLY_FRACTION,
     return rows
 
 
+@register_table("predictors", "predictors", order=10)
 def predictors(runs: Sequence[Run], drift: str = SUBSET_MEAN,
                fraction: float = EARLY_FRACTION) -> Table:
     """The predictor ranking table (``tables/predictors.csv``)."""
