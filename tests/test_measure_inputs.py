@@ -188,6 +188,19 @@ def test_measure_never_replaces_what_it_did_not_write(
     assert a.run_id == read_record(measured)["run_id"]  # the device is not part of it
 
 
+def test_one_process_measures_into_a_directory_at_a_time(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    from attndrift.measure import run_measurement
+
+    plan = plan_measurement(str(TINY_CLIP_DIR), tmp_path / "m", **ARGS)
+    (tmp_path / "m").mkdir()
+    # the lock held elsewhere (another process, as the OS sees it)
+    with FileLock(tmp_path / "m" / ".lock"), pytest.raises(OutDirTaken, match="another proc"):
+        run_measurement(plan)
+    assert not (tmp_path / "m" / "record.json").exists()
+
+
 def test_zeroshot_is_required_beyond_the_tiny_clip(tmp_path: Path) -> None:
     load_clip("tiny").model.save_pretrained(tmp_path / "ref")  # not the shipped tiny by name
     args = {**ARGS, "reference": str(tmp_path / "ref"), "zeroshot": None}
