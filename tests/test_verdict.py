@@ -116,3 +116,13 @@ def test_registering_a_table_figure_and_summary_line_is_all_it_takes(runs, tmp_p
     assert "entropy warned first" in early and "not computed" not in early
     assert (tmp_path / "r" / "tables" / "zz_extra.csv").exists()
     assert "entropy warned first" in result.markdown.read_text()
+
+
+def test_at_a_glance_counts_the_seeds_that_did_not_converge(runs):
+    from attndrift.report.render import glance
+
+    g = glance(runs)
+    col = g["headers"].index("not converged")
+    flags = {row[1]: row[col] for row in g["rows"]}
+    assert flags == {"full FT": "—", "LoRA r=8": "2"}  # 2 epochs cannot be checked: "—"
+    assert "not converged" in g["caption"]
