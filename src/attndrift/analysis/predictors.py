@@ -288,5 +288,6 @@ def ranking_lines(runs: Sequence[Run], top: int = 4) -> list[str]:
         mine = [r for r in rows if (r["model"], r["task"], r["when"]) == key]
         shown = mine[:top] + [r for r in mine[top:] if r["name"] == "d_entropy"]
         cells = [f"{r['rank']}. {r['signal']} {r['rho']:+.2f}" for r in shown]
-        out.append(f"{key[0]} → {key[1]}, {key[2]} ({max(r['n'] for r in mine)} runs): " + ", ".join(cells))
+        n = max(r["n"] for r in mine)
+        out.append(f"{key[0]} → {key[1]}, {key[2]} ({n} runs): " + ", ".join(cells))
     return out
