@@ -212,7 +212,12 @@ def test_field_roles_reproduce_the_keys_decided_before_they_were_declared():
         "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
         "data.eval_batch_size", "data.resident_mb", "data.zeroshot", "probe.batch_size",
         "probe.precision", "probe.aux", "probe.aux_every", "probe.zeroshot_every",
-        "probe.zeroshot_images"} == NOT_A_FACTOR
+        "probe.zeroshot_images",
+        # added since: corrupted-split accuracy is an extra measurement, like data.zeroshot
+        "data.robustness"} == NOT_A_FACTOR
+    measured = _config("full_ft", **{"data.robustness": {"corruptions": ["contrast"]}})
+    assert setting_key(measured) == setting_key(_config("full_ft"))
+    assert run_id_for(identity(measured)) != run_id_for(identity(_config("full_ft")))
 
 
 def test_a_field_added_later_keeps_earlier_run_ids_and_settings():

@@ -17,11 +17,8 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 
 # Import circles still present, each one an edge (importer, imported) that closes it, removed
-# by its owner's work in progress. Empty once every circle is gone.
-ALLOWED_CYCLE_EDGES: set[tuple[str, str]] = {
-    # report/build <-> report/render: the report engineer is splitting them (issue 20 item 5)
-    ("attndrift.report.render", "attndrift.report.build"),
-}
+# by its owner's work in progress. Empty: every circle is gone; keep it that way.
+ALLOWED_CYCLE_EDGES: set[tuple[str, str]] = set()
 
 # Modules and functions over the limits today, each owned by someone splitting it (issue 20);
 # shrink this as they land. Keys are paths under src/attndrift; functions are "path:qualname".
@@ -29,11 +26,14 @@ ALLOWED_LONG_MODULES: set[str] = {
     "cli.py",  # cli: the commands (issue 24 work in progress)
     "config.py",  # cli/methods/protocol: roles, protocol sections (issue 20 item 4, issue 21)
     "data/shapes.py",  # protocol
-    "report/figures.py",  # report: figures register themselves (issue 20 item 5)
 }
 ALLOWED_LONG_FUNCTIONS: set[str] = {
+    "cli.py:measure",  # cli / measure: the measure command's options
     "interpolate.py:interpolate_run",  # methods: interpolation reads the method spec
     "pretrain.py:_pretrain",  # the tiny CLIP's recipe; no owner this round
+    "report/figures.py:layer_delta_heatmaps",  # report
+    "report/summary.py:statistical_summary",  # methods (report/summary.py)
+    "report/training.py:convergence",  # report
 }
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from attndrift.clistyle import App
-from attndrift.console import err, fail, os_error_line, out, safe, sigterm_interrupts
+from attndrift.console import drift_text, err, fail, os_error_line, out, safe, sigterm_interrupts
 
 app = App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
           help="Fine-tune CLIP, watch its attention drift, measure what it forgets.\n\n"
@@ -149,8 +149,8 @@ def _print_run(record: dict, out_dir: Path) -> None:
                       for t, z in zs.items())
     out.print(f"[green]completed[/] {safe(record['run_id'])} in "
               f"{record['timing']['total_s']:.1f}s: val {100 * final['best_val_acc']:.1f}%, "
-              f"test {100 * final['test_acc']:.1f}%, Δentropy "
-              f"{final['delta_pct']['entropy']:+.2f}%, zero-shot {safe(shots)} -> "
+              f"test {100 * final['test_acc']:.1f}%, {drift_text(final)}, "
+              f"zero-shot {safe(shots)} -> "
               f"{safe(out_dir)}", highlight=False, soft_wrap=True)
 
 
@@ -384,6 +384,10 @@ def measure(
     except (KeyError, ValueError, RuntimeError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
     out_dir = plan.out_dir
+    filled = record["provenance"]["finetuned"].get("from_reference")
+    if filled:  # a vision-only save: said, as in the record
+        err.print(f"note: not in the checkpoint, taken from the reference: {', '.join(filled)}",
+                  highlight=False, soft_wrap=True)
     for warning in record.get("warnings", []):
         err.print(f"[bold yellow]WARNING:[/] {safe(warning)}", highlight=False, soft_wrap=True)
     final, zs = record["final"], record["zeroshot"]
@@ -391,8 +395,8 @@ def measure(
                       for t, z in zs.items())
     acc = "" if final["test_acc"] is None else f"test {100 * final['test_acc']:.1f}%, "
     out.print(f"[green]measured[/] {safe(record['run_id'])} in "
-              f"{record['timing']['total_s']:.1f}s: {acc}Δentropy "
-              f"{final['delta_pct']['entropy']:+.2f}%, zero-shot {safe(shots)} "
+              f"{record['timing']['total_s']:.1f}s: {acc}{drift_text(final)}, "
+              f"zero-shot {safe(shots)} "
               f"-> {safe(out_dir / 'record.json')}", highlight=False, soft_wrap=True)
 
 

@@ -18,6 +18,20 @@ from attndrift.models.classifier import CLIPClassifier
 
 
 @dataclass
+class Split:
+    """The run's splits of DATASET: indices into its training split (``pool_idx``: where the
+    probe images come from, the validation indices without a budget), the validation and
+    probe sets, and the probe subsets (indices into ``probe_set``)."""
+
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    pool_idx: torch.Tensor
+    val_set: Any
+    probe_set: Any
+    subsets: list[torch.Tensor]
+
+
+@dataclass
 class _State:
     """What the phases fill in, in order."""
 
@@ -30,11 +44,10 @@ class _State:
     pre_ref: Any = None
     pre_ft: Any = None
     source: Any = None
-    split: tuple = ()
+    split: Any = None  # Split
     probe_images: Any = None
-    probe_set: Any = None  # the images the probe subsets index (validation, or a budget's)
-    pool_idx: Any = None  # their indices into the training split
     zs_tasks: dict[str, Any] = field(default_factory=dict)
+    zs_prompts: dict[str, Any] = field(default_factory=dict)
 
 
 def _models(s: _State) -> None:
@@ -51,7 +64,8 @@ def _models(s: _State) -> None:
 
 
 def _probe_set(s: _State) -> None:
-    """The validation split and probe subsets exactly as a run builds them."""
+    """The validation split, probe subsets (from a probe split under ``data.budget``) and
+    zero-shot task views exactly as a run builds them."""
     from attndrift.data.prompts import zeroshot_tasks
     from attndrift.data.registry import load_task
     from attndrift.data.splits import balanced_subset
@@ -59,18 +73,18 @@ def _probe_set(s: _State) -> None:
 
     data, probe, size = s.plan.data, s.plan.probe, s.ref.image_size
     s.source = load_task(data.dataset, "train", image_size=size, progress=s.plan.progress)
-    budget = data.budget  # per-class budgets: probes from a split disjoint from validation
-    train_idx, val_idx, s.pool_idx, val_set, s.probe_set, subsets = run_probe_sets(
+    budget = data.budget
+    split = Split(*run_probe_sets(
         s.source, data.val_frac, data.split_seed, probe.images, probe.subsets, probe.seed,
-        (budget.train, budget.val, budget.probe) if budget else None)
+        (budget.train, budget.val, budget.probe) if budget else None))
     if data.train_limit is not None:
-        train_idx = train_idx[
-            balanced_subset(s.source.labels[train_idx], data.train_limit, data.split_seed)
+        split.train_idx = split.train_idx[
+            balanced_subset(s.source.labels[split.train_idx], data.train_limit, data.split_seed)
         ]
-    s.split = (train_idx, val_idx, val_set, subsets)
-    s.probe_images = s.probe_set.images[subsets[0]]
-    s.zs_tasks = zeroshot_tasks(data.zeroshot, data.zeroshot_eval, image_size=size,
-                                progress=s.plan.progress)[0]
+    s.split = split
+    s.probe_images = split.probe_set.images[split.subsets[0]]
+    s.zs_tasks, s.zs_prompts = zeroshot_tasks(data.zeroshot, data.zeroshot_eval,
+                                              image_size=size, progress=s.plan.progress)
 
 
 def _attention(s: _State, model, preprocess) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -78,7 +92,7 @@ def _attention(s: _State, model, preprocess) -> tuple[torch.Tensor, dict[str, An
     from attndrift.evaluate import probe_attention
     from attndrift.probes.metrics import summarize
 
-    probe, subsets = s.plan.probe, s.split[3]
+    probe, split = s.plan.probe, s.split
 
     def probe_of(images):
         return probe_attention(model, images, preprocess, s.dev, probe.batch_size,
@@ -87,7 +101,7 @@ def _attention(s: _State, model, preprocess) -> tuple[torch.Tensor, dict[str, An
     attn = probe_of(s.probe_images)
     metrics = summarize(attn)
     metrics["subsets"] = [metrics["mean"]] + [
-        summarize(probe_of(s.probe_set.images[sub]))["mean"] for sub in subsets[1:]
+        summarize(probe_of(split.probe_set.images[sub]))["mean"] for sub in split.subsets[1:]
     ]
     return attn, metrics
 
@@ -106,13 +120,14 @@ def _auxiliary(s: _State) -> tuple[dict[str, Any], dict[str, Any]]:
     return base, final
 
 
-def _zeroshot(s: _State) -> tuple[dict[str, float], dict[str, float], float]:
-    """Zero-shot of each model through its own image encoder and text tower, and the
-    reference's zero-shot accuracy on the task itself (the sanity check's input)."""
+def _zeroshot(s: _State) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """Zero-shot scores (top-1, top-5, mean recall) of each model through its own image
+    encoder and text tower, and the reference's zero-shot accuracy on the task itself (the
+    sanity check's input)."""
     from attndrift.evaluate import zeroshot_all
     from attndrift.zeroshot import text_classifier
 
-    bs, precision, val_set = s.plan.data.eval_batch_size, s.plan.precision, s.split[2]
+    bs, precision, val_set = s.plan.data.eval_batch_size, s.plan.precision, s.split.val_set
 
     def texts(clip, tokenizer, tasks):
         return {n: text_classifier(clip, tokenizer, k.class_names, k.templates, s.dev)
@@ -120,8 +135,10 @@ def _zeroshot(s: _State) -> tuple[dict[str, float], dict[str, float], float]:
 
     ref_text = texts(s.ref.model, s.ref.tokenizer, s.zs_tasks)
     ft_text = texts(s.ft.clip, s.ft.tokenizer, s.zs_tasks)
-    before = zeroshot_all(s.ref_model, ref_text, s.zs_tasks, s.pre_ref, s.dev, bs, precision)
-    after = zeroshot_all(s.ft.classifier, ft_text, s.zs_tasks, s.pre_ft, s.dev, bs, precision)
+    before = zeroshot_all(s.ref_model, ref_text, s.zs_tasks, s.pre_ref, s.dev, bs, precision,
+                          detail=True)
+    after = zeroshot_all(s.ft.classifier, ft_text, s.zs_tasks, s.pre_ft, s.dev, bs, precision,
+                         detail=True)
     own = texts(s.ref.model, s.ref.tokenizer, {"task": val_set})
     own_acc = zeroshot_all(s.ref_model, own, {"task": val_set}, s.pre_ref, s.dev, bs,
                            precision)["task"]
@@ -153,7 +170,7 @@ def _task_accuracy(s: _State, scored: bool) -> tuple[float | None, float | None]
     if not scored:
         return None, None
     bs, precision = s.plan.data.eval_batch_size, s.plan.precision
-    val_acc = accuracy(s.ft.classifier, s.split[2], s.pre_ft, s.dev, bs, precision)
+    val_acc = accuracy(s.ft.classifier, s.split.val_set, s.pre_ft, s.dev, bs, precision)
     test_set = load_task(s.plan.data.dataset, "test", image_size=s.ref.image_size)  # once
     return val_acc, accuracy(s.ft.classifier, test_set, s.pre_ft, s.dev, bs, precision)
 

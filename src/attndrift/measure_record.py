@@ -47,10 +47,10 @@ def _finetuned_provenance(s: Any, head: str) -> tuple[dict[str, Any], list[str]]
 def _data_provenance(s: Any) -> dict[str, Any]:
     from attndrift.phases import data_provenance  # as a run records it
 
-    train_idx, val_idx, _, subsets = s.split
-    budget = s.plan.data.budget
-    return data_provenance(s.plan.data.dataset, s.source, train_idx, val_idx, subsets,
-                           s.pool_idx, budget.model_dump() if budget else None)
+    split, budget = s.split, s.plan.data.budget
+    return data_provenance(s.plan.data.dataset, s.source, split.train_idx, split.val_idx,
+                           split.subsets, split.pool_idx,
+                           budget.model_dump() if budget else None)
 
 
 def assemble(s: Any, results: dict[str, Any]) -> dict[str, Any]:
@@ -70,10 +70,9 @@ def assemble(s: Any, results: dict[str, Any]) -> dict[str, Any]:
         "zeroshot_data": {n: k.fingerprint() for n, k in s.zs_tasks.items()},
     })
     before, after, own_acc = results["zeroshot"]
-    val_set = s.split[2]
     record["sanity"], warnings = sanity_check({
-        f"{plan.data.dataset} (validation)": (own_acc, val_set.num_classes),
-        **{n: (before[n], k.num_classes) for n, k in s.zs_tasks.items()},
+        f"{plan.data.dataset} (validation)": (own_acc, s.split.val_set.num_classes),
+        **{n: (before[n]["top1"], k.num_classes) for n, k in s.zs_tasks.items()},
     })
     record["warnings"] = loader_warnings + warnings
     record["baseline"] = results["baseline"]
@@ -84,7 +83,7 @@ def assemble(s: Any, results: dict[str, Any]) -> dict[str, Any]:
     record.final = final_record(final_metrics, final_subsets, results["final_aux"],
                                 results["baseline"], test_acc=test_acc, val_acc=val_acc,
                                 best_val_acc=val_acc)
-    record["zeroshot"] = zeroshot_summary(before, after, s.zs_tasks)
+    record["zeroshot"] = zeroshot_summary(before, after, s.zs_tasks, s.zs_prompts)
     record["status"] = "completed"
     return record.to_json()
 
@@ -97,14 +96,14 @@ def write_outputs(out_dir: Path, record: dict[str, Any], s: Any,
     from attndrift.runtime import save_weights
 
     n = ATTENTION_SAMPLES
-    _, _, val_set, subsets = s.split
+    subsets = s.split.subsets
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(
         out_dir / ATTENTION_FILE,
         {
             "pretrained": results["base_attn"][:n].cpu(),
             "final": results["final_attn"][:n].cpu(),
-            "labels": val_set.labels[subsets[0]][:n],
+            "labels": s.split.probe_set.labels[subsets[0]][:n],
             "images": s.probe_images[:n],
         },
         {"run_id": record["run_id"], "method": "external", "model": s.plan.reference},

@@ -45,7 +45,7 @@ from attndrift.analysis.runs import (
     short_number,
 )
 from attndrift.analysis.settings import Setting, group_families, key_label, setting_order
-from attndrift.analysis.table import Column, Table, make_table
+from attndrift.analysis.table import Column, Table, make_table, register_table
 from attndrift.methods import REFERENCE_METHOD
 
 RUN_LEVEL = "run-level (seeds are the units)"
@@ -188,6 +188,7 @@ _CONTRAST_COLS = (Column("n", "seeds A vs B"), Column("outcome", "outcome"),
                   Column("d", "Cohen's d", "num"), Column("p_mw", "Mann-Whitney p", "p"))
 
 
+@register_table("run_level", "statistics", order=20)
 def run_level(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     tasks, rows, ctx = zs_tasks(completed(runs)), [], context(runs)
     for factor, a, b in sorted(contrasts(runs), key=lambda c: (setting_order(c[1].config),
@@ -216,6 +217,7 @@ def run_level(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "no two settings with two or more completed seeds differ in one factor")
 
 
+@register_table("method_lr_contrasts", "statistics", order=30)
 def method_lr_contrasts(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """002 Table 6: full FT vs another method where they differ in the lr as well (e.g. full FT
     at 1e-5 vs LoRA at 1e-4), over seeds, on Δ entropy."""
@@ -346,6 +348,7 @@ def _layer_position_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     return rows
 
 
+@register_table("inference", "statistics", order=40)
 def corrected_inference(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     rows = (_lr_trend_rows(runs, drift) + _regularizer_rows(runs, drift)
             + _layer_position_rows(runs))

@@ -190,11 +190,10 @@ def method_label(config: dict[str, Any]) -> str:
     if spec is not None:
         flat = flat_config(config)
         return spec.label_of(flat, {"lora.alpha"} & set(spec.reads))
-    label = str(method)
     if method == "external":  # a checkpoint measured by `attndrift measure`: its recipe
         recipe = (config.get("external") or {}).get("recipe")
-        label += f" {recipe}" if recipe else ""
-    return label
+        return f"measured {recipe}" if recipe else "measured"
+    return str(method)
 
 
 def regularizer_label(config: dict[str, Any]) -> str:

@@ -62,6 +62,9 @@ def _value(key: str, value: Any) -> str:
 
 
 def _method_part(f: dict[str, Any], shown: set[str]) -> str:
+    if f.get("method") == "external":  # a measured checkpoint: its recipe (issue 22.6)
+        recipe = f.get("external.recipe")
+        return f"measured {recipe}" if recipe else "measured"
     spec = method_spec(f.get("method"))
     return spec.label_of(f, shown) if spec else str(f.get("method"))
 
@@ -123,7 +126,8 @@ def labels_of(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
     keys = sorted({k for f in factor_sets for k in f})
     varying = {k for k in keys if len({repr(f.get(k)) for f in factor_sets}) > 1}
     shown = _method_keys_shown(factor_sets)
-    method_varies = "method" in varying or bool(shown)
+    method_varies = ("method" in varying or bool(shown)
+                     or any(k.startswith("external.") for k in varying))
     reg_varies = any(k.startswith("regularizer.") for k in varying)
     models = _short_models(f.get("model") for f in factor_sets)
     if not varying:
@@ -155,7 +159,7 @@ def other_labels(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
     keys = sorted({k for f in factor_sets for k in f})
     rest = [k for k in keys if len({repr(f.get(k)) for f in factor_sets}) > 1
             and k not in ("model", "data.dataset", "train.lr") and not matches(k, METHOD_KEYS)
-            and not k.startswith("regularizer.")]
+            and not k.startswith(("regularizer.", "external."))]
     usual = {k: _modal([f.get(k) for f in factor_sets]) for k in rest}
     out = []
     for f in factor_sets:
