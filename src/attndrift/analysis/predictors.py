@@ -26,7 +26,13 @@ from scipy import stats
 from attndrift.analysis.common import SUBSET_MEAN
 from attndrift.analysis.runs import Run, dataset_of, method_label, model_of, setting_key
 from attndrift.analysis.runs import short_model as _short
-from attndrift.analysis.table import Column, Table, make_table, register_table
+from attndrift.analysis.table import (
+    Column,
+    Table,
+    make_table,
+    register_summary,
+    register_table,
+)
 from attndrift.tracked import SIGNALS, value_at
 
 EARLY_FRACTION = 0.25  # the configurable early point, a share of training
@@ -244,6 +250,7 @@ def predictors(runs: Sequence[Run], drift: str = SUBSET_MEAN,
         "needs 3 completed runs of one backbone with zero-shot retention")
 
 
+@register_summary("early_warning")
 def early_warning(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> list[str]:
     """The report's first-screen sentences: per backbone and task, the signal that predicted
     the final retention best after epoch 1 (and at the end), next to signed Δ entropy."""
