@@ -222,3 +222,13 @@ def test_first_screen_names_the_early_leader():
     assert lines[1].startswith("tiny → shapes-zs-shape, best predictor of final retention after "
                                f"epoch 1: CKA to pretrained (mean) (ρ = {lead['rho']:+.2f}")
     assert early_warning([]) == []
+
+
+def test_ranking_lines_list_the_leaders_and_signed_entropy():
+    from attndrift.analysis.predictors import ranking_lines
+
+    runs, _ = _store()
+    lines = ranking_lines(runs, top=2)
+    assert len(lines) == 6  # 2 backbones x 1 task x 3 points
+    tiny_epoch1 = next(x for x in lines if x.startswith("tiny → shapes-zs-shape, epoch 1"))
+    assert "(24 runs)" in tiny_epoch1 and "1. CKA to pretrained (mean) +" in tiny_epoch1

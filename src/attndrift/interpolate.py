@@ -119,7 +119,8 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
 
     Raises:
         RecordError: no readable record; ValueError: run not completed, bad alpha, data that
-        no longer matches the record; FileNotFoundError: no final checkpoint.
+        no longer matches the record; FileNotFoundError: no checkpoint of the evaluated weights
+        (``final.evaluated``: final, or best with ``eval.checkpoint: best``).
     """
     from attndrift.config import validate
     from attndrift.data.prompts import zeroshot_tasks
@@ -129,7 +130,7 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
     from attndrift.models.clip import load_clip
     from attndrift.models.restore import restore_run
     from attndrift.probes.metrics import METRICS, delta_pct, summarize
-    from attndrift.records import atomic_write_bytes, jsonable, read_record
+    from attndrift.records import atomic_write_bytes, evaluated_checkpoint, jsonable, read_record
     from attndrift.zeroshot import text_classifier
 
     t0 = time.perf_counter()
@@ -148,7 +149,8 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
     cfg = validate(record["config"], str(run_dir))
     dev = torch.device(device)
 
-    loaded, adapted = restore_run(run_dir, "final", dev)
+    checkpoint = evaluated_checkpoint(record)  # the weights the record's numbers measured
+    loaded, adapted = restore_run(run_dir, checkpoint, dev)
     # --- the run's data, exactly as train.py built it ------------------------------------
     size = loaded.image_size  # datasets cached at the model's input size, as train.py did
     source = load_task(cfg.data.dataset, "train", image_size=size)
@@ -206,6 +208,7 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
         "run_id": record["run_id"],
         "method": cfg.method,
         "scheme": SCHEMES[cfg.method],
+        "checkpoint": checkpoint,
         "head": "fine-tuned at every alpha (trained from scratch: no pretrained head)",
         "alphas": alphas,
         "rows": rows,

@@ -277,3 +277,17 @@ def early_warning(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> list[str]:
     if stopped:
         out.append(f"{len(stopped)} run(s) stopped by their guard (table 'Guarded runs').")
     return out
+
+
+def ranking_lines(runs: Sequence[Run], top: int = 4) -> list[str]:
+    """The ranking in a few lines (what ``make demo`` prints): per backbone, task and reading
+    point, the ``top`` signals by |ρ| with final retention, and signed Δ entropy's place."""
+    rows = [r for r in predictor_rows(runs) if math.isfinite(r["rho"])]
+    out = []
+    for key in dict.fromkeys((r["model"], r["task"], r["when"]) for r in rows):
+        mine = [r for r in rows if (r["model"], r["task"], r["when"]) == key]
+        shown = mine[:top] + [r for r in mine[top:] if r["name"] == "d_entropy"]
+        cells = [f"{r['rank']}. {r['signal']} {r['rho']:+.2f}" for r in shown]
+        n = max(r["n"] for r in mine)
+        out.append(f"{key[0]} → {key[1]}, {key[2]} ({n} runs): " + ", ".join(cells))
+    return out
