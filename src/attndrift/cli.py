@@ -262,9 +262,12 @@ def report(
     from attndrift.report import build_report
 
     try:
-        result = build_report(store, out_dir)
+        with sigterm_interrupts():  # SIGTERM as Ctrl-C: the staging directory is removed
+            result = build_report(store, out_dir)
     except OSError as e:
         fail(os_error_line(e), 1)
+    except KeyboardInterrupt:
+        fail(f"interrupted: {safe(out_dir)} keeps the report it had", 130)
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))
     if not result.counts:
         err.print(f"[yellow]warning:[/] no run directories (with a record.json) under "
