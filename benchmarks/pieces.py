@@ -253,7 +253,8 @@ def bench_run_pieces(args, clip, trainers, preprocess, device) -> dict[str, floa
     t = measure(lambda: accuracy(model, task, preprocess, device, args.eval_batch,
                                  args.precision), 2, device)
     out["eval_images_per_s"] = n / t["best_s"]
-    text = {"bench": F.normalize(torch.randn(NUM_CLASSES, 512), dim=-1).to(device)}
+    width = clip.config.projection_dim  # 512 for ViT-B/32, 64 for the tiny CLIP
+    text = {"bench": F.normalize(torch.randn(NUM_CLASSES, width), dim=-1).to(device)}
     t = measure(lambda: zeroshot_all(model, text, {"bench": task}, preprocess, device,
                                      args.eval_batch, args.precision), 2, device)
     out["zeroshot_images_per_s"] = n / t["best_s"]

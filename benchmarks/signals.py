@@ -27,7 +27,7 @@ import run as bench
 
 # (label, training images per epoch, probe images, zero-shot track images per task, tasks)
 EPOCHS = {
-    "tiny": [("demo (shapes-objects)", 1_920, 200, 300, 2)],
+    "tiny": [("demo (shapes-objects)", 1_920, 200, 200, 2)],
     "vit-b32": [("later protocol, EuroSAT", 1_600, 200, 1_000, 1),
                 ("later protocol, Pets", 1_480, 200, 1_000, 1)],
 }

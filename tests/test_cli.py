@@ -55,6 +55,11 @@ def test_run_then_compare(tmp_path, full_ft_run, lora_run):
                                  "--quiet"])
     assert result.exit_code == 0, result.output
     assert "completed" in result.output and (out / "record.json").is_file()
+    # one drift everywhere (issue 22 item 7): the subset mean compare and report show, with
+    # subset 0 labelled
+    ran = read_record(out)["final"]
+    assert (f"Δentropy {ran['delta_pct_subset_mean']['entropy']:+.2f}% (subset mean; subset 0: "
+            f"{ran['delta_pct']['entropy']:+.2f}%)") in " ".join(result.output.split())
     result = runner.invoke(app, ["compare", str(full_ft_run), str(lora_run)])
     assert result.exit_code == 0, result.output
     # labelled by run directory (config names need not differ), not by config name

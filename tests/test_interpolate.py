@@ -146,3 +146,33 @@ def test_cli(runs: dict, tmp_path: Path) -> None:
     (failed / "record.json").write_text(json.dumps(record))
     result = runner.invoke(app, ["interpolate", str(failed), "--alphas", "0"])
     assert result.exit_code == 1 and "run is failed" in result.output
+
+
+def test_walks_reach_the_report_table_and_figure(runs: dict, results: dict, tmp_path) -> None:
+    """Issue 22 item 5: interpolation.json is read into a table and a figure, its ends the
+    pretrained model's and the run's own numbers."""
+    from matplotlib.figure import Figure
+
+    from attndrift.analysis import load_store
+    from attndrift.analysis.interpolation import interpolation
+    from attndrift.report.interpolation import interpolation as draw
+
+    store = tmp_path / "store"
+    for name, path in runs.items():
+        shutil.copytree(path, store / name)
+    loaded = load_store(store)
+    table = interpolation(loaded)
+    by = {(r["setting"], r["alpha"]): r for r in table.rows}
+    assert len(table.rows) == 5  # full FT at 0 and 1, LoRA at 0, 0.5, 1
+    for name, path in runs.items():
+        record = read_record(path)
+        label = next(r["setting"] for r in table.rows if r["members"] == (str(store / name),))
+        zs = record["zeroshot"][TASK]
+        assert by[label, 1.0]["zs_mean"] == pytest.approx(zs["after"], abs=1e-9)
+        assert by[label, 0.0]["zs_mean"] == pytest.approx(zs["before"], abs=1e-9)
+        assert by[label, 1.0]["test_acc"] == pytest.approx(record["final"]["test_acc"], abs=1e-9)
+        assert by[label, 1.0]["n"] == 1
+    fig = draw(loaded)
+    assert isinstance(fig, Figure)
+    ends = [ln for ax in fig.axes for ln in ax.lines if ln.get_marker() in ("o", "s")]
+    assert len(ends) == 4  # a pretrained and a fine-tuned end per walked run

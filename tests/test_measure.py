@@ -80,6 +80,8 @@ def test_measuring_a_run_reproduces_its_record(which: str, request, tmp_path: Pa
     for task, z in run["zeroshot"].items():
         assert got["zeroshot"][task]["after"] == pytest.approx(z["after"], abs=1e-12)
         assert got["zeroshot"][task]["before"] == pytest.approx(z["before"], abs=1e-12)
+        for key in ("top5", "mean_recall", "prompt"):  # the run's zero-shot entry, all of it
+            assert got["zeroshot"][task].get(key) == z.get(key), (task, key)
     assert got["final"]["test_acc"] == pytest.approx(run["final"]["test_acc"], abs=1e-12)
     assert got["final"]["aux"]["weight_drift"] == pytest.approx(
         run["final"]["aux"]["weight_drift"], rel=1e-9
@@ -466,14 +468,15 @@ def test_report_and_compare_render_measured_records(full_ft_run: Path, tmp_path:
     result = build_report(store, tmp_path / "report")
     assert result.counts == {"completed": 3}
     html = result.html.read_text()
-    for name in ("attndrift-full-ft", "lora-elsewhere-s0", "lora-elsewhere-s1", "external"):
+    for name in ("attndrift-full-ft", "lora-elsewhere-s0", "lora-elsewhere-s1", "measured"):
         assert name in html
+    assert "external.recipe" not in html and "best lr nan" not in html  # issue 22 item 6
     import csv
 
     with open(tmp_path / "report" / "tables" / "matched_lr.csv") as fh:  # mean over seeds
         rows = {r["method"]: r for r in csv.DictReader(fh)}
-    assert rows["external lora-elsewhere"]["n"] == "2"  # the two seeds: one setting
-    assert rows["external attndrift-full-ft"]["n"] == "1"
+    assert rows["measured lora-elsewhere"]["n"] == "2"  # the two seeds: one setting
+    assert rows["measured attndrift-full-ft"]["n"] == "1"
     assert (
         read_record(store / "run")["config"]["train"]["lr"]
         == read_record(full_ft_run)["config"]["train"]["lr"]

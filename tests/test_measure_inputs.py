@@ -75,7 +75,12 @@ def measured(tmp_path_factory) -> Path:
 
 def test_image_classification_save_takes_missing_parts_from_reference(tmp_path: Path) -> None:
     _image_classifier().save_pretrained(tmp_path / "cls")  # untouched: the reference's encoder
-    got = measure(str(tmp_path / "cls"), tmp_path / "m", **ARGS)
+    code, lines = _cli("measure", str(tmp_path / "cls"), "--reference", "tiny", "--data",
+                       "shapes-layout", "--zeroshot", TASK, *SMALL, "--out", str(tmp_path / "m"))
+    assert code == 0 and any(line.startswith("note: not in the checkpoint, taken from the "
+                                             "reference: visual projection, text tower")
+                             for line in lines), lines
+    got = read_record(tmp_path / "m")
     zs = got["zeroshot"][TASK]
     assert zs["retention_pct"] == pytest.approx(100.0) and zs["after"] == zs["before"]
     assert all(v == 0.0 for v in got["final"]["delta_pct"].values())
@@ -181,6 +186,19 @@ def test_measure_never_replaces_what_it_did_not_write(
     b = plan_measurement(str(TINY_CLIP_DIR), **{**ARGS, "overrides": ["probe.images=8"]})
     assert a.out_dir == Path("runs/measured") / a.run_id and a.out_dir != b.out_dir
     assert a.run_id == read_record(measured)["run_id"]  # the device is not part of it
+
+
+def test_one_process_measures_into_a_directory_at_a_time(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    from attndrift.measure import run_measurement
+
+    plan = plan_measurement(str(TINY_CLIP_DIR), tmp_path / "m", **ARGS)
+    (tmp_path / "m").mkdir()
+    # the lock held elsewhere (another process, as the OS sees it)
+    with FileLock(tmp_path / "m" / ".lock"), pytest.raises(OutDirTaken, match="another proc"):
+        run_measurement(plan)
+    assert not (tmp_path / "m" / "record.json").exists()
 
 
 def test_zeroshot_is_required_beyond_the_tiny_clip(tmp_path: Path) -> None:

@@ -85,3 +85,17 @@ def test_scores_match_an_independent_computation():
     assert got["mean_recall"] != pytest.approx(got["top1"])
     assert classification_scores(torch.tensor(logits[:, :5]), torch.tensor(labels % 5))[
         "top5"] is None  # five classes: top-5 would be 1 by construction
+
+
+def test_zeroshot_summary_takes_scores_or_plain_accuracies():
+    from attndrift.evaluate import zeroshot_summary
+
+    task = _task()
+    scores = {"top1": 0.5, "top5": None, "mean_recall": 0.45}
+    full = zeroshot_summary({"t": {**scores, "top1": 0.8}}, {"t": scores}, {"t": task},
+                            {"t": {"names": "raw"}})["t"]
+    assert (full["before"], full["after"], full["retention_pct"]) == (0.8, 0.5, 62.5)
+    assert full["mean_recall"] == {"before": 0.45, "after": 0.45}
+    assert full["prompt"] == {"names": "raw"}
+    mixed = zeroshot_summary({"t": 0.8}, {"t": scores}, {"t": task})["t"]  # older resume
+    assert (mixed["before"], mixed["after"]) == (0.8, 0.5) and "top5" not in mixed

@@ -29,7 +29,6 @@ def test_new_keys_at_their_defaults_keep_existing_run_ids():
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    (["data.val_frac=0.1", "data.budget={train: 5, val: 2, probe: 2}"], "drop data.val_frac"),
     (["data.zeroshot_eval={shapes-zs-colour: {names: raw}}"], "not in data.zeroshot"),
     (["data.zeroshot_eval={shapes-zs-shape: {templates: nope}}"], "unknown template set"),
     (["data.robustness={splits: [contrast]}"], "publishes no corrupted split 'contrast'"),
@@ -48,6 +47,14 @@ def protocol_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("protocol")
     record = run(tiny_config("tiny_full_ft", *PROTOCOL), out, progress=False)
     return {**record, "_dir": out}
+
+
+def test_a_budget_records_config_validates_again(protocol_run):
+    # the resolved config holds val_frac (unused) next to the budget: resume, report and
+    # interpolation re-validate it
+    from attndrift.config import validate
+
+    assert validate(protocol_run["config"]).data.budget.probe == 4
 
 
 def test_budget_run_probes_a_split_disjoint_from_validation(protocol_run):
@@ -146,3 +153,27 @@ def test_report_tables_show_robustness_and_the_extra_zeroshot_scores(protocol_ru
     assert (shape["top5_after"], shape["recall_after"]) == (z["top5"]["after"],
                                                             z["mean_recall"]["after"])
 
+
+
+def test_interpolation_rebuilds_the_budget_split_and_the_task_prompts(protocol_run):
+    from attndrift.interpolate import interpolate_run
+
+    result = interpolate_run(protocol_run["_dir"], [0.0, 1.0])
+    first, last = result["rows"]
+    z = protocol_run["zeroshot"]["shapes-zs-shape"]  # 96 images, paper21's prompt
+    assert first["zeroshot"]["shapes-zs-shape"] == pytest.approx(z["before"], abs=1e-9)
+    assert last["zeroshot"]["shapes-zs-shape"] == pytest.approx(z["after"], abs=1e-9)
+    assert last["val_acc"] == pytest.approx(protocol_run["final"]["val_acc"], abs=1e-9)
+
+
+def test_measuring_a_budget_run_rebuilds_its_probe_split(protocol_run, tmp_path):
+    from attndrift.measure import measure
+
+    got = measure(str(protocol_run["_dir"]), tmp_path / "m", reference="tiny")
+    data = protocol_run["provenance"]["data"]
+    assert got["provenance"]["data"]["probe_ids"] == data["probe_ids"]
+    assert got["provenance"]["data"]["val_ids"] == data["val_ids"]
+    for task, z in protocol_run["zeroshot"].items():  # shapes-zs-shape: its 96-image view
+        assert got["zeroshot"][task]["after"] == pytest.approx(z["after"], abs=1e-12), task
+    for m, value in protocol_run["final"]["delta_pct"].items():
+        assert got["final"]["delta_pct"][m] == pytest.approx(value, abs=1e-9), m

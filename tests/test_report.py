@@ -40,7 +40,8 @@ ALWAYS = {
 }
 # Figures that need runs the small stores here do not have (layer freezing, two LoRA target
 # sets): they must say so instead of drawing.
-NEEDS_MORE = {"frozen_layers": "froze layers", "lora_targets": "LoRA target modules"}
+NEEDS_MORE = {"frozen_layers": "froze layers", "lora_targets": "LoRA target modules",
+              "interpolation": "interpolation.json"}
 
 
 def _add_broken_runs(store: Path) -> None:
@@ -219,13 +220,14 @@ def test_empty_store_report(tmp_path):
 
 
 def test_repeated_provenance_rows_fold_into_one_line():
-    from attndrift.analysis import Column, Table
-    from attndrift.report.render import _table_ctx
+    from attndrift.analysis import Column, Table, table_specs
+    from attndrift.report.render import table_ctx
 
     rows = [{"run": f"r{i}", "status": "completed", "platform": "Linux-x86_64"} for i in range(5)]
     rows.append({"run": "gpu", "status": "completed", "platform": "Linux-aarch64"})
     cols = (Column("run", "run"), Column("status", "status"), Column("platform", "platform"))
-    ctx = _table_ctx(Table("provenance", "Provenance per run", "", cols, rows))
+    fold = next(s.fold for s in table_specs() if s.name == "provenance")
+    ctx = table_ctx(Table("provenance", "Provenance per run", "", cols, rows), fold)
     cells = [r for _, r in ctx["rows"]]
     assert cells == [
         ["5 runs (r0, r1, r2, … 2 more)", "completed", "Linux-x86_64"],

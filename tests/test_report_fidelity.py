@@ -212,6 +212,16 @@ def test_no_table_fails_and_none_warns(built):
         assert built[name].rows, name
 
 
+def test_pretrained_baseline_once_per_backbone_and_probe_set(built):
+    """Runs that also tracked zero-shot (probe.zeroshot_every) probe the same images: one
+    baseline, not a second copy of ViT-B/32 · eurosat."""
+    for name in ("baseline_summary", "baseline_structure"):
+        keys = [(r["model"], r["dataset"], r.get("metric"), r.get("layer"))
+                for r in built[name].rows]
+        assert len(keys) == len(set(keys)), name
+    assert len(built["baseline_summary"].rows) == 2 * 2 * len(rs.METRICS)
+
+
 def test_no_aggregate_row_mixes_settings(store, built):
     _, truth = store
     for name in ("matched_lr", "lr_sweep", "regularization", "absolute_metrics", "bootstrap_ci"):

@@ -3,6 +3,7 @@
 import errno
 import os
 import pathlib
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -98,3 +99,85 @@ def test_markdown_summary_escapes_task_names(tmp_path):
     body = md.splitlines()[md.splitlines().index(header) + 2]
     unescaped = header.replace("\\|", "")
     assert unescaped.count("|") == body.replace("\\|", "").count("|")
+
+
+def _measured(tmp_path, towers=("reference", "fine-tuned")):
+    """Records as `attndrift measure` writes them: method external, a recipe, no lr."""
+    recs = {}
+    for recipe, zs_after, tower in zip(("untouched_cls", "lora_cls"), (0.8, 0.6), towers,
+                                       strict=True):
+        for seed in (0, 1):
+            rec = fake_record(name=recipe, seed=seed, zs_after=zs_after)
+            cfg = rec["config"]
+            rec["config"] = {"name": recipe, "seed": seed, "model": "tiny", "method": "external",
+                             "external": {"format": "hf", "recipe": recipe},
+                             "data": cfg["data"], "probe": cfg["probe"],
+                             "train": {"precision": "auto"}, "device": "cpu"}
+            rec["provenance"]["finetuned"] = {"format": "hf", "text_tower": tower}
+            rec["history"] = {"probes": [], "epochs": [], "loss": []}
+            recs[f"{recipe}_{seed}"] = rec
+    return write_store(tmp_path / "measured", recs)
+
+
+def test_measured_records_read_as_what_they_are(tmp_path):
+    """Issue 22 item 6: a measured record's setting is its recipe; no blank labels, no
+    'external.recipe', no 'best lr nan'; a fine-tuned text tower is said where zero-shot is."""
+    from attndrift.analysis import all_tables, load_store
+    from attndrift.analysis.table import display
+    from attndrift.report.render import glance
+
+    runs = load_store(_measured(tmp_path))
+    rows = glance(runs)["rows"]
+    assert sorted(r[1] for r in rows) == ["measured lora_cls", "measured untouched_cls"]
+    assert {r[2] for r in rows} == {"—"}  # no learning rate recorded: not "nan"
+    tables = {t.name: t for t in all_tables(runs)}
+    (verdict,) = tables["verdict"].rows
+    assert verdict["keeps"] == "measured untouched_cls" and verdict["vs"] == "measured lora_cls"
+    for t in tables.values():
+        for row in display(t)[1]:
+            assert not any("external.recipe" in c or c == "nan" for c in row), t.name
+    assert {r["method"] for r in tables["matched_lr"].rows} == {"measured untouched_cls",
+                                                                "measured lora_cls"}
+    zs = {r["run"]: r["text_tower"] for r in tables["zeroshot"].rows}
+    assert zs == {"untouched_cls": "pretrained", "lora_cls": "fine-tuned"}
+
+
+def test_compare_names_the_text_tower_zero_shot_used(tmp_path):
+    from rich.console import Console
+
+    from attndrift.compare import comparison_tables
+    from attndrift.records import read_record
+
+    store = _measured(tmp_path)
+    records = [read_record(store / d) for d in ("untouched_cls_0", "lora_cls_0")]
+    console = Console(width=200, record=True)
+    console.print(comparison_tables(records, ["untouched", "lora"])[1])
+    text = console.export_text()
+    assert "frozen text tower" not in text and "text tower: per run" in text
+    assert re.search(r"lora\s+│\s+fine-tuned", text) and re.search(r"untouched\s+│\s+pretrained",
+                                                                     text)
+    plain = [read_record(store / "untouched_cls_0")]
+    plain[0]["provenance"]["finetuned"]["text_tower"] = "reference"
+    console = Console(width=200, record=True)
+    console.print(comparison_tables(plain, ["untouched"])[1])
+    assert "pretrained, frozen" in console.export_text()
+
+
+def test_interrupted_report_command_keeps_the_old_report(store, tmp_path, monkeypatch):
+    """SIGTERM (raised as KeyboardInterrupt by the CLI) or Ctrl-C while drawing: one line,
+    exit 130, the previous report whole and no staging directory left."""
+    import attndrift.report.build as build
+
+    out = tmp_path / "report"
+    build_report(store, out)
+    before = _snapshot(out)
+
+    def interrupted(runs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "draw_figures", interrupted)
+    result = runner.invoke(app, ["report", str(store), "--out", str(out)])
+    assert result.exit_code == 130
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "keeps the report" in lines[0]
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["report"]

@@ -289,11 +289,18 @@ def test_settings_sort_case_insensitively_and_seeds_numerically(tmp_path):
     assert [r["seed"] for r in main.rows[:3]] == [7, 11, 19]
 
 
-def test_every_table_has_one_report_section(built):
-    from attndrift.analysis import SECTIONS
+def test_every_table_is_registered_once_under_its_own_name(store):
+    from attndrift.analysis import SECTIONS, table_specs
 
-    placed = [name for _, _, names in SECTIONS for name in names]
-    assert sorted(placed) == sorted(built) and len(placed) == len(set(placed))
+    specs = table_specs()
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names)) and {s.section for s in specs} <= {
+        s.id for s in SECTIONS}
+    runs = load_store(store)
+    for spec in specs:  # the CSV stem a builder writes is the name it is registered under
+        extra = {"store_root": str(store)} if spec.store else {}
+        assert spec.build(runs, **extra).name == spec.name
+    assert [t.name for t in all_tables(runs)] == names
 
 
 def test_records_without_subset_means_are_read_on_subset_0(tmp_path):

@@ -3,12 +3,14 @@
 Importing the package has no side effects; heavy modules (torch, transformers) load on use.
 """
 
-__version__ = "0.1.0"
+from attndrift._version import __version__
+
+__all__ = ["__version__", "load_store"]
 
 
 def load_store(path, drift: str = "subset_mean"):
     """A run store's runs, tables (``Table.to_pandas()``) and histories: see
     `attndrift.results`. Imported on call, so ``import attndrift`` stays light."""
-    from attndrift.results import load_store as _load
+    import importlib
 
-    return _load(path, drift)
+    return importlib.import_module("attndrift.results").load_store(path, drift)

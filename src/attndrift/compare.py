@@ -62,14 +62,20 @@ def comparison_tables(records: list[dict[str, Any]],
                         r["status"], _acc(final.get("best_val_acc")), _acc(final.get("test_acc")),
                         *(_pct(delta.get(m)) for m in ATTENTION))
 
-    zeroshot = Table(title="Zero-shot transfer (adapted image encoder, frozen text tower)")
+    # a measured checkpoint may bring its own fine-tuned text tower (issue 22 item 6)
+    towers = [((r.get("provenance") or {}).get("finetuned") or {}).get("text_tower") == "fine-tuned"
+              for r in records]
+    zeroshot = Table(title="Zero-shot transfer (adapted image encoder; text tower: "
+                           + ("per run" if any(towers) else "pretrained, frozen") + ")")
     zeroshot.add_column("run")
+    if any(towers):
+        zeroshot.add_column("text tower")
     tasks = sorted({t for r in records for t in r.get("zeroshot", {})})
     for t in tasks:
         zeroshot.add_column(f"{t} before → after", justify="right")
         zeroshot.add_column("retained", justify="right")
-    for label, r in zip(labels, records, strict=True):
-        cells = []
+    for label, r, own in zip(labels, records, towers, strict=True):
+        cells = [("fine-tuned" if own else "pretrained")] if any(towers) else []
         for t in tasks:
             z = r.get("zeroshot", {}).get(t)
             cells += ["-", "-"] if z is None else [

@@ -7,10 +7,7 @@ message is one line naming the field and the fix.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,7 +20,10 @@ from pydantic import (
     model_validator,
 )
 
+from attndrift.fields import REFERENCE_HEADER as REFERENCE_HEADER  # re-exported
+from attndrift.fields import Roles, role
 from attndrift.guard import GuardConfig, check_measured
+from attndrift.methods import METHODS, REGULARIZERS
 from attndrift.pathsafe import check_name
 from attndrift.yamlio import YamlError, looks_numeric, parse_yaml, shorten
 
@@ -48,6 +48,10 @@ class LoraConfig(_Strict):
     dropout: Fraction = Field(0.05, description="dropout on the LoRA input")
     targets: list[Literal["q_proj", "k_proj", "v_proj", "out_proj"]] = Field(
         ["q_proj", "v_proj"], min_length=1, description="vision attention projections to adapt")
+    train_projection: bool = Field(
+        True, json_schema_extra=role("method", omit_default=True),
+        description="the visual projection trains as a full tensor (the study's LoRA); false: "
+                    "frozen (the later protocol's reference)")
 
 
 class TrainConfig(_Strict):
@@ -66,14 +70,18 @@ class TrainConfig(_Strict):
         False, description="drop the ragged last batch of each epoch (the study kept it)")
     flip: bool = Field(True, description="random horizontal flip of training images")
     compile: Literal["inductor", "aot_eager", "cudagraphs"] | None = Field(
-        None, description="torch.compile backend for the training forward (inductor: fastest, "
-                          "compiles for ~1 min first); null: eager")
-    log_every: PosInt = Field(10, description="steps between loss logs and divergence checks")
+        None, json_schema_extra=role("replicate"),
+        description="torch.compile backend for the training forward (inductor: fastest, "
+                    "compiles for ~1 min first); null: eager")
+    log_every: PosInt = Field(10, json_schema_extra=role("replicate"),
+                              description="steps between loss logs and divergence checks")
     checkpoint_every: PosInt | None = Field(
-        None, description="steps between resume checkpoints, whatever checkpoint_minutes says")
+        None, json_schema_extra=role("operational"),
+        description="steps between resume checkpoints, whatever checkpoint_minutes says")
     checkpoint_minutes: Annotated[float, Field(ge=0)] = Field(
-        10.0, description="resume checkpoint at the first epoch end at least this many minutes "
-                          "after the last one (0: every epoch end)")
+        10.0, json_schema_extra=role("operational"),
+        description="resume checkpoint at the first epoch end at least this many minutes "
+                    "after the last one (0: every epoch end)")
 
 
 class BudgetConfig(_Strict):
@@ -135,29 +143,33 @@ class RobustnessConfig(_Strict):
 
 class DataConfig(_Strict):
     dataset: str = Field("shapes-layout", description="registered dataset to fine-tune on")
-    zeroshot: list[str] = Field(["shapes-zs-shape"], description="zero-shot transfer tasks")
+    zeroshot: list[str] = Field(["shapes-zs-shape"], json_schema_extra=role("replicate"),
+                                description="zero-shot transfer tasks")
     val_frac: Annotated[float, Field(gt=0, lt=1)] = Field(
         0.2, description="share of the training split held out (stratified) for validation")
     split_seed: int = Field(42, description="seed of the train/validation split")
     train_limit: PosInt | None = Field(None, description="use at most this many training images")
-    eval_batch_size: PosInt = Field(256, description="batch for accuracy and zero-shot")
+    eval_batch_size: PosInt = Field(256, json_schema_extra=role("replicate"),
+                                    description="batch for accuracy and zero-shot")
     resident_mb: Annotated[int, Field(ge=0)] = Field(
-        4096, description="keep the uint8 training images on the device when they take at most "
-                          "this many MB, and gather each batch there (0: gather on the host)")
+        4096, json_schema_extra=role("operational"),
+        description="keep the uint8 training images on the device when they take at most "
+                    "this many MB, and gather each batch there (0: gather on the host)")
+    # added after run ids were handed out: at their defaults they are left out of ids
     budget: BudgetConfig | None = Field(
-        None, description="per-class train / val / probe counts carved from the training split "
-                          "(the later protocol), instead of val_frac; probes then come from "
-                          "the probe split, not from validation")
+        None, json_schema_extra=role("identity", omit_default=True),
+        description="per-class train / val / probe counts carved from the training split "
+                    "(the later protocol); val_frac is then unused, and probes come from "
+                    "the probe split, not from validation")
     zeroshot_eval: dict[str, ZeroShotEval] = Field(
-        {}, description="per zero-shot task: templates, class-name style, subset size")
+        {}, json_schema_extra=role("identity", omit_default=True),
+        description="per zero-shot task: templates, class-name style, subset size")
     robustness: RobustnessConfig | None = Field(
-        None, description="accuracy on corrupted test splits (published or generated)")
+        None, json_schema_extra=role("replicate", omit_default=True),
+        description="accuracy on corrupted test splits (published or generated)")
 
     @model_validator(mode="after")
     def _protocol(self) -> DataConfig:
-        if self.budget is not None and "val_frac" in self.model_fields_set:
-            raise ValueError("data.val_frac and data.budget both set; the budget fixes the "
-                             "validation split: drop data.val_frac")
         stray = sorted(set(self.zeroshot_eval) - set(self.zeroshot))
         if stray:
             raise ValueError(f"data.zeroshot_eval names {stray[0]!r}, which is not in "
@@ -220,25 +232,31 @@ class ProbeConfig(_Strict):
         5, description="fixed probe subsets measured before and after training (subset CV); "
                        "the first one is also probed during training")
     seed: int = Field(42, description="seed of the probe subset (identical across a study's runs)")
-    batch_size: PosInt = Field(64, description="batch of the attention probe forward")
+    batch_size: PosInt = Field(64, json_schema_extra=role("replicate"),
+                               description="batch of the attention probe forward")
     precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="forwards of the probes, auxiliary metrics and APR cache: bf16 "
-                            "autocast is several times faster on GPUs (the CLS attention row "
-                            "is recomputed in fp32 from q and k either way)")
+        "fp32", json_schema_extra=role("replicate"),
+        description="forwards of the probes, auxiliary metrics and APR cache: bf16 "
+                    "autocast is several times faster on GPUs (the CLS attention row "
+                    "is recomputed in fp32 from q and k either way)")
     aux: list[Literal["rollout", "cka", "drift"]] = Field(
-        ["rollout", "cka", "drift"], description="auxiliary metrics: attention rollout and "
-        "patch-to-patch entropy, layerwise CKA to the pretrained model, weight/embedding drift")
+        ["rollout", "cka", "drift"], json_schema_extra=role("replicate"),
+        description="auxiliary metrics: attention rollout and patch-to-patch entropy, "
+                    "layerwise CKA to the pretrained model, weight/embedding drift")
     aux_every: Annotated[int, Field(ge=0)] | None = Field(
-        None, description="also measure the auxiliary metrics at every k-th training probe "
-                          "(0: only before and after training; unset: once per epoch, every "
-                          "per_epoch-th probe)")
+        None, json_schema_extra=role("replicate"),
+        description="also measure the auxiliary metrics at every k-th training probe "
+                    "(0: only before and after training; unset: once per epoch, every "
+                    "per_epoch-th probe)")
     zeroshot_every: Annotated[int, Field(ge=0)] | None = Field(
-        None, description="zero-shot accuracy on a fixed class-balanced subset of each transfer "
-                          "task at every k-th training probe and the last, into the history (0: "
-                          "only before and after training, on the whole test split; unset: once "
-                          "per epoch, every per_epoch-th probe)")
+        None, json_schema_extra=role("replicate"),
+        description="zero-shot accuracy on a fixed class-balanced subset of each transfer "
+                    "task at every k-th training probe and the last, into the history (0: "
+                    "only before and after training, on the whole test split; unset: once "
+                    "per epoch, every per_epoch-th probe)")
     zeroshot_images: PosInt = Field(
-        1000, description="images per transfer task in that subset (seeded by probe.seed)")
+        1000, json_schema_extra=role("replicate"),
+        description="images per transfer task in that subset (seeded by probe.seed)")
 
     def period(self, every: int | None) -> int:
         """A tracking cadence in training probes (``aux_every``, ``zeroshot_every``): ``every``,
@@ -255,13 +273,17 @@ class ProbeConfig(_Strict):
 
 
 class RegularizerConfig(_Strict):
-    name: Literal["none", "apr", "entropy_floor", "l2sp"] = Field(
-        "none", description="apr (KL to pretrained CLS attention) | entropy_floor | l2sp")
-    lam: Annotated[float, Field(ge=0)] = Field(0.0, description="weight of the regularizer")
+    name: Literal[("none", *REGULARIZERS)] = Field(  # type: ignore[valid-type]
+        "none", description="none | " + " | ".join(
+            f"{n} ({s.summary})" for n, s in REGULARIZERS.items()))
+    lam: Annotated[float, Field(ge=0)] = Field(0.0, json_schema_extra=role("regularizer"),
+                                               description="weight of the regularizer")
     layers: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, description="apr / entropy_floor: vision layers it acts on (None: all)")
+        None, json_schema_extra=role("regularizer"),
+        description="apr / entropy_floor: vision layers it acts on (None: all)")
     ratio: Annotated[float, Field(gt=0, le=1)] = Field(
-        0.7, description="entropy_floor: floor = ratio x the layer's pretrained entropy")
+        0.7, json_schema_extra=role("regularizer"),
+        description="entropy_floor: floor = ratio x the layer's pretrained entropy")
 
     @model_validator(mode="after")
     def _consistent(self) -> RegularizerConfig:
@@ -272,29 +294,47 @@ class RegularizerConfig(_Strict):
         return self
 
 
+class EvalConfig(_Strict):
+    checkpoint: Literal["final", "best"] = Field(
+        "final", description="weights the final evaluation measures (test accuracy, zero-shot, "
+        "final attention and drift, auxiliary metrics, interpolation): final = the last step's, "
+        "best = the best validation epoch's, restored first (the later protocol; it also "
+        "writes best.safetensors)")
+
+
 # datasets whose labels a horizontal flip changes (shapes-layout: left/right positions)
 FLIP_CHANGES_LABELS = frozenset({"shapes-layout"})
 
 
 class RunConfig(_Strict):
-    name: str = Field("run", description="a label for the run, used in its id and default "
+    name: str = Field("run", json_schema_extra=role("replicate"),
+                      description="a label for the run, used in its id and default "
                       "directory: no / or \\, not starting with ., at most 200 bytes")
-    seed: int = Field(42, description="model head init, data order, dropout, augmentation")
+    seed: int = Field(42, json_schema_extra=role("replicate"),
+                      description="model head init, data order, dropout, augmentation")
     model: str = Field("tiny", description="'tiny' (shipped), a hub id or a local CLIP directory")
-    method: Literal["full_ft", "lora", "freeze", "linear_probe"] = Field(
-        "full_ft", description="full_ft | lora | freeze (first layers) | linear_probe (head only)")
+    method: Literal[tuple(METHODS)] = Field(  # type: ignore[valid-type]
+        "full_ft", description="what trains: " + "; ".join(
+            f"{n} ({s.summary})" for n, s in METHODS.items()))
     freeze_layers: Annotated[int, Field(ge=0)] = Field(
-        0, description="method=freeze: number of leading vision layers frozen")
-    lora: LoraConfig = LoraConfig()
+        0, json_schema_extra=role("method"),
+        description="method=freeze: number of leading vision layers frozen")
+    lora: LoraConfig = Field(LoraConfig(), json_schema_extra=role("method"))
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     probe: ProbeConfig = ProbeConfig()
     regularizer: RegularizerConfig = RegularizerConfig()
-    guard: GuardConfig = GuardConfig()  # early-warning guard (attndrift.guard)
-    tensorboard: bool = Field(False, description="write TensorBoard scalars to OUT/tensorboard "
-                                                 "(needs `pip install -e '.[tensorboard]'`)")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    save_checkpoints: bool = Field(True, description="write final and best safetensors")
+    # early-warning guard (attndrift.guard); off (added later), it is left out of run ids
+    guard: GuardConfig = Field(GuardConfig(), json_schema_extra=role("identity", omit_default=True))
+    # which weights the final evaluation measures; added later: final is left out of run ids
+    eval: EvalConfig = Field(EvalConfig(), json_schema_extra=role("identity", omit_default=True))
+    tensorboard: bool = Field(False, json_schema_extra=role("operational"),
+                              description="write TensorBoard scalars to OUT/tensorboard "
+                                          "(needs `pip install -e '.[tensorboard]'`)")
+    device: str = Field("auto", json_schema_extra=role("replicate"),
+                        description="auto, cpu, cuda, cuda:N")
+    save_checkpoints: bool = Field(True, json_schema_extra=role("operational"),
+                                   description="write final and best safetensors")
 
     @model_validator(mode="before")
     @classmethod
@@ -338,64 +378,18 @@ class RunConfig(_Strict):
         if self.guard.signal is not None:
             check_measured(self.guard.signal, list(self.probe.aux), self.probe.aux_every,
                            self.probe.zeroshot_every)
-        if self.train.compile and self.regularizer.name in ("apr", "entropy_floor"):
+        reg = REGULARIZERS.get(self.regularizer.name)
+        if self.train.compile and reg is not None and reg.attention:
             raise ValueError(f"train.compile cannot trace regularizer {self.regularizer.name} "
                              "(it hooks the attention on every step); set train.compile=null")
         return self
 
 
-# Settings that change how a run is executed and saved, not what it computes. They are left out
-# of a run's identity (`identity`), so changing them on an existing study resumes or skips its
-# runs instead of starting them again.
-OPERATIONAL_KEYS: tuple[tuple[str, ...], ...] = (
-    ("train", "checkpoint_every"),
-    ("train", "checkpoint_minutes"),
-    ("data", "resident_mb"),
-    ("tensorboard",),
-    ("save_checkpoints",),
-)
-
-
-# Keys added after run ids were first handed out. While one holds its default (what runs did
-# before the key existed) it is left out of the identity, so a config that does not use it keeps
-# the id it always had; set to anything else, it is part of the identity like any other key.
-# A new key whose default keeps today's behaviour belongs here.
-ADDED_KEYS: tuple[tuple[str, ...], ...] = (
-    ("data", "budget"),
-    ("data", "zeroshot_eval"),
-    ("data", "robustness"),
-    ("guard",),
-)
-
-
-@functools.cache
-def _defaults() -> dict[str, Any]:
-    return RunConfig().model_dump(mode="json")
-
-
-def _pop(config: dict[str, Any], path: tuple[str, ...], only_if: Any = None,
-         conditional: bool = False) -> None:
-    *parents, key = path
-    section = config
-    for part in parents:
-        section = section.get(part, {})
-    if key in section and (not conditional or section[key] == only_if):
-        del section[key]
-
-
-def identity(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (a resolved ``RunConfig`` dump) without the ``OPERATIONAL_KEYS``, and without
-    the ``ADDED_KEYS`` that hold their defaults: what run ids hash."""
-    out = json.loads(json.dumps(config, default=str))  # deep copy of plain data
-    for path in OPERATIONAL_KEYS:
-        _pop(out, path)
-    defaults = _defaults()
-    for path in ADDED_KEYS:
-        default = defaults
-        for part in path:
-            default = default[part]
-        _pop(out, path, default, conditional=True)
-    return out
+# Every field carries its role (`attndrift.fields`). Operational keys are left out of run ids
+# (`identity`): changing them on a study resumes or skips its runs instead of redoing them.
+RUN_ROLES = Roles(RunConfig)
+OPERATIONAL_KEYS: tuple[tuple[str, ...], ...] = RUN_ROLES.operational_keys
+identity = RUN_ROLES.identity
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -497,49 +491,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{source}: expected a mapping of config keys")
     return validate(apply_overrides(data, overrides or []), source)
 
-
-def _section(annotation: Any) -> tuple[type[BaseModel] | None, str]:
-    """The config model a field holds (itself, optional, or the values of a dict keyed by
-    task name) and the key part before its fields."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation, ""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is dict:
-        value = args[1]
-        return (value, "TASK.") if isinstance(value, type) and issubclass(value, BaseModel) \
-            else (None, "")
-    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-    return (models[0], "") if models else (None, "")
-
-
-def reference(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(key, default, description)`` for every config key, dotted, in declaration order; an
-    optional section and a per-task mapping get a row of their own, then their keys."""
-    rows = []
-    for name, field in model.model_fields.items():
-        section, part = _section(field.annotation)
-        if section is not None and not part and section is field.annotation:
-            rows += reference(section, f"{prefix}{name}.")
-            continue
-        default = ("(required)" if field.is_required()
-                   else json.dumps(field.get_default(call_default_factory=True)))
-        rows.append((f"{prefix}{name}", default, field.description or ""))
-        if section is not None:
-            rows += reference(section, f"{prefix}{name}.{part}")
-    return rows
-
-
-REFERENCE_HEADER = """# Run configuration reference
-
-Generated by `attndrift config-reference > docs/config.md`; a test keeps this file equal to the
-code. Keys are dotted for `key=value` overrides (`attndrift run CONFIG train.lr=1e-4
-method=lora`). Unknown keys, wrong types, NaN/inf and quoted numbers are rejected with exit
-status 2.
-
-"""
-
-
-def reference_markdown() -> str:
-    lines = ["| key | default | meaning |", "|---|---|---|"]
-    lines += [f"| `{k}` | `{d}` | {m} |" for k, d, m in reference()]
-    return "\n".join(lines) + "\n"
+reference_markdown = RUN_ROLES.reference_markdown

@@ -67,3 +67,13 @@ def sigterm_interrupts():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def drift_text(final: dict) -> str:
+    """Δ entropy as `compare` and the report read it (the mean over the fixed probe subsets,
+    002), with probe subset 0's value labelled next to it (issue 22 item 7)."""
+    first = (final.get("delta_pct") or {}).get("entropy")
+    mean = (final.get("delta_pct_subset_mean") or {}).get("entropy")
+    if not isinstance(mean, int | float):
+        return f"Δentropy {first:+.2f}% (probe subset 0)"
+    return f"Δentropy {mean:+.2f}% (subset mean; subset 0: {first:+.2f}%)"

@@ -261,11 +261,13 @@ def zeroshot_summary(before: dict[str, Any], after: dict[str, Any],
     out = {}
     for name, task in tasks.items():
         b, a = before[name], after[name]
-        b1, a1 = (b["top1"], a["top1"]) if isinstance(b, dict) else (b, a)
+        # each side a top-1 accuracy or a scores dict (a run resumed from an older checkpoint
+        # holds a plain accuracy from before training)
+        b1, a1 = (v["top1"] if isinstance(v, dict) else v for v in (b, a))
         entry = {"before": b1, "after": a1,
                  "retention_pct": 100.0 * a1 / b1 if b1 > 0 else None,
                  "chance": 1.0 / task.num_classes, "classes": task.num_classes}
-        if isinstance(b, dict):
+        if isinstance(b, dict) and isinstance(a, dict):
             entry.update({k: {"before": b[k], "after": a[k]} for k in ("top5", "mean_recall")})
         if prompts and name in prompts:
             entry["prompt"] = prompts[name]

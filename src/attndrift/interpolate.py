@@ -1,13 +1,19 @@
 """Walk a finished run back toward its pretrained model: accuracy, forgetting and attention
 along ``alpha`` in [0, 1] (0 = pretrained encoder, 1 = the fine-tuned one).
 
-- full_ft, freeze: WiSE-FT (Wortsman et al., 2022) weight interpolation
+Each method names its scheme in its `attndrift.methods.MethodSpec`:
+
+- wise-ft (full_ft, freeze, last_block): WiSE-FT (Wortsman et al., 2022) weight interpolation
   ``theta(alpha) = (1 - alpha) * theta_pretrained + alpha * theta_finetuned`` of every trainable
   vision-tower and visual-projection tensor (frozen tensors are pretrained at every alpha).
-- lora: the adapter delta is scaled, ``W + alpha * (B @ A) * scaling``, through PEFT's own
-  per-adapter scale (``LoraLayer.set_scale``), which equals merging ``alpha * delta W``; the
-  visual projection, trained as a full tensor, is interpolated as in WiSE-FT.
-- linear_probe: the encoder never changed; every alpha is the fine-tuned model.
+- lora-scale (lora): the adapter delta is scaled, ``W + alpha * (B @ A) * scaling``, through
+  PEFT's own per-adapter scale (``LoraLayer.set_scale``), which equals merging
+  ``alpha * delta W``; the visual projection, when trained as a full tensor, is interpolated
+  as in WiSE-FT (frozen, it is pretrained at every alpha).
+- dora-scale (dora): as lora-scale, and each DoRA magnitude vector is interpolated from its
+  initial value, the row norms of the pretrained weight (PEFT's DoRA initialisation), so
+  alpha = 0 is again exactly the pretrained weight.
+- none (linear_probe): the encoder never changed; every alpha is the fine-tuned model.
 
 The classification head is always the fine-tuned one: it was trained from scratch on the task,
 so there is no pretrained head to interpolate toward (WiSE-FT interpolates a zero-shot head,
@@ -31,10 +37,12 @@ from typing import Any
 
 import torch
 
+from attndrift.methods import METHODS
+
 SCHEMA_VERSION = 1
 INTERPOLATION_FILE = "interpolation.json"
-SCHEMES = {"full_ft": "wise-ft", "freeze": "wise-ft", "lora": "lora-scale",
-           "linear_probe": "none"}
+# Each method declares its scheme (`attndrift.methods.MethodSpec.scheme`).
+SCHEMES = {name: spec.scheme for name, spec in METHODS.items()}
 
 
 class NotATrainingRun(ValueError):
@@ -71,6 +79,12 @@ class _Interpolator:
         self.pretrained: dict[str, torch.Tensor] = {}
         self.params = dict(model.named_parameters())
         for name, param in self.params.items():
+            if ".lora_magnitude_vector." in name:  # DoRA: starts at the base weight's row norms
+                base = name.split(".lora_magnitude_vector.")[0] + ".weight"
+                self.finetuned[name] = param.detach().clone()
+                self.pretrained[name] = torch.linalg.norm(pretrained[base].float(), dim=1).to(
+                    param.device, param.dtype)
+                continue
             if not param.requires_grad or name.startswith("head.") or ".lora_" in name:
                 continue
             base = name.replace(".base_layer", "")
@@ -105,7 +119,8 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
 
     Raises:
         RecordError: no readable record; ValueError: run not completed, bad alpha, data that
-        no longer matches the record; FileNotFoundError: no final checkpoint.
+        no longer matches the record; FileNotFoundError: no checkpoint of the evaluated weights
+        (``final.evaluated``: final, or best with ``eval.checkpoint: best``).
     """
     from attndrift.config import validate
     from attndrift.data.prompts import zeroshot_tasks
@@ -115,7 +130,7 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
     from attndrift.models.clip import load_clip
     from attndrift.models.restore import restore_run
     from attndrift.probes.metrics import METRICS, delta_pct, summarize
-    from attndrift.records import atomic_write_bytes, jsonable, read_record
+    from attndrift.records import atomic_write_bytes, evaluated_checkpoint, jsonable, read_record
     from attndrift.zeroshot import text_classifier
 
     t0 = time.perf_counter()
@@ -134,7 +149,8 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
     cfg = validate(record["config"], str(run_dir))
     dev = torch.device(device)
 
-    loaded, adapted = restore_run(run_dir, "final", dev)
+    checkpoint = evaluated_checkpoint(record)  # the weights the record's numbers measured
+    loaded, adapted = restore_run(run_dir, checkpoint, dev)
     # --- the run's data, exactly as train.py built it ------------------------------------
     size = loaded.image_size  # datasets cached at the model's input size, as train.py did
     source = load_task(cfg.data.dataset, "train", image_size=size)
@@ -192,6 +208,7 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
         "run_id": record["run_id"],
         "method": cfg.method,
         "scheme": SCHEMES[cfg.method],
+        "checkpoint": checkpoint,
         "head": "fine-tuned at every alpha (trained from scratch: no pretrained head)",
         "alphas": alphas,
         "rows": rows,

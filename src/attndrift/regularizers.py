@@ -8,9 +8,13 @@
 - ``l2sp`` (Li et al., 2018): squared distance of the weights from the pretrained starting
   point, the weight-space counterpart.
 
-The training loop computes ``current`` on the training batch with
-``AttentionProbe(model, detach=False)`` (so the loss reaches q_proj/k_proj), renormalises it
-over the patches, and adds ``lambda * loss``. Every loss is computed in float32 whatever the
+Each is one `Regularizer` in `REGULARIZERS` (its label, the config keys it reads and its figure
+style are its `attndrift.methods.RegularizerSpec`): the training loop calls ``prepare`` before
+any update (references from the pretrained model), ``start`` once the pretrained baseline is
+measured, and ``penalty`` on every step, and adds ``lambda * penalty``. For the attention
+regularizers (``RegularizerSpec.attention``) the loop captures ``current`` on the training
+batch with ``AttentionProbe(model, detach=False)`` (so the loss reaches q_proj/k_proj) and
+renormalises it over the patches. Every loss is computed in float32 whatever the
 input dtype or autocast state (bf16 attention would lose the small probabilities that entropy
 and KL are made of), and no epsilon is added inside a log: ``p log p`` terms use ``xlogy``
 (exactly 0 at p = 0) with the log's argument clamped at ``torch.finfo(float32).tiny``, which
@@ -21,12 +25,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import nn
+
+from attndrift.methods import REGULARIZERS as SPECS
 
 __all__ = [
     "REGULARIZERS",
+    "Batch",
+    "Pretrained",
+    "Regularizer",
     "apr_loss",
     "entropy_floor_loss",
     "entropy_floor_targets",
@@ -38,17 +49,70 @@ __all__ = [
 
 TINY = torch.finfo(torch.float32).tiny
 
-REGULARIZERS: dict[str, Callable[..., torch.Tensor]] = {}
+@dataclass
+class Pretrained:
+    """What a regularizer may take from the run before any update (`Regularizer.prepare`)."""
+
+    model: nn.Module  # the adapted model, still pretrained
+    layers: list[int] | None  # regularizer.layers
+    ratio: float  # regularizer.ratio
+    device: torch.device
+    attention_cache: Callable[[], torch.Tensor]  # pretrained maps of every training image
 
 
-def register_regularizer(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+@dataclass
+class Batch:
+    """One training step, as a regularizer's ``penalty`` sees it."""
+
+    model: nn.Module
+    maps: torch.Tensor | None  # [B, L, H, N] renormalised maps with a graph (attention ones)
+    index: torch.Tensor  # the images' indices in the training split
+    flips: torch.Tensor | None  # which images were flipped (None: no flip drawn)
+
+
+@dataclass(frozen=True)
+class Regularizer:
+    """How the loop applies one regularizer: ``prepare(Pretrained) -> state`` before any
+    update, ``start(state, pretrained layer entropies) -> state`` once the baseline is known,
+    ``penalty(state, Batch) -> float32 scalar`` on each step."""
+
+    name: str
+    loss: Callable[..., torch.Tensor]
+    prepare: Callable[[Pretrained], dict[str, Any]]
+    penalty: Callable[[dict[str, Any], Batch], torch.Tensor]
+    start: Callable[[dict[str, Any], Sequence[float]], dict[str, Any]] = field(
+        default=lambda state, layer_entropy: state)
+
+    @property
+    def attention(self) -> bool:
+        return SPECS[self.name].attention
+
+
+REGULARIZERS: dict[str, Regularizer] = {}
+
+
+def register_regularizer(name: str, **hooks: Any) -> Callable[[Callable[..., Any]],
+                                                            Callable[..., Any]]:
+    """Register the loss ``name`` with its loop ``hooks`` (`Regularizer`); its
+    `RegularizerSpec` must exist."""
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in REGULARIZERS:
-            raise ValueError(f"regularizer {name!r} registered twice")
-        REGULARIZERS[name] = fn
+        if name in REGULARIZERS or name not in SPECS:
+            raise ValueError(f"regularizer {name!r}: registered twice, or no RegularizerSpec "
+                             "in attndrift.methods")
+        REGULARIZERS[name] = Regularizer(name, fn, **hooks)
         return fn
 
     return wrap
+
+
+def regularizer(name: str) -> Regularizer | None:
+    """The registered regularizer ``name``; None for ``none``."""
+    if name == "none":
+        return None
+    if name not in REGULARIZERS:
+        raise ValueError(f"unknown regularizer {name!r}; choose none or one of "
+                         f"{', '.join(REGULARIZERS)}")
+    return REGULARIZERS[name]
 
 
 def _no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
@@ -72,7 +136,13 @@ def _plogp(p: torch.Tensor) -> torch.Tensor:
     return torch.xlogy(p, p.clamp_min(TINY))
 
 
-@register_regularizer("apr")
+def _apr_penalty(state: dict[str, Any], b: Batch) -> torch.Tensor:
+    ref = state["ref"][b.index, b.flips.long() if b.flips is not None else 0]
+    return apr_loss(b.maps, ref.to(b.maps.device, torch.float32, non_blocking=True))
+
+
+@register_regularizer("apr", prepare=lambda pre: {"ref": pre.attention_cache()},
+                      penalty=_apr_penalty)
 def apr_loss(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Attention preservation: ``KL(current || reference)``, summed over patches, averaged over
     images, layers and heads.
@@ -108,7 +178,16 @@ def layer_entropy(current: torch.Tensor) -> torch.Tensor:
     return map_entropy(current).mean(dim=(0, 2))
 
 
-@register_regularizer("entropy_floor")
+def _floor_start(state: dict[str, Any], layer_entropy: Sequence[float]) -> dict[str, Any]:
+    layers = state["layers"] if state["layers"] is not None else range(len(layer_entropy))
+    tau = entropy_floor_targets([layer_entropy[i] for i in layers], state["ratio"])
+    return {**state, "tau": tau.to(state["device"])}
+
+
+@register_regularizer(
+    "entropy_floor", start=_floor_start,
+    prepare=lambda pre: {"layers": pre.layers, "ratio": pre.ratio, "device": pre.device},
+    penalty=lambda state, b: entropy_floor_loss(b.maps, state["tau"]))
 def entropy_floor_loss(current: torch.Tensor, tau: torch.Tensor | Sequence[float], *,
                        reduction: Literal["sum", "mean"] = "sum") -> torch.Tensor:
     """Entropy floor, the study's hinge per map (003 §3.7.2, R2):
@@ -147,7 +226,18 @@ def entropy_floor_targets(pretrained_layer_entropy: torch.Tensor | Sequence[floa
     return ratio * torch.as_tensor(pretrained_layer_entropy, dtype=torch.float32).detach()
 
 
-@register_regularizer("l2sp")
+def _l2sp_prepare(pre: Pretrained) -> dict[str, Any]:
+    """The pretrained values of every trainable tensor but the head (trained from scratch)."""
+    return {"ref": {n: p.detach().clone() for n, p in pre.model.named_parameters()
+                    if p.requires_grad and not n.startswith("head.")}}
+
+
+def _l2sp_penalty(state: dict[str, Any], b: Batch) -> torch.Tensor:
+    ref = state["ref"]
+    return l2sp_loss({n: p for n, p in b.model.named_parameters() if n in ref}, ref)
+
+
+@register_regularizer("l2sp", prepare=_l2sp_prepare, penalty=_l2sp_penalty)
 def l2sp_loss(params: dict[str, torch.Tensor],
               reference: dict[str, torch.Tensor]) -> torch.Tensor:
     """``sum_k ||params[k] - reference[k]||^2`` (no 1/2), float32 scalar.

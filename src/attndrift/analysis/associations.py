@@ -34,7 +34,7 @@ from attndrift.analysis.common import (
 )
 from attndrift.analysis.inference import outcome_columns
 from attndrift.analysis.runs import Run, dataset_of, method_label, model_of, short_model
-from attndrift.analysis.table import Column, Table, make_table
+from attndrift.analysis.table import Column, Table, make_table, register_table
 
 SCOPE = Column("scope", "runs of")
 CORR_COLS = (Column("n", "runs", "int"), Column("r", "Pearson r", "num"), Column("p", "p", "p"),
@@ -63,6 +63,7 @@ def _corr(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
     return out
 
 
+@register_table("metric_correlations", "statistics", order=70)
 def metric_correlations(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     rows = []
     for scope, members in scopes(runs):
@@ -90,6 +91,7 @@ def _cka_layers(run: Run) -> list[float]:
     return [num(v) for v in value] if isinstance(value, list) else []
 
 
+@register_table("cka_correlation", "statistics", order=60)
 def cka_correlation(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     rows = []
     for scope, members in scopes(runs):
@@ -120,6 +122,7 @@ def cka_correlation(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "recorded (probe.aux includes cka)")
 
 
+@register_table("transfer_retention", "statistics", order=50)
 def transfer_retention(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     tasks = zs_tasks(completed(runs))
     rows = []

@@ -99,6 +99,13 @@ def absolute(run: Run, metric: str, when: str = "final") -> float:
     return num(((block or {}).get("mean") or {}).get(metric))
 
 
+def text_tower(run: Run) -> str:
+    """The text tower zero-shot ran through: 'pretrained' for every attndrift run (it is
+    frozen), a measured checkpoint's own ('fine-tuned') when it changed it (issue 22 item 6)."""
+    ft = ((run.record or {}).get("provenance") or {}).get("finetuned") or {}
+    return "fine-tuned" if ft.get("text_tower") == "fine-tuned" else "pretrained"
+
+
 def zs_tasks(runs: Iterable[Run]) -> list[str]:
     return sorted({t for r in runs for t in ((r.record or {}).get("zeroshot") or {})},
                   key=str.casefold)

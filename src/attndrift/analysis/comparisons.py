@@ -27,12 +27,13 @@ from attndrift.analysis.common import (
 from attndrift.analysis.inference import contrasts, level_label, where_label
 from attndrift.analysis.runs import Run
 from attndrift.analysis.settings import setting_order
-from attndrift.analysis.table import Column, Table, make_table
+from attndrift.analysis.table import Column, Table, make_table, register_table
 from attndrift.signals import ATTENTION
 
 CI_LEVEL, CI_RESAMPLES = 0.95, 10_000
 
 
+@register_table("bootstrap_ci", "statistics", order=10)
 def bootstrap_cis(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     ctx, rows = context(runs), []
     for s in settings(runs):
@@ -61,6 +62,7 @@ def bootstrap_cis(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "no completed runs")
 
 
+@register_table("backbone_comparison", "results", order=80)
 def backbone_comparison(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     rows, ctx = [], context(runs)
     for factor, a, b in contrasts(runs, min_seeds=1):

@@ -27,7 +27,7 @@ from attndrift.analysis.common import SUBSET_MEAN
 from attndrift.analysis.predictors import Sample, samples, spearman
 from attndrift.analysis.runs import Run, load_run, load_store, model_of, setting_key
 from attndrift.analysis.runs import short_model as _short
-from attndrift.analysis.table import Column, Table, make_table
+from attndrift.analysis.table import Column, Table, make_table, register_table
 from attndrift.tracked import SIGNALS, value_at
 
 MIN_SETTINGS = 4  # a leave-one-setting-out fit needs at least 3 settings left
@@ -201,6 +201,7 @@ def forecast_lines(store: Path, run_dirs: Sequence[Path], point: tuple[str, floa
     return lines
 
 
+@register_table("forecast", "predictors", order=40)
 def forecast_table(runs: Sequence[Run], drift: str = SUBSET_MEAN,
                    point: tuple[str, float] = EPOCH1) -> Table:
     """The report's calibration table: each signal's leave-one-setting-out error."""

@@ -31,7 +31,7 @@ from attndrift.analysis.onset import trajectory
 from attndrift.analysis.runs import Run, dataset_of, model_of, short_model
 from attndrift.analysis.settings import Setting, group_settings
 from attndrift.analysis.stats import permutation_corr_test
-from attndrift.analysis.table import Column, Table, make_table
+from attndrift.analysis.table import Column, Table, make_table, register_table
 
 EARLY_WINDOW = (0.10, 0.20)  # share of training whose drift is "early"
 CHECKPOINTS = (0.1, 0.2, 0.5, 1.0)  # progress points of the dynamics table
@@ -97,6 +97,7 @@ def _mean(values: Sequence[float]) -> float:
     return mean_sd(values)[0]
 
 
+@register_table("forgetting_dynamics", "forgetting", order=10)
 def forgetting_dynamics(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """Per setting and transfer task, mean over seeds of zero-shot retention and Δ entropy at
     10, 20, 50 and 100% of training. (Δ entropy over training is read on probe subset 0, the
@@ -134,6 +135,7 @@ def _corr_row(base: dict[str, Any], unit: str, x: list[float], y: list[float]) -
             "test": how}
 
 
+@register_table("early_drift_vs_retention", "forgetting", order=20)
 def early_drift_vs_retention(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """Spearman rho of early Δ entropy (10-20% of training) with final zero-shot retention,
     with its permutation p: across the seeds of each setting, and across the settings (seed

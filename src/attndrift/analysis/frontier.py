@@ -20,7 +20,7 @@ from attndrift.analysis.common import SUBSET_MEAN, mean_sd, num
 from attndrift.analysis.predictors import EARLY_FRACTION, guard_stopped, points, retention
 from attndrift.analysis.runs import Run, dataset_of, model_of, short_model
 from attndrift.analysis.settings import group_settings
-from attndrift.analysis.table import Column, Table, make_table
+from attndrift.analysis.table import Column, Table, make_table, register_table
 from attndrift.tracked import SIGNALS, change, value_at
 
 MARGIN_POINTS = 2.0  # candidates: within this many points of the best validation accuracy
@@ -82,6 +82,7 @@ def selection_rows(runs: Sequence[Run], margin: float = MARGIN_POINTS,
     return rows
 
 
+@register_table("selection_utility", "predictors", order=20)
 def selection_utility(runs: Sequence[Run], drift: str = SUBSET_MEAN,
                       margin: float = MARGIN_POINTS) -> Table:
     cols = (Column("model", "backbone"), Column("dataset", "dataset"),
@@ -134,6 +135,7 @@ def frontier_rows(runs: Sequence[Run]) -> list[dict]:
     return rows
 
 
+@register_table("frontier", "predictors", order=30)
 def frontier(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     cols = (Column("model", "backbone"), Column("dataset", "dataset"),
             Column("task", "zero-shot task"), Column("setting", "setting"),
@@ -149,6 +151,7 @@ def frontier(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
         "needs completed runs with test accuracy and zero-shot retention")
 
 
+@register_table("guarded_runs", "predictors", order=50)
 def guarded_runs(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """Every run whose config had a guard, and what it did."""
     rows = []

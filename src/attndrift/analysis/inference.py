@@ -37,6 +37,7 @@ from attndrift.analysis.runs import (
     Run,
     factors,
     lr_of,
+    matches,
     method_label,
     model_of,
     regularizer_label,
@@ -44,7 +45,8 @@ from attndrift.analysis.runs import (
     short_number,
 )
 from attndrift.analysis.settings import Setting, group_families, key_label, setting_order
-from attndrift.analysis.table import Column, Table, make_table
+from attndrift.analysis.table import Column, Table, make_table, register_table
+from attndrift.methods import REFERENCE_METHOD
 
 RUN_LEVEL = "run-level (seeds are the units)"
 SETTING_LEVEL = "setting-level (seed means per lr are the units)"
@@ -55,7 +57,7 @@ _NOT_CONTRASTS = {"train.lr", "data.dataset"}  # lr has the trend test; datasets
 def _factor(key: str) -> str:
     if key.startswith("regularizer."):
         return "regularizer"
-    if key in ("method", "freeze_layers") or key.startswith("lora."):
+    if matches(key, METHOD_KEYS):
         return "method"
     return key
 
@@ -103,7 +105,7 @@ def _reference_first(a: Setting, b: Setting, factor: str) -> tuple[Setting, Sett
     def rank(s: Setting) -> tuple:
         cfg = s.config
         if factor == "method":
-            return (cfg.get("method") != "full_ft", setting_order(cfg))
+            return (cfg.get("method") != REFERENCE_METHOD, setting_order(cfg))
         if factor == "regularizer":
             return (regularizer_label(cfg) != "none", setting_order(cfg))
         if factor == "model":
@@ -186,6 +188,7 @@ _CONTRAST_COLS = (Column("n", "seeds A vs B"), Column("outcome", "outcome"),
                   Column("d", "Cohen's d", "num"), Column("p_mw", "Mann-Whitney p", "p"))
 
 
+@register_table("run_level", "statistics", order=20)
 def run_level(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     tasks, rows, ctx = zs_tasks(completed(runs)), [], context(runs)
     for factor, a, b in sorted(contrasts(runs), key=lambda c: (setting_order(c[1].config),
@@ -214,6 +217,7 @@ def run_level(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "no two settings with two or more completed seeds differ in one factor")
 
 
+@register_table("method_lr_contrasts", "statistics", order=30)
 def method_lr_contrasts(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """002 Table 6: full FT vs another method where they differ in the lr as well (e.g. full FT
     at 1e-5 vs LoRA at 1e-4), over seeds, on Δ entropy."""
@@ -222,7 +226,8 @@ def method_lr_contrasts(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
         groups = [s for s in fam.settings if len(s.completed) >= 2]
         for a, b in itertools.combinations(groups, 2):
             a, b = _reference_first(a, b, "method")
-            if (a.config.get("method") != "full_ft" or b.config.get("method") == "full_ft"
+            if (a.config.get("method") != REFERENCE_METHOD
+                    or b.config.get("method") == REFERENCE_METHOD
                     or lr_of(a.config) == lr_of(b.config)):
                 continue
             row = {"where": where_label(a.config, "method", "train.lr", other=ctx.other[a.key]),
@@ -343,6 +348,7 @@ def _layer_position_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     return rows
 
 
+@register_table("inference", "statistics", order=40)
 def corrected_inference(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     rows = (_lr_trend_rows(runs, drift) + _regularizer_rows(runs, drift)
             + _layer_position_rows(runs))

@@ -17,7 +17,7 @@ from attndrift.analysis.common import (
     order,
 )
 from attndrift.analysis.runs import Run
-from attndrift.analysis.table import Column, Table, make_table
+from attndrift.analysis.table import Column, Table, make_table, register_table
 
 
 def _robustness(run: Run) -> dict[str, Any]:
@@ -25,6 +25,7 @@ def _robustness(run: Run) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+@register_table("robustness", "results", order=115)
 def robustness(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """One row per completed run with a robustness entry; one column per corrupted split
     (published splits by name, generated ones as ``corruption@severity``)."""

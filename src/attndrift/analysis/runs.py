@@ -18,41 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attndrift.config import RUN_ROLES
+from attndrift.methods import METHODS, method_spec, regularizer_spec
+from attndrift.methods import short_number as short_number  # re-exported: labels use it
 from attndrift.records import RECORD_FILE, RecordError, read_record
 
 MANIFEST_FILE = "study.json"
 # Config keys that do not change what a run measures: runs differing only in these (and the
-# seed) are replicates of one setting. Each is operational, a matter of speed, bookkeeping or of
-# which extra measurements are written, never of the training or of the probe set:
-#   name, seed                     labels; the seed is what replicates differ in
-#   device, tensorboard,           where it ran and what else it wrote
-#   save_checkpoints
-#   train.compile                  torch.compile backend: the same computation, faster
-#   train.log_every                loss-log and divergence-check cadence
-#   train.checkpoint_every,        resume-checkpoint cadence (a resumed run continues exactly)
-#   train.checkpoint_minutes
-#   data.eval_batch_size,          batch sizes of evaluation and probe forwards (no training
-#   probe.batch_size               effect; eval mode has no batch statistics)
-#   data.resident_mb               whether training images live on the device
-#   data.zeroshot                  which transfer tasks were also evaluated (tables show each)
-#   probe.precision                probe forwards in bf16 or fp32: the CLS attention row is
-#                                  recomputed in fp32 from q and k either way
-#   probe.aux, probe.aux_every     which auxiliary metrics were measured, and how often
-#   probe.zeroshot_every,          zero-shot tracked during training, how often and on how
-#   probe.zeroshot_images          many images (eval mode, no RNG drawn: the run's weights and
-#                                  record are otherwise identical, checked on the tiny CLIP)
-# Everything else is a factor, including train.precision (bf16 training changes the
-# optimisation), probe.per_epoch (the trajectories' time points) and the probe set
-# (probe.images, probe.subsets, probe.seed).
-NOT_A_FACTOR = frozenset({
-    "name", "seed", "device", "tensorboard", "save_checkpoints",
-    "train.compile", "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
-    "data.eval_batch_size", "data.resident_mb", "data.zeroshot",
-    "probe.batch_size", "probe.precision", "probe.aux", "probe.aux_every",
-    "probe.zeroshot_every", "probe.zeroshot_images"})
-METHOD_NAMES = {"full_ft": "full FT", "lora": "LoRA", "freeze": "freeze",
-                 "linear_probe": "linear probe"}
-_REG_NAMES = {"apr": "APR", "entropy_floor": "entropy floor", "l2sp": "L2-SP"}
+# seed) are replicates of one setting. Derived from the fields' roles (`attndrift.config`:
+# replicate and operational), where each says why it is not a factor. Everything else is a
+# factor, including train.precision (bf16 training changes the optimisation), probe.per_epoch
+# (the trajectories' time points) and the probe set (probe.images, probe.subsets, probe.seed).
+NOT_A_FACTOR = RUN_ROLES.keys_with_role("replicate", "operational")
+# Keys only some methods / regularizers read (the others' settings ignore them).
+METHOD_SPECIFIC = RUN_ROLES.keys_with_role("method")
+REGULARIZER_SPECIFIC = RUN_ROLES.keys_with_role("regularizer")
+METHOD_NAMES = {name: spec.label for name, spec in METHODS.items()}
 
 
 @dataclass(frozen=True)
@@ -145,25 +126,20 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out.setdefault("regularizer.name", "none")
         if out["regularizer.name"] == "none":
             # regularizer settings of an unregularized run do not make it a different setting
-            for key in [k for k in out if k.startswith("regularizer.") and k != "regularizer.name"]:
+            for key in REGULARIZER_SPECIFIC & out.keys():
                 del out[key]
     return out
 
 
 def _inert(flat: dict[str, Any]) -> set[str]:
     """Keys a run's method or regularizer never reads (LoRA settings of a full FT run, the
-    frozen-layer count of a LoRA run, the entropy-floor ratio of APR, ...)."""
-    method, reg = flat.get("method"), flat.get("regularizer.name")
-    out = set()
-    if method != "lora":
-        out |= {k for k in flat if k.startswith("lora.")}
-    if method != "freeze":
-        out.add("freeze_layers")
-    if reg != "entropy_floor":
-        out.add("regularizer.ratio")
-    if reg not in ("apr", "entropy_floor"):
-        out.add("regularizer.layers")
-    return out
+    frozen-layer count of a LoRA run, the entropy-floor ratio of APR, ...: the method-specific
+    keys outside `MethodSpec.reads`, the regularizer-specific ones outside
+    `RegularizerSpec.reads`), and fields added later that are at their default."""
+    method, reg = method_spec(flat.get("method")), regularizer_spec(flat.get("regularizer.name"))
+    out = set(METHOD_SPECIFIC) - set(method.reads if method else ())
+    out |= REGULARIZER_SPECIFIC - set(reg.reads if reg else ())
+    return (out & flat.keys()) | RUN_ROLES.at_omitted_default(flat)
 
 
 def factors(config: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +147,9 @@ def factors(config: dict[str, Any]) -> dict[str, Any]:
     operational keys of `NOT_A_FACTOR` and the keys its method / regularizer never reads."""
     flat = flat_config(config)
     drop = NOT_A_FACTOR | _inert(flat)
-    return {k: v for k, v in flat.items() if k not in drop}
+    # the keys inside an optional section that is not a factor (data.robustness.*) are not
+    return {k: v for k, v in flat.items() if k not in drop
+            and not any(k.startswith(f"{p}.") for p in NOT_A_FACTOR)}
 
 
 def setting_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -180,7 +158,7 @@ def setting_key(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
 
 
 # Keys of the method axis (a family "except lr and method" drops them all).
-METHOD_KEYS = ("method", "freeze_layers", "lora.")
+METHOD_KEYS = ("method", *sorted(METHOD_SPECIFIC))
 LR_KEYS = ("train.lr",)
 
 
@@ -206,20 +184,16 @@ def varying_keys(configs: Iterable[dict[str, Any]]) -> list[str]:
 
 
 def method_label(config: dict[str, Any]) -> str:
+    """A run's method with the options its setting reads (LoRA with r and alpha, ...)."""
     method = config.get("method", "?")
-    label = METHOD_NAMES.get(method, str(method))
-    if method == "lora":
-        lora = config.get("lora") or {}
-        label += f" r={lora.get('r', '?')} α={short_number(lora.get('alpha', '?'))}"
-        targets = lora.get("targets") or []
-        if targets and sorted(targets) != ["q_proj", "v_proj"]:
-            label += " (" + ",".join(t.removesuffix("_proj") for t in targets) + ")"
-    elif method == "freeze":
-        label += f" {config.get('freeze_layers', '?')}"
-    elif method == "external":  # a checkpoint measured by `attndrift measure`: its recipe
+    spec = method_spec(method)
+    if spec is not None:
+        flat = flat_config(config)
+        return spec.label_of(flat, {"lora.alpha"} & set(spec.reads))
+    if method == "external":  # a checkpoint measured by `attndrift measure`: its recipe
         recipe = (config.get("external") or {}).get("recipe")
-        label += f" {recipe}" if recipe else ""
-    return label
+        return f"measured {recipe}" if recipe else "measured"
+    return str(method)
 
 
 def regularizer_label(config: dict[str, Any]) -> str:
@@ -227,15 +201,11 @@ def regularizer_label(config: dict[str, Any]) -> str:
     name = reg.get("name", "none") if isinstance(reg, dict) else str(reg)
     if name in (None, "none"):
         return "none"
-    lam = reg.get("lam")
-    label = f"{_REG_NAMES.get(name, name)}" + (f" λ={lam:g}" if isinstance(lam, int | float)
-                                               else "")
-    # the settings that only matter to some regularizers are part of their label
-    if name == "entropy_floor" and isinstance(reg.get("ratio"), int | float):
-        label += f" ratio={reg['ratio']:g}"
-    if name in ("apr", "entropy_floor") and reg.get("layers") is not None:
-        label += f" layers={','.join(str(i) for i in reg['layers'])}"
-    return label
+    spec = regularizer_spec(name)
+    if spec is None:
+        lam = reg.get("lam")
+        return str(name) + (f" λ={lam:g}" if isinstance(lam, int | float) else "")
+    return spec.label_of(reg)
 
 
 def lr_of(config: dict[str, Any]) -> float:
@@ -264,13 +234,3 @@ def short_model(model: str) -> str:
     size = _SIZES.get(m.group(1).lower(), m.group(1).upper())
     res = re.search(r"[-_](224|240|256|280|336|378|384|448|512)\b", model[m.end():])
     return f"ViT-{size}/{m.group(2)}" + (f"@{res.group(1)}" if res else "")
-
-
-def short_number(value: Any) -> str:
-    """1e-4 -> '1e-4', 3e-05 -> '3e-5', 0.001 -> '1e-3', 0.01 -> '0.01', 16.0 -> '16'."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return str(value)
-    if value != 0 and not 1e-2 <= abs(value) < 1e4:
-        mant, exp = f"{value:.2e}".split("e")
-        return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
-    return f"{value:.4g}"

@@ -12,7 +12,8 @@ from typing import Any
 
 from attndrift.analysis.runs import (
     LR_KEYS,
-    METHOD_NAMES,
+    METHOD_KEYS,
+    METHOD_SPECIFIC,
     Run,
     factors,
     family_key,
@@ -23,6 +24,7 @@ from attndrift.analysis.runs import (
     short_model,
     short_number,
 )
+from attndrift.methods import method_spec
 
 
 @dataclass(frozen=True)
@@ -59,25 +61,24 @@ def _value(key: str, value: Any) -> str:
     return short_number(value) if isinstance(value, float) else str(value)
 
 
-def _lora_part(f: dict[str, Any], shown: set[str]) -> str:
-    part = f"LoRA r={_value('', f.get('lora.r'))}"
-    if "lora.alpha" in shown:
-        part += f" α={_value('', f.get('lora.alpha'))}"
-    if "lora.targets" in shown or ("lora.targets" in f and sorted(f["lora.targets"]) != [
-            "q_proj", "v_proj"]):
-        part += f" ({_value('', f.get('lora.targets'))})"
-    if "lora.dropout" in shown:
-        part += f" dropout={_value('', f.get('lora.dropout'))}"
-    return part
+def _method_part(f: dict[str, Any], shown: set[str]) -> str:
+    if f.get("method") == "external":  # a measured checkpoint: its recipe (issue 22.6)
+        recipe = f.get("external.recipe")
+        return f"measured {recipe}" if recipe else "measured"
+    spec = method_spec(f.get("method"))
+    return spec.label_of(f, shown) if spec else str(f.get("method"))
 
 
-def _method_part(f: dict[str, Any], lora_shown: set[str]) -> str:
-    method = f.get("method")
-    if method == "lora":
-        return _lora_part(f, lora_shown)
-    if method == "freeze":
-        return f"freeze {f.get('freeze_layers', '?')}"
-    return METHOD_NAMES.get(str(method), str(method))
+def _method_keys_shown(factor_sets: Sequence[dict[str, Any]]) -> set[str]:
+    """Method-specific keys that vary among the settings of the methods reading them (LoRA's
+    alpha where LoRA settings differ in it, ...)."""
+    shown = set()
+    for key in METHOD_SPECIFIC:
+        readers = [f for f in factor_sets
+                   if key in getattr(method_spec(f.get("method")), "reads", ())]
+        if len({repr(f.get(key)) for f in readers}) > 1:
+            shown.add(key)
+    return shown
 
 
 def _reg_part(f: dict[str, Any]) -> str:
@@ -124,10 +125,9 @@ def labels_of(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
     nothing varies, the label describes the one setting by its model, dataset and method."""
     keys = sorted({k for f in factor_sets for k in f})
     varying = {k for k in keys if len({repr(f.get(k)) for f in factor_sets}) > 1}
-    loras = [f for f in factor_sets if f.get("method") == "lora"]
-    lora_shown = {k for k in keys if k.startswith("lora.")
-                  and len({repr(f.get(k)) for f in loras}) > 1}
-    method_varies = bool(varying & {"method", "freeze_layers"}) or bool(lora_shown)
+    shown = _method_keys_shown(factor_sets)
+    method_varies = ("method" in varying or bool(shown)
+                     or any(k.startswith("external.") for k in varying))
     reg_varies = any(k.startswith("regularizer.") for k in varying)
     models = _short_models(f.get("model") for f in factor_sets)
     if not varying:
@@ -141,7 +141,7 @@ def labels_of(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
         if "data.dataset" in varying:
             parts.append(str(f.get("data.dataset")))
         if method_varies:
-            parts.append(_method_part(f, lora_shown))
+            parts.append(_method_part(f, shown))
         if reg_varies and f.get("regularizer.name", "none") != "none":
             parts.append(_reg_part(f))
         if others[i] != "—":
@@ -158,8 +158,8 @@ def other_labels(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
     ``factor_sets``, e.g. 'wd 0.1'; '—' where it departs in none."""
     keys = sorted({k for f in factor_sets for k in f})
     rest = [k for k in keys if len({repr(f.get(k)) for f in factor_sets}) > 1
-            and k not in ("model", "data.dataset", "method", "freeze_layers", "train.lr")
-            and not k.startswith(("lora.", "regularizer."))]
+            and k not in ("model", "data.dataset", "train.lr") and not matches(k, METHOD_KEYS)
+            and not k.startswith(("regularizer.", "external."))]
     usual = {k: _modal([f.get(k) for f in factor_sets]) for k in rest}
     out = []
     for f in factor_sets:
@@ -169,27 +169,26 @@ def other_labels(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
-_METHOD_RANK = {"full_ft": 0, "lora": 1, "freeze": 2, "linear_probe": 3}
-
-
 def setting_order(config: dict[str, Any]) -> tuple:
-    """Sort key of a setting: model, dataset (case-insensitive), method (full FT, LoRA by r
-    and alpha, freeze by layers, linear probe), regularizer (none first, then by λ), the other
-    factors, lr last (numerically)."""
+    """Sort key of a setting: model, dataset (case-insensitive), method (in registry rank,
+    then by the keys it reads in their declared order: LoRA by r and alpha, freeze by layers),
+    regularizer (none first, then by λ), the other factors, lr last (numerically)."""
     f = factors(config)
 
     def n(key: str) -> float:
         v = f.get(key)
         return float(v) if isinstance(v, int | float) else -1.0
 
-    primary = {"model", "data.dataset", "method", "freeze_layers", "train.lr",
-               "regularizer.name", "regularizer.lam"}
+    spec = method_spec(f.get("method"))
+    # a key left out at its default (lora.train_projection) sorts before any other value
+    own = tuple((1, _sortable(f[k])) if k in f else (0, (0, 0.0, ""))
+                for k in (spec.reads if spec else ()))
+    primary = {"model", "data.dataset", "train.lr", "regularizer.name", "regularizer.lam"}
     rest = tuple((k, _sortable(v)) for k, v in sorted(f.items())
-                 if k not in primary and not k.startswith("lora."))
+                 if k not in primary and not matches(k, METHOD_KEYS))
     reg = str(f.get("regularizer.name", "none"))
     return (short_model(str(f.get("model"))).casefold(), str(f.get("data.dataset")).casefold(),
-            _METHOD_RANK.get(str(f.get("method")), 9), str(f.get("method")), n("lora.r"),
-            n("lora.alpha"), repr(f.get("lora.targets")), n("freeze_layers"),
+            spec.rank if spec else 99, str(f.get("method")), own,
             reg != "none", reg, n("regularizer.lam"), rest, n("train.lr"))
 
 

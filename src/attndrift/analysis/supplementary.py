@@ -34,7 +34,7 @@ from attndrift.analysis.metadata import AUX, SHORT, core_metrics
 from attndrift.analysis.onset import ONSET_THRESHOLD_PCT, collapse_onset, peak_velocity, trajectory
 from attndrift.analysis.runs import LR_KEYS, Run, lr_of, model_of, short_model
 from attndrift.analysis.settings import group_families
-from attndrift.analysis.table import Column, Table, make_table
+from attndrift.analysis.table import Column, Table, make_table, register_table
 
 # Entropies the matched-LR preprint reports in bits (002 Table 2); records hold nats.
 BITS = ("rollout_entropy", "p2p_entropy", "p2p_entropy_layers")
@@ -63,6 +63,7 @@ def _with_bits(values: dict[str, float]) -> dict[str, float]:
     return out
 
 
+@register_table("auxiliary", "results", order=100)
 def auxiliary(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     ctx, rows, found = context(runs), [], set()
     pretrained: dict[tuple[str, str], dict[str, float]] = {}
@@ -112,6 +113,7 @@ def auxiliary(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "no run recorded auxiliary metrics (final.aux)")
 
 
+@register_table("collapse_onset", "dynamics", order=10)
 def collapse_onsets(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     ctx, rows = context(runs), []
     for r in runs:
@@ -143,6 +145,7 @@ def collapse_onsets(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       cols, sorted(rows, key=order), "no run recorded attention probes")
 
 
+@register_table("grid_aggregate", "results", order=70)
 def grid_aggregate(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """002 Table 1: means over a learning-rate grid, within one family of settings (same
     backbone, dataset, method and everything else but the lr)."""
@@ -177,6 +180,7 @@ def grid_aggregate(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "no setting was run at two or more learning rates")
 
 
+@register_table("convergence", "runs", order=20)
 def convergence(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """003 §4.5: a run converged when its late-epoch validation accuracy sd is below 0.005."""
     ctx, rows = context(runs), []
@@ -203,6 +207,7 @@ def convergence(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       cols, sorted(rows, key=order), "no completed runs")
 
 
+@register_table("provenance", "provenance", order=10, fold=("run", "status"))
 def provenance(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     rows = []
     for r in runs:

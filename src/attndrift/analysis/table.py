@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,12 +58,137 @@ class Table:
         return df
 
 
+@dataclass(frozen=True)
+class Section:
+    """A part of the report; tables and figures name the section they belong to."""
+
+    id: str
+    title: str
+    intro: str = ""
+    open: bool = False  # shown unfolded (the summary); the others fold into <details>
+
+
+# The report's sections in reading order: the answer first, details below.
+SECTIONS: tuple[Section, ...] = (
+    Section("summary", "Summary", open=True),
+    Section("results", "Results"),
+    Section("dynamics", "Over training"),
+    Section("statistics", "Statistics", intro=(
+        "Inference is run-level: seeds are the units, so a method contrast needs two or more "
+        "completed seeds per setting. The learning-rate trend uses the seed mean at each "
+        "learning rate as one point and an exact permutation test (all n! pairings for n ≤ 8, "
+        "else 50,000 seeded random pairings); its two-sided p is the share of pairings with |r| "
+        "at least the observed |r|, the observed pairing included. Tests that treat the layers "
+        "of one model as samples (the original study's per-layer t tests and layer-position "
+        "ANOVA) are labelled exploratory: layers of one model are not independent, so their "
+        "p-values are descriptive. Holm-Bonferroni adjusts p-values within each family of "
+        "comparisons; Cohen's d uses the pooled sd.")),
+    Section("forgetting", "Forgetting during training"),
+    Section("predictors", "Which signal predicts forgetting"),
+    Section("interpolation", "Interpolation: pretrained to fine-tuned"),
+    Section("runs", "Run status and convergence"),
+    Section("provenance", "Provenance", intro=(
+        "Software and devices the runs were made with (one row per combination).")),
+)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A registered table: its builder ``(runs, drift=...) -> Table`` (``store_root=`` too when
+    ``store``), where the report shows it, and which columns may fold identical rows."""
+
+    name: str
+    section: str
+    order: int
+    build: Callable[..., Table]
+    fold: tuple[str, ...] = ()  # rows equal but for these columns fold into one line
+    store: bool = False
+
+
+_TABLES: dict[str, TableSpec] = {}
+
+
+def register_table(name: str, section: str, *, order: int = 100, fold: Sequence[str] = (),
+                   store: bool = False) -> Callable[[Callable[..., Table]], Callable[..., Table]]:
+    """Register the decorated builder as table ``name`` (its `Table.name`, the CSV stem) in
+    report section ``section`` (one of `SECTIONS`) at place ``order`` within it."""
+    if section not in {s.id for s in SECTIONS}:
+        raise ValueError(f"table {name!r}: unknown section {section!r}")
+
+    def add(build: Callable[..., Table]) -> Callable[..., Table]:
+        old = _TABLES.get(name)
+        if old is not None and old.build.__qualname__ != build.__qualname__:
+            raise ValueError(f"table {name!r} is registered twice")
+        _TABLES[name] = TableSpec(name, section, order, build, tuple(fold), store)
+        return build
+
+    return add
+
+
+# Lines of the report's first screen, in order: a slot is filled by the functions registered
+# for it (`register_summary`), or shows its placeholder (what would fill it).
+SUMMARY_SLOTS: dict[str, tuple[str, str]] = {
+    "verdict": ("Verdict", "no verdict could be computed"),
+    "early_warning": ("Which signal warned early",
+                      "not computed: no predictor analysis is registered for this slot"),
+}
+
+
+@dataclass(frozen=True)
+class SummarySpec:
+    """A function ``(runs, drift=...) -> list[str]`` giving sentences for slot ``slot``."""
+
+    slot: str
+    order: int
+    build: Callable[..., list[str]]
+
+
+_SUMMARIES: dict[str, SummarySpec] = {}
+
+
+def register_summary(slot: str, *, order: int = 100
+                     ) -> Callable[[Callable[..., list[str]]], Callable[..., list[str]]]:
+    """Register the decorated function's sentences for the report's first-screen ``slot``
+    (one of `SUMMARY_SLOTS`; e.g. "early_warning": which signal warned of forgetting first)."""
+    if slot not in SUMMARY_SLOTS:
+        raise ValueError(f"unknown summary slot {slot!r}; slots: {', '.join(SUMMARY_SLOTS)}")
+
+    def add(build: Callable[..., list[str]]) -> Callable[..., list[str]]:
+        _SUMMARIES[f"{build.__module__}.{build.__qualname__}"] = SummarySpec(slot, order, build)
+        return build
+
+    return add
+
+
+def summary_specs() -> tuple[SummarySpec, ...]:
+    """Every registered summary function, by slot order then ``order``."""
+    table_specs()  # imports every analysis module, which registers them
+    rank = {s: i for i, s in enumerate(SUMMARY_SLOTS)}
+    return tuple(sorted(_SUMMARIES.values(), key=lambda s: (rank[s.slot], s.order)))
+
+
+def table_specs() -> tuple[TableSpec, ...]:
+    """Every registered table in report order (section, then ``order``); importing
+    `attndrift.analysis` imports every module of it, which registers them."""
+    import importlib
+    import importlib.util
+    import pkgutil
+
+    package = __name__.rpartition(".")[0]  # found on disk: a new module needs no list entry
+    for mod in pkgutil.iter_modules(importlib.util.find_spec(package).submodule_search_locations
+                                    or []):
+        importlib.import_module(f"{package}.{mod.name}")
+    rank = {s.id: i for i, s in enumerate(SECTIONS)}
+    return tuple(sorted(_TABLES.values(), key=lambda s: (rank[s.section], s.order)))
+
+
 # How a missing value (not recorded, or undefined such as the sd of one seed) reads.
 NOT_AVAILABLE = "n/a"
 
 # Descriptive columns left out when every row has the default: no "other settings" column when
-# nothing else varies, no "regularizer" column when no run used one.
-OPTIONAL = {"other": "—", "regularizer": "none"}
+# nothing else varies, no "regularizer" column when no run used one, no "text tower" column
+# when every zero-shot ran through the pretrained one.
+OPTIONAL = {"other": "—", "regularizer": "none", "text_tower": "pretrained"}
 
 
 def make_table(name: str, title: str, caption: str, columns: Sequence[Column],

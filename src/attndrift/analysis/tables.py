@@ -31,6 +31,7 @@ from attndrift.analysis.common import (
     num,
     order,
     settings,
+    text_tower,
     zs,
     zs_columns,
     zs_tasks,
@@ -40,13 +41,14 @@ from attndrift.analysis.runs import (
     LR_KEYS,
     Run,
     dataset_of,
+    factors,
     family_key,
     model_of,
     regularizer_label,
     short_model,
 )
 from attndrift.analysis.settings import Setting
-from attndrift.analysis.table import Column, Table, make_table
+from attndrift.analysis.table import Column, Table, make_table, register_table
 
 RUN = Column("run", "run")
 SEED = Column("seed", "seed", "int")
@@ -54,7 +56,8 @@ ACC = (Column("best_val_acc", "best val acc %", "acc"), Column("test_acc", "test
 COUNTS = (Column("n", "seeds", "int"), Column("not_completed", "not completed", "int"))
 
 
-def run_status(runs: Sequence[Run], store_root: str = "") -> Table:
+@register_table("runs", "runs", order=10, store=True)
+def run_status(runs: Sequence[Run], store_root: str = "", drift: str = SUBSET_MEAN) -> Table:
     ctx = context(runs)
     rows = []
     for r in runs:
@@ -81,6 +84,7 @@ def run_status(runs: Sequence[Run], store_root: str = "") -> Table:
                       cols, rows, "the store holds no run directories")
 
 
+@register_table("main_comparison", "results", order=20)
 def main_comparison(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     done, ctx = completed(runs), context(runs)
     tasks = zs_tasks(done)
@@ -102,11 +106,15 @@ def main_comparison(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
 
 
 def _baselines(runs: Sequence[Run]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(backbone, probe images from, baseline block) once per backbone and probe set."""
+    """(backbone, probe images from, baseline block) once per backbone and probe set (the probe
+    and data keys that choose the images; operational ones such as ``probe.zeroshot_every`` or
+    ``probe.batch_size`` do not make another probe set)."""
     seen, out = set(), []
     for r in completed(runs):
         cfg = r.config
-        key = (model_of(cfg), dataset_of(cfg), repr(cfg.get("probe")))
+        probe_set = sorted((k, repr(v)) for k, v in factors(cfg).items()
+                           if k.startswith(("probe.", "data.")))
+        key = (model_of(cfg), dataset_of(cfg), repr(probe_set))
         base = (r.record or {}).get("baseline") or {}
         if key in seen or not base:
             continue
@@ -115,6 +123,7 @@ def _baselines(runs: Sequence[Run]) -> list[tuple[str, str, dict[str, Any]]]:
     return sorted(out, key=lambda b: (b[0].casefold(), b[1].casefold()))
 
 
+@register_table("baseline_structure", "results", order=40)
 def baseline_structure(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     rows = []
     for model, dataset, base in _baselines(runs):
@@ -137,6 +146,7 @@ def baseline_structure(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       cols, rows, "no completed run has a baseline")
 
 
+@register_table("baseline_summary", "results", order=30)
 def baseline_summary(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """003 §3.1: per metric, mean ± sd over the layers of the pretrained model and the range."""
     rows = []
@@ -162,6 +172,7 @@ def baseline_summary(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "no completed run has a baseline")
 
 
+@register_table("absolute_metrics", "results", order=50)
 def absolute_metrics(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """003 §6.1: the layer-mean metrics before (pretrained) and after training, per setting."""
     ctx, rows = context(runs), []
@@ -208,6 +219,7 @@ def _setting_rows(groups: Sequence[Setting], ctx: Context, tasks: Sequence[str],
     return sorted(rows, key=order)
 
 
+@register_table("lr_sweep", "results", order=60)
 def lr_sweep(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     ctx, tasks = context(runs), zs_tasks(completed(runs))
     by_rest: dict[tuple, list[Setting]] = {}
@@ -226,6 +238,7 @@ def lr_sweep(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                       "no setting was run at two or more learning rates")
 
 
+@register_table("matched_lr", "results", order=10)
 def matched_lr(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     """The matched-LR aggregate as 002 publishes it: per setting n, test accuracy, Δ of the
     layer-mean metrics, Δ entropy of the last layer, zero-shot retention per task."""
@@ -253,6 +266,7 @@ def _regularization_family(family: list[Setting]) -> bool:
         regularizer_label(g.config) != "none" for g in family))
 
 
+@register_table("regularization", "results", order=90)
 def regularization(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     ctx, tasks = context(runs), zs_tasks(completed(runs))
     by_rest: dict[tuple, list[Setting]] = {}
@@ -288,6 +302,7 @@ def _zs_extra(run: Run, task: str) -> dict[str, float]:
     return out
 
 
+@register_table("zeroshot", "results", order=110)
 def zeroshot(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     ctx, rows = context(runs), []
     for r in completed(runs):
@@ -296,7 +311,7 @@ def zeroshot(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
             row.update({"task": task, "before": zs(r, task, "before"), "after": zs(r, task),
                         "retention_pct": zs(r, task, "retention_pct"),
                         "chance": zs(r, task, "chance"), "d_entropy": delta(r, "entropy", drift),
-                        **_zs_extra(r, task)})
+                        **_zs_extra(r, task), "text_tower": text_tower(r)})
             rows.append(row)
     # top-5 and mean per-class recall: only where some record has them (issue 21)
     extra = [Column(k, label, "acc") for k, label in _ZS_EXTRA
@@ -304,16 +319,20 @@ def zeroshot(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     cols = (RUN, *DESCRIBE, SEED, Column("task", "transfer task"),
             Column("before", "pretrained %", "acc"), Column("after", "adapted %", "acc"),
             Column("retention_pct", "retained %", "pct0"), *extra,
-            Column("chance", "chance %", "acc"), Column("d_entropy", "Δ entropy %", "pct"))
+            Column("chance", "chance %", "acc"), Column("d_entropy", "Δ entropy %", "pct"),
+            Column("text_tower", "text tower"))
     return make_table("zeroshot", "Zero-shot transfer",
                       "Zero-shot accuracy through the adapted image encoder (LoRA active) with "
-                      "the frozen text tower, before and after adaptation; retained = after / "
-                      "before; top-5 (none for five classes or fewer) and mean per-class recall "
-                      f"where recorded. {drift_note(drift)}", cols,
+                      "the pretrained text tower (frozen in every attndrift run; a measured "
+                      "checkpoint's own where it changed it, column 'text tower'), before and "
+                      "after adaptation; retained = after / before; top-5 (none for five "
+                      "classes or fewer) and mean per-class recall where recorded. "
+                      f"{drift_note(drift)}", cols,
                       sorted(rows, key=lambda r: (r["task"].casefold(), order(r))),
                       "no completed run evaluated zero-shot transfer")
 
 
+@register_table("per_layer_delta", "results", order=120)
 def per_layer_delta(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
     ctx, rows, width = context(runs), [], 0
     for r in completed(runs):

@@ -30,7 +30,7 @@ def restore_run(run_dir: str | Path, which: str = "final",
     num_classes = state["head.weight"].shape[0]
     model = CLIPClassifier.from_clip(loaded.model, num_classes)
     adapted = adapt(model, cfg.method,
-                    **method_kwargs(cfg.method, cfg.lora.model_dump(), cfg.freeze_layers))
+                    **method_kwargs(cfg.method, cfg.model_dump()))
     # The checkpoint holds exactly the trainable tensors; anything else would be a mismatch.
     expected = {n for n, p in adapted.model.named_parameters() if p.requires_grad}
     if set(state) != expected:

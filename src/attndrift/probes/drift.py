@@ -3,7 +3,8 @@
 ``weight_drift`` is the relative Frobenius distance ``||W - W0|| / ||W0||`` over every
 parameter of the vision tower, in total and per encoder layer. It is LoRA-aware: for a PEFT
 LoRA layer the effective weight is what its forward uses, ``base + B @ A * scaling`` (PEFT's
-own ``get_delta_weight``), so a LoRA run and the same run merged have the same drift.
+own ``get_delta_weight``, or a LoRA variant's own merge), so a LoRA run and the same run merged
+have the same drift.
 
 References are keyed by stable names: ``"vision_model." + the parameter's path inside the
 vision tower``, with PEFT's ``.base_layer`` removed and the adapter tensors left out. So a
@@ -40,21 +41,26 @@ def _stable(name: str) -> str:
 
 def _effective_lora_weight(module: nn.Module) -> torch.Tensor:
     """The weight a PEFT LoRA layer's forward applies, mirroring its branches: disabled ->
-    base without merged deltas; merged -> base as is; else base + active adapters' deltas."""
+    base without merged deltas; merged -> base as is; else base + active adapters' deltas.
+    An adapter of a LoRA variant (DoRA, ...) is applied by the variant's own merge
+    (``lora_variant[a].merge_safe``), which is what PEFT's ``merge`` folds in."""
     weight = module.base_layer.weight
     variants = getattr(module, "lora_variant", {}) or {}
     adapters = [a for a in module.active_adapters if a in module.lora_A]
-    if any(a in variants for a in adapters + list(module.merged_adapters)):
-        raise NotImplementedError("weight drift supports vanilla LoRA only (not DoRA or other "
-                                  "LoRA variants)")
     if module.disable_adapters:
+        if any(a in variants for a in module.merged_adapters):
+            raise NotImplementedError("weight drift of a disabled, merged LoRA variant adapter "
+                                      "(DoRA, ...) is not supported; unmerge it first")
         for a in module.merged_adapters:
             weight = weight - module.get_delta_weight(a)
         return weight
     if module.merged:
         return weight
     for a in adapters:
-        weight = weight + module.get_delta_weight(a)
+        if a in variants:
+            weight = variants[a].merge_safe(module, a, weight)
+        else:
+            weight = weight + module.get_delta_weight(a)
     return weight
 
 

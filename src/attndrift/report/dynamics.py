@@ -1,10 +1,12 @@
-"""Figures over training time: metric trajectories, collapse onset, convergence, the accuracy +
-entropy curves (003 Fig. 3), the layer × training-time heatmap (003 Fig. 4) and the evolution of
-Gini and ERF (003 Fig. 17).
+"""Figures of the attention metrics over training time: metric trajectories (003 Fig. 5, 9), the
+layer × training-time heatmap (003 Fig. 4) and the evolution of each attention metric (of Gini
+and ERF: 003 Fig. 17), one figure per metric of `attndrift.signals`.
+(How training itself went, convergence and collapse onset, is in `attndrift.report.training`.)
 
-Same contract as `attndrift.report.figures`: runs in, Figure out, `NoData` when the runs hold
-nothing to show, no IO. Every curve is one run or the seed mean of one setting; colour = the
-setting family (method hue), darker = higher learning rate, line style = regularizer.
+Same contract as `attndrift.report.base`: registered, runs in, Figure out, `NoData` when the
+runs hold nothing to show, no IO. Every curve is one run or the seed mean of one setting;
+colour = the setting family (method hue), darker = higher learning rate, line style =
+regularizer.
 """
 
 from __future__ import annotations
@@ -15,20 +17,15 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
-from attndrift.analysis.common import completed, converged, num
+from attndrift.analysis.common import SUBSET0, completed, num
 from attndrift.analysis.metadata import SHORT, metric_info
 from attndrift.analysis.onset import (
-    ONSET_THRESHOLD_PCT,
-    collapse_onset,
     layer_trajectory,
     trajectory,
 )
 from attndrift.analysis.runs import Run
-from attndrift.analysis.settings import seed_order
-from attndrift.report.figures import NoData, figure_grid
+from attndrift.report.base import SEEDS, NoData, figure_grid, mean_curve, register_figure
 from attndrift.report.style import (
     REFERENCE,
     ZERO,
@@ -42,24 +39,28 @@ from attndrift.report.style import (
     series_of,
     setting_series,
 )
+from attndrift.signals import ATTENTION
 
 
-def _probed(runs: Sequence[Run]) -> list[Run]:
+def probed_runs(runs: Sequence[Run]) -> list[Run]:
+    """Runs whose record has attention probes over training."""
     return [r for r in runs if r.record and (r.record.get("history") or {}).get("probes")]
 
 
-def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    width = min(len(c[0]) for c in curves)
-    return (
-        nanmean([c[0][:width] for c in curves], axis=0),
-        nanmean([c[1][:width] for c in curves], axis=0),
-    )
-
-
+@register_figure(
+    "trajectories",
+    "Metric trajectories over training",
+    section="dynamics",
+    order=20,
+    drift=SUBSET0,
+    caption=f"Drift of the layer-mean metrics at each probe during training, {SEEDS}; "
+    "colour = method (shade = variant, darker = higher lr), line style = "
+    "regularizer (003 Fig. 5, Fig. 9).",
+)
 def trajectories(runs: Sequence[Run]) -> Figure:
     """Drift of each metric's layer mean over training, seed mean per setting; one row per
     backbone and dataset, one column per metric."""
-    done = _probed(completed(runs))
+    done = probed_runs(completed(runs))
     if not done:
         raise NoData("no completed run recorded attention probes")
     pal = Palette(runs)
@@ -91,7 +92,7 @@ def trajectories(runs: Sequence[Run]) -> Figure:
 def metric_evolution(runs: Sequence[Run], metric: str) -> Figure:
     """The absolute layer-mean ``metric`` over training, seed mean per setting, with the
     pretrained value as the reference line (003 Fig. 17 for Gini; ERF likewise)."""
-    done = _probed(completed(runs))
+    done = probed_runs(completed(runs))
     pal = Palette(runs)
     panels = {p: v for p, v in setting_series(done, runs).items()}
     info = metric_info()
@@ -139,217 +140,47 @@ def metric_evolution(runs: Sequence[Run], metric: str) -> Figure:
     return fig
 
 
-def gini_evolution(runs: Sequence[Run]) -> Figure:
-    return metric_evolution(runs, "gini")
+# One "<metric>_evolution" figure per attention metric of the signal spec (attndrift.signals),
+# in its order; the papers drew Gini (003 Fig. 17) and ERF likewise.
+_PAPER_FIGURE = {"gini": " (003 Fig. 17)", "erf": " (003 Fig. 17's companion)"}
 
 
-def erf_evolution(runs: Sequence[Run]) -> Figure:
-    return metric_evolution(runs, "erf")
+def _register_evolution(metric: str, order: int) -> None:
+    info = ATTENTION[metric]
+
+    def draw(runs: Sequence[Run]) -> Figure:
+        return metric_evolution(runs, metric)
+
+    draw.__name__ = draw.__qualname__ = f"{metric}_evolution"
+    unit = f", {info.unit}" if info.unit else ""
+    register_figure(
+        f"{metric}_evolution",
+        f"{info.label} over training",
+        section="dynamics",
+        order=order,
+        drift=SUBSET0,
+        caption=f"Layer-mean {info.label[0].lower()}{info.label[1:]} ({info.short}{unit}) at "
+        f"each probe, {SEEDS}; dashed black = pretrained{_PAPER_FIGURE.get(metric, '')}.",
+    )(draw)
 
 
-def training_dynamics(runs: Sequence[Run]) -> Figure:
-    """Δ entropy over training for every probed run (failed and diverged ones included, as far
-    as they got), with the collapse-onset point marked and the -1% threshold drawn."""
-    probed = _probed(runs)
-    if not probed:
-        raise NoData("no run recorded attention probes")
-    pal = Palette(runs)
-    panels = setting_series(probed, runs)
-    cols = min(2, len(panels))
-    fig, axes = figure_grid(
-        math.ceil(len(panels) / cols), cols, width=11.0 if cols == 2 else 7.5, height=3.3
-    )
-    for ax in axes.flat[len(panels) :]:
-        ax.set_visible(False)
-    for ax, (panel, settings) in zip(axes.flat, panels.items(), strict=False):
-        for s, lr, group in settings:
-            kw = pal.kw(s.label)
-            color = lr_shade(kw["color"], lr, list(s.by_lr()))
-            for i, r in enumerate(group):
-                x, y = trajectory(r.record, "entropy")
-                ax.plot(
-                    x,
-                    y,
-                    color=color,
-                    ls=kw["ls"],
-                    lw=1.0,
-                    alpha=0.85,
-                    label=f"{s.label} · lr {lr:g}" if i == 0 else None,
-                )
-                onset = collapse_onset(x, y)
-                if onset is not None:
-                    ax.plot(onset, y[list(x).index(onset)], "v", color=color, ms=6, mec="black")
-                if r.status != "completed":
-                    ax.plot(x[-1], y[-1], "x", color="black", ms=8)
-        ax.axhline(ONSET_THRESHOLD_PCT, color="#7f8c8d", lw=0.8, ls=(0, (1, 2)))
-        ax.axhline(0, **ZERO)
-        head = panel_title(panel, panels)
-        ax.set_title(f"{head}: Δ entropy %" if head else "Δ entropy %", fontsize=9)
-        ax.set_xlabel("fraction of training", fontsize=8)
-        ax.grid(alpha=0.3)
-    handles, labels = [], []
-    seen = set()
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in seen:
-                seen.add(lab)
-                handles.append(h)
-                labels.append(lab)
-    extra = [
-        Line2D([], [], color="black", marker="v", ls="", label="collapse onset"),
-        Line2D([], [], color="#7f8c8d", ls=(0, (1, 2)), label="−1% threshold"),
-    ]
-    if any(r.status != "completed" for r in probed):
-        extra.append(Line2D([], [], color="black", marker="x", ls="", label="not completed"))
-    legend_outside(
-        fig,
-        handles=handles + extra,
-        labels=labels + [h.get_label() for h in extra],
-        title="setting · lr (one line per run)",
-    )
-    return fig
+for _k, _m in enumerate(ATTENTION):
+    _register_evolution(_m, 40 + _k)
 
 
-def convergence(runs: Sequence[Run]) -> Figure:
-    """Training loss per step and validation accuracy per epoch of every run with a history;
-    one row per backbone and dataset, seeds told apart by marker."""
-
-    def hist(r: Run) -> dict:
-        return (r.record or {}).get("history") or {}
-
-    have = [r for r in runs if r.record and (hist(r).get("loss") or hist(r).get("epochs"))]
-    if not have:
-        raise NoData("no run recorded a training history")
-    pal = Palette(runs)
-    panels = setting_series(have, runs)
-    fig, axes = figure_grid(len(panels), 2, height=3.0)
-    seed_markers = ("o", "s", "^", "D", "v", "P")
-    unconverged = False
-    for row, (panel, settings) in enumerate(panels.items()):
-        loss_ax, acc_ax = axes[row]
-        for s, lr, group in settings:
-            color = lr_shade(pal.color(s.label), lr, list(s.by_lr()))
-            ls = pal.linestyle(s.label)
-            for i, r in enumerate(sorted(group, key=seed_order)):
-                label = f"{s.label} · lr {lr:g}" if i == 0 else None
-                pts = [
-                    (p["step"], p["loss"])
-                    for p in hist(r).get("loss", [])
-                    if isinstance(p.get("loss"), int | float) and math.isfinite(p["loss"])
-                ]
-                if pts:
-                    loss_ax.plot(
-                        *zip(*pts, strict=True), color=color, ls=ls, lw=1.0, alpha=0.7, label=label
-                    )
-                eps = [
-                    (e["epoch"], 100 * e["val_acc"])
-                    for e in hist(r).get("epochs", [])
-                    if isinstance(e.get("val_acc"), int | float)
-                ]
-                if eps:
-                    acc_ax.plot(
-                        *zip(*eps, strict=True),
-                        color=color,
-                        ls=ls,
-                        lw=1.0,
-                        alpha=0.8,
-                        marker=seed_markers[i % len(seed_markers)],
-                        ms=4,
-                        label=label if not pts else None,
-                    )
-                    if converged(r) is False:  # 003 §4.5: late val acc still moving
-                        acc_ax.plot(*eps[-1], "o", ms=10, mfc="none", mec="black", mew=1.2)
-                        unconverged = True
-        head = panel_title(panel, panels)
-        for ax, name in ((loss_ax, "training loss"), (acc_ax, "validation accuracy %")):
-            if not ax.lines:
-                not_available(ax)
-            ax.set_title(f"{head}: {name}" if head else name, fontsize=9)
-            ax.grid(alpha=0.3)
-        loss_ax.set_xlabel("step", fontsize=8)
-        acc_ax.set_xlabel("epoch", fontsize=8)
-        acc_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        lo, hi = acc_ax.get_ylim()
-        if acc_ax.lines and hi - lo < 4:  # no 0.96-1.04 axis: at least 4 points of accuracy
-            mid = (hi + lo) / 2
-            acc_ax.set_ylim(max(0, mid - 2), min(100.5, mid + 2))
-    n_seeds = max(len(g) for v in panels.values() for _, _, g in v)
-    title = "setting · lr" + (" (marker = seed)" if n_seeds > 1 else "")
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    if unconverged:
-        ring = Line2D([], [], marker="o", ms=9, mfc="none", mec="black", ls="")
-        handles.append(ring)
-        labels.append("not converged (late val acc sd ≥ 0.005)")
-    legend_outside(fig, title=title, handles=handles, labels=labels)
-    return fig
-
-
-def accuracy_entropy(runs: Sequence[Run]) -> Figure:
-    """003 Fig. 3: validation accuracy and layer-mean entropy over the epochs, seed mean, each
-    setting family at its best learning rate (by validation accuracy); per backbone and dataset
-    a pair of panels on one epoch axis (003 drew the two on twin y axes; side by side, every
-    family keeps its colour and line style)."""
-    from attndrift.report.summary import best_lr
-
-    done = [r for r in _probed(completed(runs)) if (r.record.get("history") or {}).get("epochs")]
-    if not done:
-        raise NoData("no completed run recorded both validation accuracy and probes")
-    pal = Palette(runs)
-    panels = series_of(done, runs)
-    per_row = 2 if len(panels) > 1 else 1
-    fig, axes = figure_grid(math.ceil(len(panels) / per_row), 2 * per_row, height=2.8)
-    for ax in axes.flat[2 * len(panels) :]:
-        ax.set_visible(False)
-    flat = list(axes.flat)
-    for k, (panel, fams) in enumerate(panels.items()):
-        acc_ax, ent_ax = flat[2 * k], flat[2 * k + 1]
-        for s in fams:
-            lr, group = best_lr(s)
-            kw = {**pal.kw(s.label), "ms": 3, "lw": 1.1, "label": f"{s.label} · lr {lr:g}"}
-            acc = [
-                [
-                    (num(e.get("epoch")), 100 * num(e.get("val_acc")))
-                    for e in r.record["history"]["epochs"]
-                ]
-                for r in group
-            ]
-            ent = [
-                [
-                    (
-                        num(p.get("epoch")),
-                        num(((p.get("metrics") or {}).get("mean") or {}).get("entropy")),
-                    )
-                    for p in r.record["history"]["probes"]
-                ]
-                for r in group
-            ]
-            for ax, curves in ((acc_ax, acc), (ent_ax, ent)):
-                width = min(len(c) for c in curves)
-                if width:
-                    pts = nanmean([c[:width] for c in curves], axis=0)
-                    ax.plot(pts[:, 0], pts[:, 1], **kw)
-        head = panel_title(panel, panels)
-        for ax, name in ((acc_ax, "val acc %"), (ent_ax, "entropy, nats (layer mean)")):
-            if not ax.lines:
-                not_available(ax)
-            ax.set_title(f"{head}\n{name}" if head else name, fontsize=8)
-            ax.set_xlabel("epoch", fontsize=8)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.3)
-    legend_outside(fig, title="setting at its best lr (seed mean)")
-    return fig
-
-
+@register_figure(
+    "layer_time_heatmap",
+    "Layer × training-time entropy",
+    section="dynamics",
+    order=30,
+    drift=SUBSET0,
+    caption=f"Per-layer Δ entropy at each probe, {SEEDS}, for every setting family at its "
+    "highest learning rate (003 Fig. 4).",
+)
 def layer_time_heatmap(runs: Sequence[Run], metric: str = "entropy") -> Figure:
     """003 Fig. 4: per-layer drift at each probe (layers × training time), seed mean, for each
     backbone, dataset and setting family at its highest learning rate."""
-    done = _probed(completed(runs))
+    done = probed_runs(completed(runs))
     cells = []
     for panel, fams in series_of(done, runs).items():
         for s in fams:

@@ -1,10 +1,9 @@
-"""The report's structure figures: one function per figure, runs in, matplotlib Figure out.
-
-No IO and no pyplot state: each function builds a `matplotlib.figure.Figure` (rendered by Agg
-when saved). A figure whose data the runs do not hold raises `NoData` with the reason, which
-the report shows instead of the figure. Every series is the seeds of one setting; panels split
-by backbone and dataset; colours, markers and line styles come from `style.Palette`, so a
-method looks the same in every figure.
+"""The report's structure figures: the pretrained structure, per-layer drift, the learning-rate
+panels and the regularization comparison. One function per figure, registered with its title
+and caption (`base.register_figure`): runs in, matplotlib Figure out, `NoData` when the runs
+hold nothing to show, no IO. Every series is the seeds of one setting; panels split by backbone
+and dataset; colours, markers and line styles come from `style.Palette`, so a method looks the
+same in every figure.
 """
 
 from __future__ import annotations
@@ -17,12 +16,11 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from attndrift.analysis.common import completed, final, num, zs, zs_tasks
-from attndrift.analysis.inference import outcome_columns
+from attndrift.analysis.common import SUBSET0, SUBSET_MEAN, completed, final, num, zs, zs_tasks
 from attndrift.analysis.metadata import SHORT, core_metrics, metric_info
-from attndrift.analysis.runs import Run, method_label, regularizer_label
-from attndrift.analysis.stats import correlation_matrix
+from attndrift.analysis.runs import Run
 from attndrift.report import style
+from attndrift.report.base import SEEDS, NoData, clipped_yerr, figure_grid, hbars, register_figure
 from attndrift.report.style import (
     REFERENCE,
     ZERO,
@@ -37,77 +35,22 @@ from attndrift.report.style import (
     panel_title,
     series_of,
 )
+from attndrift.signals import ATTENTION
 
 
-class NoData(Exception):
-    """The runs hold nothing this figure can show; ``str()`` says why."""
-
-
-def series_label(run: Run) -> str:
-    """Method, plus the regularizer when there is one (the summary's coarse label)."""
-    reg = regularizer_label(run.config)
-    return method_label(run.config) + ("" if reg == "none" else f" + {reg}")
-
-
-def method_color(run: Run) -> str:
-    return style.method_color(run)
-
-
-def figure_grid(
-    rows: int, cols: int, width: float = 11.0, height: float = 2.9
-) -> tuple[Figure, np.ndarray]:
-    """A pyplot-free figure with a ``[rows, cols]`` array of axes; ``height`` is per row."""
-    fig = Figure(figsize=(width, height * rows), layout="constrained")
-    return fig, fig.subplots(rows, cols, squeeze=False)
-
-
-def clipped_yerr(
-    mean: Sequence[float], sd: Sequence[float], lo: float = -math.inf, hi: float = math.inf
-) -> np.ndarray:
-    """``[2, n]`` error bars of ± sd, cut at the valid range [lo, hi] (no bar above 100%)."""
-    m = np.asarray(mean, dtype=float)
-    s = np.nan_to_num(np.asarray(sd, dtype=float), nan=0.0)
-    return np.vstack(
-        [np.clip(np.minimum(s, m - lo), 0, None), np.clip(np.minimum(s, hi - m), 0, None)]
-    )
-
-
-def hbars(
-    ax,
-    labels: list[str],
-    stats: list[tuple[float, float, int]],
-    families: list[str],
-    pal: Palette,
-    lo: float = -math.inf,
-    hi: float = math.inf,
-) -> None:
-    """Horizontal bars of (mean, sd, n) per row, coloured and hatched by family; ±1 sd clipped
-    to [lo, hi]; 'not available' where a row has no value."""
-    y = np.arange(len(labels))
-    means = [s[0] for s in stats]
-    err = clipped_yerr(np.nan_to_num(means), [s[1] for s in stats], lo, hi)
-    bars = ax.barh(
-        y,
-        np.nan_to_num(means),
-        0.7,
-        xerr=err,
-        edgecolor="black",
-        lw=0.4,
-        capsize=2,
-        color=[pal.color(f) for f in families],
-    )
-    for patch, fam in zip(bars.patches, families, strict=True):
-        patch.set_hatch(pal.hatch(fam))
-    for yi, (_, _, n) in zip(y, stats, strict=True):
-        if n == 0:
-            ax.text(0, yi, " not available", va="center", fontsize=6, color="grey")
-    ax.set_yticks(y, labels, fontsize=7)
-    ax.set_ylim(len(labels) - 0.5, -0.5)
-    ax.grid(alpha=0.3, axis="x")
-
-
+@register_figure(
+    "baseline_structure",
+    "Pretrained attention structure",
+    section="results",
+    order=40,
+    tables=("baseline_structure", "baseline_summary"),
+    caption="The pretrained model's attention metrics per layer (one panel each: "
+    f"{', '.join(s.short for s in ATTENTION.values())}; layer 1 nearest the input), per "
+    "backbone and dataset's probe images: the structure fine-tuning starts from (003 Fig. 2).",
+)
 def baseline_structure(runs: Sequence[Run]) -> Figure:
-    """The pretrained model's four metrics per layer, one line per backbone and probe set."""
+    """The pretrained model's attention metrics per layer, one line per backbone and probe
+    set."""
     bases = {}
     for r in completed(runs):
         base = (r.record or {}).get("baseline") or {}
@@ -146,6 +89,19 @@ def _cell_text(v: float) -> str:
     return f"{v:+.0f}" if abs(v) >= 99.5 else f"{v:+.1f}"
 
 
+@register_figure(
+    "layer_delta_heatmaps",
+    "Per-layer Δ entropy: setting × layer",
+    section="results",
+    order=120,
+    drift=SUBSET0,
+    tables=("per_layer_delta",),
+    caption=f"Drift of each layer's CLS→patch entropy vs the pretrained model, {SEEDS}; one "
+    "panel per backbone and dataset, one row per setting (a family's learning rates "
+    "together, families divided by a line). Blue = broader attention, red = more "
+    "concentrated; cells unannotated where a number would not fit at 6 pt (values in "
+    "per_layer_delta.csv) (003 Fig. 10).",
+)
 def layer_delta_heatmaps(runs: Sequence[Run], metric: str = "entropy") -> Figure:
     """Per-layer drift (seed mean): one panel per backbone and dataset, one row per setting
     (its family's rows together, learning rates ascending, families divided by a line)."""
@@ -218,6 +174,18 @@ def layer_delta_heatmaps(runs: Sequence[Run], metric: str = "entropy") -> Figure
     return fig
 
 
+@register_figure(
+    "lr_panels",
+    "Learning-rate panels",
+    section="results",
+    order=60,
+    drift=SUBSET_MEAN,
+    tables=("lr_sweep",),
+    caption="Test accuracy, Δ entropy and zero-shot accuracy per transfer task against the "
+    "learning rate; one line per setting family, mean ± 1 sd over seeds (clipped "
+    "to the valid range; no bar with one seed); dashed black = pretrained zero-shot "
+    "accuracy (003 Fig. 6).",
+)
 def lr_panels(runs: Sequence[Run]) -> Figure:
     """Accuracy, Δ entropy and zero-shot vs learning rate: mean ± sd over seeds per setting
     family, one row per backbone and dataset; the pretrained zero-shot accuracy drawn."""
@@ -287,6 +255,17 @@ def lr_panels(runs: Sequence[Run]) -> Figure:
     return fig
 
 
+@register_figure(
+    "regularization",
+    "Regularization",
+    section="results",
+    order=90,
+    drift=SUBSET_MEAN,
+    tables=("regularization",),
+    caption="Δ of every attention metric of regularized and weight-decay variants next to the "
+    "setting that differs from them only in that, at the same learning rate (mean "
+    "± 1 sd over seeds) (003 Fig. 8).",
+)
 def regularization(runs: Sequence[Run]) -> Figure:
     """Drift of every attention metric of every setting whose family differs from another only
     in the regularizer or the weight decay (so the unregularized run stands next to its
@@ -340,77 +319,4 @@ def regularization(runs: Sequence[Run]) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # a panel per metric: few ticks
         ax.grid(alpha=0.3, axis="x")
     fig.supxlabel("drift vs pretrained (%), ±1 sd over seeds", fontsize=8)
-    return fig
-
-
-def structure_vs_zeroshot(runs: Sequence[Run]) -> Figure:
-    """Δ entropy against zero-shot retention per transfer task, one point per run, one row per
-    backbone and dataset (retention is not pooled across datasets)."""
-    delta = drift_reader(runs)
-    done = completed(runs)
-    tasks = zs_tasks(done)
-    if not tasks:
-        raise NoData("no completed run evaluated zero-shot transfer")
-    pal = Palette(runs)
-    panels = series_of(done, runs)
-    fig, axes = figure_grid(
-        len(panels), len(tasks), width=min(11.0, 4.2 * len(tasks) + 2.5), height=3.2
-    )
-    for row, (panel, fams) in enumerate(panels.items()):
-        head = panel_title(panel, panels)
-        for ax, task in zip(axes[row], tasks, strict=True):
-            for s in fams:
-                pts = [(delta(r, "entropy"), zs(r, task, "retention_pct")) for r in s.runs]
-                pts = [p for p in pts if all(map(math.isfinite, p))]
-                if pts:
-                    ax.scatter(
-                        *zip(*pts, strict=True),
-                        s=22,
-                        alpha=0.85,
-                        color=pal.color(s.label),
-                        marker=pal.marker(s.label),
-                        label=s.label,
-                    )
-            if not ax.collections:
-                not_available(ax)
-            ax.axvline(0, **ZERO)
-            ax.axhline(100, label="pretrained (100%)", **REFERENCE)
-            ax.set_xlabel("Δ entropy % (layer mean)", fontsize=8)
-            ax.set_ylabel(f"{task}: retained %", fontsize=8)
-            if head:
-                ax.set_title(head, fontsize=9)
-            ax.grid(alpha=0.3)
-    legend_outside(fig, title="setting (one point per run)")
-    return fig
-
-
-def metric_correlations(runs: Sequence[Run]) -> Figure:
-    """Pearson correlations across completed runs of drift, accuracy and retention."""
-    data = {
-        k: v
-        for k, v in outcome_columns(runs).items()
-        if np.isfinite(np.asarray(v, dtype=float)).sum() >= 3
-    }
-    if len(completed(runs)) < 3 or len(data) < 2:
-        raise NoData("needs three or more completed runs")
-    cm = correlation_matrix(data)
-    k = len(cm.names)
-    fig, axes = figure_grid(1, 1, width=min(9.0, 0.9 * k + 3.5), height=min(8.0, 0.75 * k + 2))
-    ax = axes[0, 0]
-    image = ax.imshow(cm.r, cmap="RdBu", vmin=-1, vmax=1)
-    size = 7 if k <= 10 else 6
-    ax.set_xticks(range(k), cm.names, rotation=90, fontsize=size + 1)
-    ax.set_yticks(range(k), cm.names, fontsize=size + 1)
-    if k <= 14:
-        for (i, j), v in np.ndenumerate(cm.r):
-            ax.text(
-                j,
-                i,
-                "—" if not math.isfinite(v) else f"{v:.2f}",
-                ha="center",
-                va="center",
-                fontsize=size,
-                color="white" if math.isfinite(v) and abs(v) > 0.6 else "black",
-            )
-    fig.colorbar(image, ax=ax, shrink=0.8, label="Pearson r")
     return fig

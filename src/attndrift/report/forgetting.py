@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from matplotlib.figure import Figure
 
+from attndrift.analysis.common import SUBSET0
 from attndrift.analysis.forgetting import (
     EARLY_WINDOW,
     entropy_trajectory,
@@ -20,8 +21,7 @@ from attndrift.analysis.forgetting import (
     tracked_tasks,
 )
 from attndrift.analysis.runs import Run
-from attndrift.report.dynamics import mean_curve
-from attndrift.report.figures import NoData, figure_grid
+from attndrift.report.base import NoData, figure_grid, mean_curve, register_figure
 from attndrift.report.style import (
     REFERENCE,
     ZERO,
@@ -42,6 +42,8 @@ CAPTION = ("Zero-shot retention on a fixed class-balanced subset of each transfe
            "retention.")
 
 
+@register_figure("forgetting", TITLE, caption=CAPTION, section="forgetting", order=10,
+                 drift=SUBSET0, tables=("forgetting_dynamics", "early_drift_vs_retention"))
 def forgetting_dynamics(runs: Sequence[Run]) -> Figure:
     done = [r for r in runs if r.ok and tracked_tasks(r.record)]
     if not done:

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from attndrift.analysis.common import completed
 from attndrift.analysis.runs import Run
-from attndrift.report.figures import NoData, figure_grid
+from attndrift.report.base import NoData, figure_grid, register_figure
 from attndrift.report.style import Series, panel_of, series_of
 
 ATTENTION_FILE = "attention.safetensors"
@@ -160,3 +160,20 @@ def attention_overlay(
         fontsize=8,
     )
     return fig
+
+
+@register_figure(
+    "attention_overlay",
+    "Attention heatmaps: pretrained vs adapted",
+    section="results",
+    order=130,
+    caption="CLS→patch attention of the last layer (mean over heads) on the same probe "
+    "images before and after adaptation, for every method at its lowest and highest "
+    "learning rate (then other variants at their highest) on the backbone and "
+    "dataset with the most runs; one square per patch, colour scale per row.",
+)
+def overlay_figure(runs: Sequence[Run]) -> Figure:
+    """The registered figure: reads the chosen runs' saved maps here, so `attention_overlay`
+    itself does no IO."""
+    samples = [load_attention(r.path, label) for r, label in overlay_runs(runs)]
+    return attention_overlay([s for s in samples if s is not None])

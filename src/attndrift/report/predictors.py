@@ -1,7 +1,7 @@
 """Figures of the predictor analysis (`attndrift.analysis.predictors`, `.frontier`): the ranking
 of the signals by |ρ| with final retention (end of training and early), and the accuracy-
-retention frontier a practitioner picks a learning rate from. Runs in, Figure out, `NoData`
-when nothing can be shown; no IO.
+retention frontier a practitioner picks a learning rate from. Registered (`report.base`), runs
+in, Figure out, `NoData` when nothing can be shown; no IO.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from attndrift.analysis.frontier import frontier_rows, guard_stopped
 from attndrift.analysis.predictors import EARLY_FRACTION, points, predictor_rows
 from attndrift.analysis.runs import Run
 from attndrift.analysis.settings import group_settings
-from attndrift.report.figures import NoData, figure_grid
+from attndrift.report.base import NoData, figure_grid, register_figure
 from attndrift.report.style import legend_outside, method_color
 
 RANKING_TITLE = "Which signal predicts forgetting, and how early"
@@ -36,6 +36,8 @@ FRONTIER_CAPTION = (
 _WHEN_COLORS = ("#34495e", "#e67e22", "#16a085")
 
 
+@register_figure("predictor_ranking", RANKING_TITLE, caption=RANKING_CAPTION,
+                 section="predictors", order=10, tables=("predictors",))
 def predictor_ranking(runs: Sequence[Run]) -> Figure:
     rows = [r for r in predictor_rows(runs) if math.isfinite(r["rho"])]
     if not rows:
@@ -73,6 +75,8 @@ def predictor_ranking(runs: Sequence[Run]) -> Figure:
     return fig
 
 
+@register_figure("frontier", FRONTIER_TITLE, caption=FRONTIER_CAPTION, section="predictors",
+                 order=20, tables=("frontier", "selection_utility"))
 def accuracy_retention_frontier(runs: Sequence[Run]) -> Figure:
     rows = [r for r in frontier_rows(runs)
             if math.isfinite(r["test_acc"]) and math.isfinite(r["retention"])]

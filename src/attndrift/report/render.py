@@ -1,51 +1,24 @@
-"""Rendering: tables, figures and run summaries -> the context the report templates read, and
-the HTML / Markdown text (jinja2 templates in ``templates/``)."""
+"""Rendering: a table as the cells the templates show, the "every family at its best lr" summary,
+provenance, Markdown escaping, and the HTML / Markdown text from the context `layout` builds
+(jinja2 templates in ``templates/``)."""
 
 from __future__ import annotations
 
-import base64
-import datetime as _dt
 import math
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jinja2
 import numpy as np
 
-import attndrift
-from attndrift.analysis import SECTIONS as ANALYSIS_SECTIONS
-from attndrift.analysis.common import completed, final, num, zs, zs_tasks
-from attndrift.analysis.runs import Run, dataset_of, lr_of
+from attndrift.analysis.common import completed, converged, final, num, zs, zs_tasks
+from attndrift.analysis.runs import Run
 from attndrift.analysis.table import Table, display, to_markdown
-from attndrift.report.figures import series_label
-from attndrift.report.style import drift_reader, model_name, panel_title, series_of
+from attndrift.report.style import drift_reader, panel_title, series_of
 from attndrift.report.summary import best_lr
 
-if TYPE_CHECKING:
-    from attndrift.report.build import FigureOut
-
-STATUS_ORDER = ("completed", "diverged", "failed", "running", "corrupt", "missing")
-# Which table goes in which section, in reading order: analysis owns the list (one place).
-SECTIONS = ANALYSIS_SECTIONS
 COLLAPSE_ROWS = 24  # longer tables fold into <details> in the HTML
-STATISTICS_INTRO = (
-    "Inference is run-level: seeds are the units, so a method contrast needs two or more "
-    "completed seeds per setting. The learning-rate trend uses the seed mean at each learning "
-    "rate as one point and an exact permutation test (all n! pairings for n ≤ 8, else 50,000 "
-    "seeded random pairings); its two-sided p is the share of pairings with |r| at least the "
-    "observed |r|, the observed pairing included. Tests that treat the layers of one model as "
-    "samples (the original study's per-layer t tests and layer-position ANOVA) are labelled "
-    "exploratory: layers of one model are not independent, so their p-values are descriptive. "
-    "Holm-Bonferroni adjusts p-values within each family of comparisons; Cohen's d uses the "
-    "pooled sd."
-)
-
-
-# Tables whose rows repeat but for the named columns: identical rows fold into one line that
-# lists the runs it covers (the per-run provenance of a one-machine study is one line).
-FOLD_REPEATS = {"provenance": ("run", "status")}
 
 
 def _fold_repeats(
@@ -74,11 +47,13 @@ def _fold_repeats(
     return out_rows, out_status
 
 
-def _table_ctx(t: Table) -> dict[str, Any]:
+def table_ctx(t: Table, fold: Sequence[str] = ()) -> dict[str, Any]:
+    """``fold``: rows equal but for these columns become one line listing the runs it covers
+    (the per-run provenance of a one-machine study is one line; `register_table(fold=...)`)."""
     headers, rows = display(t)
     status = [r.get("status", "") for r in t.rows]
-    if t.name in FOLD_REPEATS:
-        rows, status = _fold_repeats(headers, rows, status, t.columns, FOLD_REPEATS[t.name])
+    if fold:
+        rows, status = _fold_repeats(headers, rows, status, t.columns, fold)
     return {
         "name": t.name,
         "title": t.title,
@@ -97,13 +72,14 @@ def _table_ctx(t: Table) -> dict[str, Any]:
 GLANCE_CAPTION = (
     "Like with like: each setting family (everything but the seed and the learning rate) at "
     "its best learning rate, chosen by mean best validation accuracy (never the test split); "
-    "means over that setting's completed seeds. Test accuracy %, drift of the layer-mean "
-    "CLS→patch entropy vs the pretrained model % (mean over the fixed probe subsets, 002), "
-    "and the share of pretrained zero-shot accuracy retained %."
+    "means over that setting's completed seeds. Seeds whose last three epochs of validation "
+    "accuracy vary by sd ≥ 0.005 (not converged, 003 §4.5), test accuracy %, drift of the "
+    "layer-mean CLS→patch entropy vs the pretrained model % (mean over the fixed probe "
+    "subsets, 002), and the share of pretrained zero-shot accuracy retained %."
 )
 
 
-def _glance(runs: Sequence[Run]) -> dict[str, Any]:
+def glance(runs: Sequence[Run]) -> dict[str, Any]:
     """Per backbone × dataset × setting family, at the family's best lr: seeds, test accuracy,
     mean Δ entropy, mean zero-shot retention per task (one format per column)."""
     delta = drift_reader(runs)
@@ -116,7 +92,8 @@ def _glance(runs: Sequence[Run]) -> dict[str, Any]:
         for s in fams:
             if not completed(s.runs):
                 rows.append(
-                    [head, s.label, "—", f"0 / {len(s.runs)}", "—", "—", *("—" for _ in tasks)]
+                    [head, s.label, "—", f"0 / {len(s.runs)}", "—", "—", "—",
+                     *("—" for _ in tasks)]
                 )
                 continue
             lr, ok = best_lr(s)
@@ -124,8 +101,9 @@ def _glance(runs: Sequence[Run]) -> dict[str, Any]:
             row = [
                 head,
                 s.label,
-                f"{lr:g}",
+                f"{lr:g}" if math.isfinite(lr) else "—",  # a measured checkpoint may have none
                 f"{len(ok)} / {n_all}",
+                _not_converged(ok),
                 _mean([100 * num(final(r).get("test_acc")) for r in ok], "{:.1f}"),
                 _mean([delta(r, "entropy") for r in ok], "{:+.2f}"),
             ]
@@ -136,6 +114,7 @@ def _glance(runs: Sequence[Run]) -> dict[str, Any]:
         "setting",
         "best lr",
         "completed / runs",
+        "not converged",
         "test acc %",
         "Δ entropy %",
         *(f"retained {t} %" for t in tasks),
@@ -143,12 +122,18 @@ def _glance(runs: Sequence[Run]) -> dict[str, Any]:
     return {"headers": headers, "rows": rows, "caption": GLANCE_CAPTION}
 
 
+def _not_converged(runs: Sequence[Run]) -> str:
+    """How many seeds fail the late-epoch check (003 §4.5); "—" when none can be checked."""
+    flags = [converged(r) for r in runs]
+    return "—" if all(f is None for f in flags) else str(sum(f is False for f in flags))
+
+
 def _mean(values: Sequence[float], fmt: str) -> str:
     vals = [v for v in values if math.isfinite(v)]
     return fmt.format(float(np.mean(vals))) if vals else "—"
 
 
-def _provenance(runs: Sequence[Run]) -> list[dict[str, Any]]:
+def provenance_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     keys = ("attndrift", "python", "torch", "transformers", "peft", "device", "gpu", "platform")
     combos: Counter = Counter()
     commits: dict[tuple, set] = {}
@@ -166,55 +151,6 @@ def _provenance(runs: Sequence[Run]) -> list[dict[str, Any]]:
         }
         for key, n in combos.most_common()
     ]
-
-
-def report_context(
-    runs: Sequence[Run], tables: Sequence[Table], figures: Sequence[FigureOut], store: Path
-) -> dict[str, Any]:
-    by_name = {t.name: t for t in tables}
-    counts = Counter(r.status for r in runs)
-    sections = []
-    for sid, title, names in SECTIONS:
-        present = [_table_ctx(by_name[n]) for n in names if n in by_name and not by_name[n].empty]
-        sections.append({"id": sid, "title": title, "tables": present})
-    skipped = [{"kind": "table", "title": t.title, "why": t.skipped} for t in tables if t.empty]
-    skipped += [
-        {"kind": "figure", "title": f.title, "why": f.skipped} for f in figures if f.png is None
-    ]
-    done = completed(runs)
-    return {
-        "title": f"attndrift report: {store.name or store}",
-        "generated": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "store": str(store),
-        "version": attndrift.__version__,
-        "n_runs": len(runs),
-        "counts": [(s, counts[s]) for s in STATUS_ORDER if counts[s]]
-        + [(s, n) for s, n in counts.items() if s not in STATUS_ORDER],
-        "backbones": sorted({model_name(r.config) for r in done}, key=str.casefold),
-        "datasets": sorted({dataset_of(r.config) for r in done}, key=str.casefold),
-        "methods": sorted({series_label(r) for r in done}, key=str.casefold),
-        "lrs": sorted({lr_of(r.config) for r in done}),
-        "seeds": sorted(
-            {r.config.get("seed") for r in done},
-            key=lambda v: (not isinstance(v, int), v if isinstance(v, int) else 0, str(v)),
-        ),
-        "glance": _glance(runs),
-        "sections": sections,
-        "figures": [
-            {
-                "name": f.name,
-                "title": f.title,
-                "caption": f.caption,
-                "path": f"figures/{f.name}.png",
-                "uri": "data:image/png;base64," + base64.b64encode(f.png).decode(),
-            }
-            for f in figures
-            if f.png is not None
-        ],
-        "skipped": skipped,
-        "statistics_intro": STATISTICS_INTRO,
-        "provenance": _provenance(runs),
-    }
 
 
 def md_escape(value: Any) -> str:

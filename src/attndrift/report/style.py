@@ -27,22 +27,20 @@ from attndrift.analysis.common import delta, resolve_drift
 from attndrift.analysis.runs import LR_KEYS, Run, dataset_of, lr_of, model_of, short_model
 from attndrift.analysis.runs import family_key as analysis_family_key
 from attndrift.analysis.settings import Family, group_families
+from attndrift.methods import METHODS, REGULARIZERS
 
-METHOD_COLORS = {
-    "full_ft": "#c0392b",
-    "lora": "#2471a3",
-    "freeze": "#229954",
-    "linear_probe": "#7d3c98",
-}
+# Colours, line styles, markers and hatches are declared with each method and regularizer
+# (`attndrift.methods`); unregistered ones (e.g. `measure`'s external) get OTHER_COLORS.
+METHOD_COLORS = {name: spec.color for name, spec in METHODS.items()}
 OTHER_COLORS = ("#d35400", "#17a589", "#b7950b", "#5d6d7e")
-REG_LINESTYLES = {"none": "-", "apr": "--", "entropy_floor": ":", "l2sp": "-."}
+REG_LINESTYLES = {"none": "-", **{n: s.linestyle for n, s in REGULARIZERS.items()}}
 # The first variant of a method in its own hue, the next ones lighter and darker in turn.
 _VARIANT_SHADES = (0.0, 0.4, -0.35, 0.6, -0.55, 0.2, -0.2)
 VARIANT_MARKERS = ("o", "s", "^", "D", "v", "h", "p", "8")
 # A regularized family: its own marker in scatter plots and a hatch on bars (bars have no line
 # style), so it never looks like its unregularized twin.
-REG_MARKERS = {"apr": "*", "entropy_floor": "X", "l2sp": "P"}
-REG_HATCHES = {"none": "", "apr": "///", "entropy_floor": "...", "l2sp": "xxx"}
+REG_MARKERS = {n: s.marker for n, s in REGULARIZERS.items()}
+REG_HATCHES = {"none": "", **{n: s.hatch for n, s in REGULARIZERS.items()}}
 # Pretrained / reference values: thin, black, long dashes (no regularizer uses this pattern).
 REFERENCE = {"color": "black", "lw": 0.9, "ls": (0, (6, 3)), "alpha": 0.7}
 ZERO = {"color": "grey", "lw": 0.8}

@@ -2,7 +2,8 @@
 (Fig. 15), the one-page dashboard (Fig. 16), and the layer-freezing and LoRA-target comparisons
 (003 §3.5, §3.6 extras).
 
-Same contract as `attndrift.report.figures`. Every bar or point is the seeds of one setting.
+Same contract as `attndrift.report.base` (registered with title and caption). Every bar or
+point is the seeds of one setting.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from attndrift.analysis.common import completed, final, num, zs, zs_tasks
+from attndrift.analysis.common import SUBSET_MEAN, completed, final, num, zs, zs_tasks
 from attndrift.analysis.runs import Run
 from attndrift.analysis.stats import bootstrap_ci, cohens_d
-from attndrift.report.figures import NoData, figure_grid, hbars
+from attndrift.methods import REFERENCE_METHOD
+from attndrift.report.base import NoData, figure_grid, hbars, register_figure
 from attndrift.report.style import (
     REFERENCE,
     ZERO,
@@ -50,6 +52,19 @@ def _retention(r: Run) -> float:
     return nanmean(vals) if vals else math.nan
 
 
+@register_figure(
+    "dashboard",
+    "Dashboard",
+    section="summary",
+    order=10,
+    drift=SUBSET_MEAN,
+    tables=("verdict",),
+    caption="Each setting family (backbone, dataset, method and its options, regularizer, "
+    "other varying keys) at its best learning rate by mean validation accuracy: "
+    "test accuracy, Δ entropy, zero-shot retention (mean over transfer tasks) and "
+    "Δ head diversity; bars ±1 sd over seeds, clipped to the valid range; dashed "
+    "line = pretrained (100% retained) (003 Fig. 16).",
+)
 def dashboard(runs: Sequence[Run]) -> Figure:
     """003 Fig. 16: per backbone, dataset and setting family at its best learning rate (by
     validation accuracy): test accuracy, Δ entropy, mean zero-shot retention, Δ head diversity."""
@@ -103,6 +118,18 @@ def dashboard(runs: Sequence[Run]) -> Figure:
     return fig
 
 
+@register_figure(
+    "statistical_summary",
+    "Statistical summary",
+    section="statistics",
+    order=10,
+    drift=SUBSET_MEAN,
+    tables=("bootstrap_ci", "run_level"),
+    caption="Left: Δ entropy per setting with its percentile bootstrap 95% CI over seeds "
+    "(2,000 seeded resamples; settings with ≥ 2 seeds). Right: Cohen's d (pooled "
+    "sd) of each setting against the unregularized full-FT setting of the same "
+    "backbone, dataset and lr; dotted lines at |d| = 0.2 and 0.8 (003 Fig. 11, §3.2.2).",
+)
 def statistical_summary(runs: Sequence[Run]) -> Figure:
     """003 Fig. 11: Δ entropy per setting with its bootstrap 95% CI over seeds (003 §3.2.2), and
     Cohen's d of each setting against the panel's unregularized full-FT setting at the same lr."""
@@ -116,7 +143,7 @@ def statistical_summary(runs: Sequence[Run]) -> Figure:
         ref = [
             s
             for s in fams
-            if s.runs[0].config.get("method") == "full_ft"
+            if s.runs[0].config.get("method") == REFERENCE_METHOD
             and (s.runs[0].config.get("regularizer") or {}).get("name", "none") == "none"
         ]
         ref = max(ref, key=lambda s: len(s.runs)) if ref else None
@@ -184,6 +211,15 @@ def statistical_summary(runs: Sequence[Run]) -> Figure:
     return fig
 
 
+@register_figure(
+    "zeroshot_per_model",
+    "Zero-shot accuracy per model",
+    section="results",
+    order=110,
+    tables=("zeroshot",),
+    caption="Zero-shot accuracy of every setting per transfer task, mean ± 1 sd over seeds "
+    "(clipped to [0, 100]); dashed = the pretrained model (003 Fig. 15).",
+)
 def zeroshot_per_model(runs: Sequence[Run]) -> Figure:
     """003 Fig. 15: zero-shot accuracy of every setting per transfer task (mean ± sd over seeds,
     clipped to [0, 100]), with the pretrained accuracy drawn; one row per backbone and dataset."""
@@ -291,6 +327,15 @@ def _outcomes(runs: Sequence[Run]) -> tuple[tuple[str, Callable[[Run], float]], 
     )
 
 
+@register_figure(
+    "frozen_layers",
+    "Layer freezing",
+    section="results",
+    order=92,
+    drift=SUBSET_MEAN,
+    caption="Full FT next to freezing the first k layers, everything else equal (mean ± 1 "
+    "sd over seeds) (003 §3.5).",
+)
 def frozen_layers(runs: Sequence[Run]) -> Figure:
     """003 §3.5 (extra figure): full FT next to freezing the first k layers, same setting else."""
     if not any(r.config.get("method") == "freeze" for r in completed(runs)):
@@ -303,6 +348,15 @@ def frozen_layers(runs: Sequence[Run]) -> Figure:
     return _comparison(runs, vary, "the number of frozen layers", _outcomes(runs))
 
 
+@register_figure(
+    "lora_targets",
+    "LoRA target modules",
+    section="results",
+    order=94,
+    drift=SUBSET_MEAN,
+    caption="LoRA on different projection sets (e.g. q,v vs q,k,v,o), everything else equal "
+    "(mean ± 1 sd over seeds) (003 §3.6).",
+)
 def lora_targets(runs: Sequence[Run]) -> Figure:
     """003 §3.6 (extra figure): LoRA on q,v next to LoRA on q,k,v,o (any target sets)."""
 
