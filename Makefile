@@ -22,13 +22,18 @@ $(STAMP): pyproject.toml
 
 # The demo study on the shipped tiny CLIP (full FT vs LoRA r=8 x 2 learning rates x 3 seeds on
 # shapes-objects, two local workers with one torch thread each), its report, and full FT vs
-# LoRA side by side. Completed runs are skipped when it is run again.
+# LoRA side by side, and which tracked signal predicted forgetting best. Completed runs are
+# skipped when it is run again.
 DEMO := runs/demo
 demo: $(STAMP)
 	$(BIN)/attndrift study run configs/studies/demo.yaml --store $(DEMO) --workers 2
 	$(BIN)/attndrift report $(DEMO) --out $(DEMO)/report
 	$(BIN)/attndrift compare $(DEMO)/runs/lr-method=full_ft-lr=0.001-seed=0-* \
 		$(DEMO)/runs/lr-method=lora-lr=0.001-seed=0-*
+	@echo "which signal predicts forgetting (Spearman rho with final zero-shot retention):"
+	@$(BIN)/python -c "import sys; from attndrift.analysis import load_store; \
+		from attndrift.analysis.predictors import ranking_lines; \
+		print(*ranking_lines(load_store(sys.argv[1])), sep='\n')" $(DEMO)
 	@echo "report: $(DEMO)/report/report.html (tables as CSV in $(DEMO)/report/tables/)"
 
 test: $(STAMP)

@@ -207,3 +207,28 @@ def test_selection_utility_picks_the_least_changed_candidate():
     assert anyone["regret"] == pytest.approx(np.mean([best - v for v in y]))
     assert pareto([(1, 1), (2, 0.5), (0.5, 2), (0.9, 0.9), (2, 0.5), (math.nan, 3)]) == [
         True, True, True, False, True, False]
+
+
+def test_first_screen_names_the_early_leader():
+    from attndrift.analysis.predictors import early_warning
+    from attndrift.analysis.table import summary_specs
+
+    assert early_warning in [s.build for s in summary_specs() if s.slot == "early_warning"]
+    runs, _ = _store()
+    lines = early_warning(runs)
+    assert len(lines) == 2  # one per backbone (one task), in backbone id order
+    lead = _row(predictor_rows(runs), "tiny", "epoch 1", "cka_mean")
+    assert lead["rank"] == 1
+    assert lines[1].startswith("tiny → shapes-zs-shape, best predictor of final retention after "
+                               f"epoch 1: CKA to pretrained (mean) (ρ = {lead['rho']:+.2f}")
+    assert early_warning([]) == []
+
+
+def test_ranking_lines_list_the_leaders_and_signed_entropy():
+    from attndrift.analysis.predictors import ranking_lines
+
+    runs, _ = _store()
+    lines = ranking_lines(runs, top=2)
+    assert len(lines) == 6  # 2 backbones x 1 task x 3 points
+    tiny_epoch1 = next(x for x in lines if x.startswith("tiny → shapes-zs-shape, epoch 1"))
+    assert "(24 runs)" in tiny_epoch1 and "1. CKA to pretrained (mean) +" in tiny_epoch1

@@ -107,8 +107,10 @@ class _Interpolator:
         self.set(1.0)
 
 
-def _completed_record(run_dir: Path) -> dict[str, Any]:
-    """The record of a completed training run in ``run_dir``; refuses anything else."""
+def _completed_record(run_dir: Path) -> tuple[dict[str, Any], Any]:
+    """The record of a completed training run in ``run_dir`` and its validated config;
+    refuses anything else."""
+    from attndrift.config import validate
     from attndrift.records import read_record
 
     record = read_record(run_dir)
@@ -121,7 +123,7 @@ def _completed_record(run_dir: Path) -> dict[str, Any]:
     if record["status"] != "completed":
         raise ValueError(f"{run_dir}: run is {record['status']}; only completed runs can be "
                          "interpolated")
-    return record
+    return record, validate(record["config"], str(run_dir))
 
 
 def _run_splits(run_dir: Path, cfg: Any, record: dict[str, Any], size: int) -> tuple[Any, Any]:
@@ -159,26 +161,27 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
 
     Raises:
         RecordError: no readable record; ValueError: run not completed, bad alpha, data that
-        no longer matches the record; FileNotFoundError: no final checkpoint.
+        no longer matches the record; FileNotFoundError: no checkpoint of the evaluated weights
+        (``final.evaluated``: final, or best with ``eval.checkpoint: best``).
     """
-    from attndrift.config import validate
     from attndrift.data.prompts import zeroshot_tasks
     from attndrift.data.registry import load_task
     from attndrift.evaluate import accuracy, probe_attention, zeroshot_all
     from attndrift.models.clip import load_clip
     from attndrift.models.restore import restore_run
     from attndrift.probes.metrics import METRICS, delta_pct, summarize
-    from attndrift.records import atomic_write_bytes, jsonable
+    from attndrift.records import atomic_write_bytes, evaluated_checkpoint, jsonable
     from attndrift.zeroshot import text_classifier
 
     t0 = time.perf_counter()
     alphas = check_alphas(alphas)
     run_dir = Path(run_dir)
-    record = _completed_record(run_dir)
-    cfg = validate(record["config"], str(run_dir))
+    record, cfg = _completed_record(run_dir)
+    prec = cfg.train.precision
     dev = torch.device(device)
 
-    loaded, adapted = restore_run(run_dir, "final", dev)
+    checkpoint = evaluated_checkpoint(record)  # the weights the record's numbers measured
+    loaded, adapted = restore_run(run_dir, checkpoint, dev)
     size = loaded.image_size  # datasets cached at the model's input size, as train.py did
     val_set, probe_images = _run_splits(run_dir, cfg, record, size)
     test_set = load_task(cfg.data.dataset, "test", image_size=size)
@@ -202,12 +205,10 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
                                                 on_device=True))
             rows.append({
                 "alpha": alpha,
-                "val_acc": accuracy(model, val_set, preprocess, dev, batch_size,
-                                    cfg.train.precision),
-                "test_acc": accuracy(model, test_set, preprocess, dev, batch_size,
-                                     cfg.train.precision),
+                "val_acc": accuracy(model, val_set, preprocess, dev, batch_size, prec),
+                "test_acc": accuracy(model, test_set, preprocess, dev, batch_size, prec),
                 "zeroshot": zeroshot_all(model, zs_weights, zs_tasks, preprocess, dev,
-                                         batch_size, cfg.train.precision),
+                                         batch_size, prec),
                 "metrics": metrics,
                 "delta_pct": {m: delta_pct(metrics["mean"][m], baseline[m]) for m in METRICS},
             })
@@ -219,6 +220,7 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
         "run_id": record["run_id"],
         "method": cfg.method,
         "scheme": SCHEMES[cfg.method],
+        "checkpoint": checkpoint,
         "head": "fine-tuned at every alpha (trained from scratch: no pretrained head)",
         "alphas": alphas,
         "rows": rows,

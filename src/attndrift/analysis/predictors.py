@@ -26,7 +26,13 @@ from scipy import stats
 from attndrift.analysis.common import SUBSET_MEAN
 from attndrift.analysis.runs import Run, dataset_of, method_label, model_of, setting_key
 from attndrift.analysis.runs import short_model as _short
-from attndrift.analysis.table import Column, Table, make_table, register_table
+from attndrift.analysis.table import (
+    Column,
+    Table,
+    make_table,
+    register_summary,
+    register_table,
+)
 from attndrift.tracked import SIGNALS, value_at
 
 EARLY_FRACTION = 0.25  # the configurable early point, a share of training
@@ -244,6 +250,7 @@ def predictors(runs: Sequence[Run], drift: str = SUBSET_MEAN,
         "needs 3 completed runs of one backbone with zero-shot retention")
 
 
+@register_summary("early_warning")
 def early_warning(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> list[str]:
     """The report's first-screen sentences: per backbone and task, the signal that predicted
     the final retention best after epoch 1 (and at the end), next to signed Δ entropy."""
@@ -269,4 +276,18 @@ def early_warning(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> list[str]:
     stopped = [r for r in runs if guard_stopped(r)]
     if stopped:
         out.append(f"{len(stopped)} run(s) stopped by their guard (table 'Guarded runs').")
+    return out
+
+
+def ranking_lines(runs: Sequence[Run], top: int = 4) -> list[str]:
+    """The ranking in a few lines (what ``make demo`` prints): per backbone, task and reading
+    point, the ``top`` signals by |ρ| with final retention, and signed Δ entropy's place."""
+    rows = [r for r in predictor_rows(runs) if math.isfinite(r["rho"])]
+    out = []
+    for key in dict.fromkeys((r["model"], r["task"], r["when"]) for r in rows):
+        mine = [r for r in rows if (r["model"], r["task"], r["when"]) == key]
+        shown = mine[:top] + [r for r in mine[top:] if r["name"] == "d_entropy"]
+        cells = [f"{r['rank']}. {r['signal']} {r['rho']:+.2f}" for r in shown]
+        n = max(r["n"] for r in mine)
+        out.append(f"{key[0]} → {key[1]}, {key[2]} ({n} runs): " + ", ".join(cells))
     return out

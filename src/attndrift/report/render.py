@@ -12,7 +12,7 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from attndrift.analysis.common import completed, final, num, zs, zs_tasks
+from attndrift.analysis.common import completed, converged, final, num, zs, zs_tasks
 from attndrift.analysis.runs import Run
 from attndrift.analysis.table import Table, display, to_markdown
 from attndrift.report.style import drift_reader, panel_title, series_of
@@ -72,9 +72,10 @@ def table_ctx(t: Table, fold: Sequence[str] = ()) -> dict[str, Any]:
 GLANCE_CAPTION = (
     "Like with like: each setting family (everything but the seed and the learning rate) at "
     "its best learning rate, chosen by mean best validation accuracy (never the test split); "
-    "means over that setting's completed seeds. Test accuracy %, drift of the layer-mean "
-    "CLS→patch entropy vs the pretrained model % (mean over the fixed probe subsets, 002), "
-    "and the share of pretrained zero-shot accuracy retained %."
+    "means over that setting's completed seeds. Seeds whose last three epochs of validation "
+    "accuracy vary by sd ≥ 0.005 (not converged, 003 §4.5), test accuracy %, drift of the "
+    "layer-mean CLS→patch entropy vs the pretrained model % (mean over the fixed probe "
+    "subsets, 002), and the share of pretrained zero-shot accuracy retained %."
 )
 
 
@@ -91,7 +92,8 @@ def glance(runs: Sequence[Run]) -> dict[str, Any]:
         for s in fams:
             if not completed(s.runs):
                 rows.append(
-                    [head, s.label, "—", f"0 / {len(s.runs)}", "—", "—", *("—" for _ in tasks)]
+                    [head, s.label, "—", f"0 / {len(s.runs)}", "—", "—", "—",
+                     *("—" for _ in tasks)]
                 )
                 continue
             lr, ok = best_lr(s)
@@ -101,6 +103,7 @@ def glance(runs: Sequence[Run]) -> dict[str, Any]:
                 s.label,
                 f"{lr:g}" if math.isfinite(lr) else "—",  # a measured checkpoint may have none
                 f"{len(ok)} / {n_all}",
+                _not_converged(ok),
                 _mean([100 * num(final(r).get("test_acc")) for r in ok], "{:.1f}"),
                 _mean([delta(r, "entropy") for r in ok], "{:+.2f}"),
             ]
@@ -111,11 +114,18 @@ def glance(runs: Sequence[Run]) -> dict[str, Any]:
         "setting",
         "best lr",
         "completed / runs",
+        "not converged",
         "test acc %",
         "Δ entropy %",
         *(f"retained {t} %" for t in tasks),
     ]
     return {"headers": headers, "rows": rows, "caption": GLANCE_CAPTION}
+
+
+def _not_converged(runs: Sequence[Run]) -> str:
+    """How many seeds fail the late-epoch check (003 §4.5); "—" when none can be checked."""
+    flags = [converged(r) for r in runs]
+    return "—" if all(f is None for f in flags) else str(sum(f is False for f in flags))
 
 
 def _mean(values: Sequence[float], fmt: str) -> str:
