@@ -161,3 +161,23 @@ def test_compare_names_the_text_tower_zero_shot_used(tmp_path):
     console = Console(width=200, record=True)
     console.print(comparison_tables(plain, ["untouched"])[1])
     assert "pretrained, frozen" in console.export_text()
+
+
+def test_interrupted_report_command_keeps_the_old_report(store, tmp_path, monkeypatch):
+    """SIGTERM (raised as KeyboardInterrupt by the CLI) or Ctrl-C while drawing: one line,
+    exit 130, the previous report whole and no staging directory left."""
+    import attndrift.report.build as build
+
+    out = tmp_path / "report"
+    build_report(store, out)
+    before = _snapshot(out)
+
+    def interrupted(runs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "draw_figures", interrupted)
+    result = runner.invoke(app, ["report", str(store), "--out", str(out)])
+    assert result.exit_code == 130
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "keeps the report" in lines[0]
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["report"]

@@ -76,7 +76,7 @@ def test_first_screen_is_the_answer_then_the_dashboard(runs, tmp_path):
                                      'id="figure-dashboard"', 'id="figure-accuracy_retention"',
                                      'id="results"', 'id="statistics"', 'id="contents"')]
     assert order == sorted(order)
-    assert "not computed: no predictor analysis" in html  # the slot the predictors fill
+    assert "<h3>Which signal warned early</h3>" in html  # the slot the predictor analysis fills
     assert '<details class="section" id="statistics">' in html  # details fold below
     # every table scrolls inside its box, its first (naming) column fixed
     assert html.count("<table") == html.count('<div class="scroll"><table')
@@ -126,3 +126,15 @@ def test_at_a_glance_counts_the_seeds_that_did_not_converge(runs):
     flags = {row[1]: row[col] for row in g["rows"]}
     assert flags == {"full FT": "—", "LoRA r=8": "2"}  # 2 epochs cannot be checked: "—"
     assert "not converged" in g["caption"]
+
+
+def test_an_empty_slot_shows_its_placeholder_and_a_failing_one_says_so(runs, monkeypatch):
+    from attndrift.report.layout import summary_slots
+
+    monkeypatch.setattr(table, "_SUMMARIES", {})
+    table.register_summary("verdict")(lambda runs, drift: 1 / 0)
+    slots = {s["id"]: s for s in summary_slots(runs)}
+    assert slots["early_warning"]["lines"] == []
+    assert slots["early_warning"]["placeholder"].startswith("not computed")
+    assert slots["verdict"]["lines"] == ["error while computing: ZeroDivisionError: division by "
+                                         "zero"]

@@ -3,7 +3,9 @@
 Importing the package has no side effects; heavy modules (torch, transformers) load on use.
 """
 
-__version__ = "0.1.0"
+from attndrift._version import __version__
+
+__all__ = ["__version__", "load_store"]
 
 
 def load_store(path, drift: str = "subset_mean"):

@@ -11,10 +11,14 @@ that also take ``--flag=true|false``.
 from __future__ import annotations
 
 import inspect
+from typing import Annotated
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE", help="config override (repeatable); same as a positional "
+                                        "KEY=VALUE")]
 _NAMES = {str: "TEXT", int: "INTEGER", float: "FLOAT", bool: "BOOLEAN"}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

@@ -286,6 +286,14 @@ class RegularizerConfig(_Strict):
         return self
 
 
+class EvalConfig(_Strict):
+    checkpoint: Literal["final", "best"] = Field(
+        "final", description="weights the final evaluation measures (test accuracy, zero-shot, "
+        "final attention and drift, auxiliary metrics, interpolation): final = the last step's, "
+        "best = the best validation epoch's, restored first (the later protocol; it also "
+        "writes best.safetensors)")
+
+
 # datasets whose labels a horizontal flip changes (shapes-layout: left/right positions)
 FLIP_CHANGES_LABELS = frozenset({"shapes-layout"})
 
@@ -310,6 +318,8 @@ class RunConfig(_Strict):
     regularizer: RegularizerConfig = RegularizerConfig()
     # early-warning guard (attndrift.guard); off (added later), it is left out of run ids
     guard: GuardConfig = Field(GuardConfig(), json_schema_extra=role("identity", omit_default=True))
+    # which weights the final evaluation measures; added later: final is left out of run ids
+    eval: EvalConfig = Field(EvalConfig(), json_schema_extra=role("identity", omit_default=True))
     tensorboard: bool = Field(False, json_schema_extra=role("operational"),
                               description="write TensorBoard scalars to OUT/tensorboard "
                                           "(needs `pip install -e '.[tensorboard]'`)")

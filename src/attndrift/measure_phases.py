@@ -1,8 +1,11 @@
-"""The phases of one measurement (`attndrift.measure`), in the order a run evaluates:
-models, probe set, attention probe and auxiliary metrics, zero-shot, task accuracy, record.
+"""The phases of one measurement (`attndrift.measure`): models, probe set, the final
+evaluation of the reference and of the fine-tuned model, record.
 
-Each phase uses the functions a training run uses (`attndrift.evaluate`), on the same probe
-subsets, so a run measured by ``measure`` reproduces its own record.
+Both models go through the final-evaluation phase a training run uses
+(`attndrift.phases.evaluate_final`: attention on every probe subset, zero-shot, auxiliary
+metrics, test accuracy) on the same probe subsets, and the record is written through the
+run's typed record (`attndrift.measure_record`), so a run measured by ``measure`` reproduces
+its own record.
 """
 
 from __future__ import annotations
@@ -87,62 +90,73 @@ def _probe_set(s: _State) -> None:
                                               image_size=size, progress=s.plan.progress)
 
 
-def _attention(s: _State, model, preprocess) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The probe of subset 0 (maps and ``summarize``) plus every subset's layer means."""
-    from attndrift.evaluate import probe_attention
-    from attndrift.probes.metrics import summarize
+def _evaluate(s: _State, model, preprocess, clip, tokenizer, aux, test_acc):
+    """One model's final evaluation through the phase a training run uses
+    (`attndrift.phases.evaluate_final`): attention on every probe subset, zero-shot scores
+    through its own image encoder and text tower, auxiliary metrics (``aux``), test accuracy
+    (``test_acc``)."""
+    from attndrift.evaluate import probe_attention, zeroshot_all
+    from attndrift.phases import evaluate_final
+    from attndrift.zeroshot import text_classifier
 
-    probe, split = s.plan.probe, s.split
+    probe, data = s.plan.probe, s.plan.data
 
     def probe_of(images):
         return probe_attention(model, images, preprocess, s.dev, probe.batch_size,
                                probe.precision, on_device=True)
 
-    attn = probe_of(s.probe_images)
-    metrics = summarize(attn)
-    metrics["subsets"] = [metrics["mean"]] + [
-        summarize(probe_of(split.probe_set.images[sub]))["mean"] for sub in split.subsets[1:]
-    ]
-    return attn, metrics
+    def zeroshot():
+        texts = {n: text_classifier(clip, tokenizer, k.class_names, k.templates, s.dev)
+                 for n, k in s.zs_tasks.items()}
+        return zeroshot_all(model, texts, s.zs_tasks, preprocess, s.dev, data.eval_batch_size,
+                            s.plan.precision, detail=True)
+
+    ev = evaluate_final(probe_of, s.split.probe_set.images, s.split.subsets, zeroshot, aux,
+                        test_acc)
+    for key in ("probe_s", "zeroshot_s", "aux_s"):
+        s.timing[key] = s.timing.get(key, 0.0) + getattr(ev, key)
+    return ev
 
 
-def _auxiliary(s: _State) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Auxiliary metrics of the reference and of the fine-tuned model against it."""
+def _aux_of(s: _State, model, preprocess, reference=None, weights=None):
     from attndrift.evaluate import auxiliary_metrics
+
+    probe = s.plan.probe
+    return auxiliary_metrics(model, s.probe_images, preprocess, s.dev, probe.batch_size,
+                             list(probe.aux), reference, weights, probe.precision)
+
+
+def _evaluate_both(s: _State, scored: bool):
+    """The reference's evaluation (the record's baseline) and the fine-tuned model's
+    against it (auxiliary metrics relative to the reference's representations and weights)."""
     from attndrift.probes.drift import vision_weight_snapshot
 
-    probe, which = s.plan.probe, list(s.plan.probe.aux)
-    base, aux_ref = auxiliary_metrics(s.ref_model, s.probe_images, s.pre_ref, s.dev,
-                                      probe.batch_size, which, None, None, probe.precision)
-    weights = vision_weight_snapshot(s.ref_model) if "drift" in which else None
-    final = auxiliary_metrics(s.ft.classifier, s.probe_images, s.pre_ft, s.dev,
-                              probe.batch_size, which, aux_ref, weights, probe.precision)[0]
+    held: dict[str, Any] = {}
+
+    def ref_aux():
+        values, held["aux_ref"] = _aux_of(s, s.ref_model, s.pre_ref)
+        return values
+
+    base = _evaluate(s, s.ref_model, s.pre_ref, s.ref.model, s.ref.tokenizer, ref_aux,
+                     lambda: None)
+    weights = vision_weight_snapshot(s.ref_model) if "drift" in s.plan.probe.aux else None
+    final = _evaluate(s, s.ft.classifier, s.pre_ft, s.ft.clip, s.ft.tokenizer,
+                      lambda: _aux_of(s, s.ft.classifier, s.pre_ft, held["aux_ref"],
+                                      weights)[0],
+                      lambda: _test_accuracy(s) if scored else None)
     return base, final
 
 
-def _zeroshot(s: _State) -> tuple[dict[str, Any], dict[str, Any], float]:
-    """Zero-shot scores (top-1, top-5, mean recall) of each model through its own image
-    encoder and text tower, and the reference's zero-shot accuracy on the task itself (the
-    sanity check's input)."""
+def _own_task_zeroshot(s: _State) -> float:
+    """The reference's zero-shot accuracy on DATASET's validation split (a sanity check)."""
     from attndrift.evaluate import zeroshot_all
     from attndrift.zeroshot import text_classifier
 
-    bs, precision, val_set = s.plan.data.eval_batch_size, s.plan.precision, s.split.val_set
-
-    def texts(clip, tokenizer, tasks):
-        return {n: text_classifier(clip, tokenizer, k.class_names, k.templates, s.dev)
-                for n, k in tasks.items()}
-
-    ref_text = texts(s.ref.model, s.ref.tokenizer, s.zs_tasks)
-    ft_text = texts(s.ft.clip, s.ft.tokenizer, s.zs_tasks)
-    before = zeroshot_all(s.ref_model, ref_text, s.zs_tasks, s.pre_ref, s.dev, bs, precision,
-                          detail=True)
-    after = zeroshot_all(s.ft.classifier, ft_text, s.zs_tasks, s.pre_ft, s.dev, bs, precision,
-                         detail=True)
-    own = texts(s.ref.model, s.ref.tokenizer, {"task": val_set})
-    own_acc = zeroshot_all(s.ref_model, own, {"task": val_set}, s.pre_ref, s.dev, bs,
-                           precision)["task"]
-    return before, after, own_acc
+    val_set = s.split.val_set
+    own = {"task": text_classifier(s.ref.model, s.ref.tokenizer, val_set.class_names,
+                                   val_set.templates, s.dev)}
+    return zeroshot_all(s.ref_model, own, {"task": val_set}, s.pre_ref, s.dev,
+                        s.plan.data.eval_batch_size, s.plan.precision)["task"]
 
 
 def _head_note(s: _State) -> tuple[bool, str]:
@@ -163,16 +177,19 @@ def _head_note(s: _State) -> tuple[bool, str]:
     return False, "no classification head"
 
 
-def _task_accuracy(s: _State, scored: bool) -> tuple[float | None, float | None]:
-    from attndrift.data.registry import load_task
+def _test_accuracy(s: _State) -> float:
+    """The fine-tuned head's accuracy on DATASET's test split (read here, once)."""
+    from attndrift.phases import score_test_split
+
+    return score_test_split(s.ft.classifier, s.plan.data.dataset, s.ref.image_size, s.pre_ft,
+                            s.dev, s.plan.data.eval_batch_size, s.plan.precision)
+
+
+def _val_accuracy(s: _State) -> float:
     from attndrift.evaluate import accuracy
 
-    if not scored:
-        return None, None
-    bs, precision = s.plan.data.eval_batch_size, s.plan.precision
-    val_acc = accuracy(s.ft.classifier, s.split.val_set, s.pre_ft, s.dev, bs, precision)
-    test_set = load_task(s.plan.data.dataset, "test", image_size=s.ref.image_size)  # once
-    return val_acc, accuracy(s.ft.classifier, test_set, s.pre_ft, s.dev, bs, precision)
+    return accuracy(s.ft.classifier, s.split.val_set, s.pre_ft, s.dev,
+                    s.plan.data.eval_batch_size, s.plan.precision)
 
 
 def measure_phases(plan: Any, device: str = "auto") -> dict[str, Any]:
@@ -192,14 +209,16 @@ def measure_phases(plan: Any, device: str = "auto") -> dict[str, Any]:
 
     timed("setup_s", _models, s)
     timed("setup_s", _probe_set, s)
-    results["base_attn"], results["baseline"] = timed("probe_s", _attention, s, s.ref_model,
-                                                      s.pre_ref)
-    results["final_attn"], results["final"] = timed("probe_s", _attention, s, s.ft.classifier,
-                                                    s.pre_ft)
-    results["baseline"]["aux"], results["final_aux"] = timed("aux_s", _auxiliary, s)
-    results["zeroshot"] = timed("zeroshot_s", _zeroshot, s)
     scored, results["head"] = _head_note(s)
-    results["task"] = timed("task_s", _task_accuracy, s, scored)
+    base, final = _evaluate_both(s, scored)
+    results["base_attn"], results["final_attn"] = base.attn, final.attn
+    results["baseline"] = {**base.metrics, "subsets": base.subsets, "aux": base.aux}
+    results["final"] = {**final.metrics, "subsets": final.subsets}
+    results["final_aux"] = final.aux
+    own_acc = timed("zeroshot_s", _own_task_zeroshot, s)
+    results["zeroshot"] = (base.zeroshot, final.zeroshot, own_acc)
+    val_acc = timed("task_s", _val_accuracy, s) if scored else None
+    results["task"] = (val_acc, final.test_acc)
     record = assemble(s, results)
     record["timing"] = {**s.timing, "total_s": time.perf_counter() - t_start}
     write_outputs(Path(plan.out_dir), record, s, results)

@@ -45,29 +45,22 @@ def _finetuned_provenance(s: Any, head: str) -> tuple[dict[str, Any], list[str]]
 
 
 def _data_provenance(s: Any) -> dict[str, Any]:
-    from attndrift.data.splits import index_fingerprint
+    from attndrift.phases import data_provenance  # as a run records it
 
     split, budget = s.split, s.plan.data.budget
-    return {
-        "dataset": s.plan.data.dataset,
-        "content": s.source.fingerprint(),
-        "train_ids": index_fingerprint(split.train_idx),
-        "val_ids": index_fingerprint(split.val_idx),
-        "probe_ids": [index_fingerprint(split.pool_idx[sub]) for sub in split.subsets],
-        "sizes": {"train": len(split.train_idx), "val": len(split.val_set),
-                  "probe": len(split.subsets[0])},
-        **({"probe_split_ids": index_fingerprint(split.pool_idx),
-            "budget": budget.model_dump()} if budget else {}),
-    }
+    return data_provenance(s.plan.data.dataset, s.source, split.train_idx, split.val_idx,
+                           split.subsets, split.pool_idx,
+                           budget.model_dump() if budget else None)
 
 
 def assemble(s: Any, results: dict[str, Any]) -> dict[str, Any]:
     """The completed record of measurement state ``s`` and phase ``results``."""
-    from attndrift.evaluate import drift_summary, sanity_check, zeroshot_summary
-    from attndrift.records import new_record, provenance
+    from attndrift.evaluate import sanity_check, zeroshot_summary
+    from attndrift.phases import final_record
+    from attndrift.records import RunRecord, provenance
 
     plan = s.plan
-    record = new_record(plan.run_id, plan.config)
+    record = RunRecord(plan.run_id, plan.config)  # the typed record a run writes too
     finetuned, loader_warnings = _finetuned_provenance(s, results["head"])
     record["provenance"] = provenance(str(s.dev))
     record["provenance"].update(_reference_provenance(plan.reference))
@@ -85,18 +78,14 @@ def assemble(s: Any, results: dict[str, Any]) -> dict[str, Any]:
     record["baseline"] = results["baseline"]
     final_metrics = results["final"]
     final_subsets = final_metrics.pop("subsets")
-    drift = drift_summary(final_metrics, results["baseline"], final_subsets)
-    subset_cv = drift.pop("subset_cv")
     val_acc, test_acc = results["task"]
-    record["final"] = {
-        "step": None, "epochs": None, "val_acc": val_acc, "best_val_acc": val_acc,
-        "best_epoch": None, "test_acc": test_acc, "train_loss": None,
-        "metrics": final_metrics, **drift,
-        "aux": {**results["final_aux"], "subset_cv": subset_cv},
-    }
+    # no training here: step, epochs, best epoch and loss stay None
+    record.final = final_record(final_metrics, final_subsets, results["final_aux"],
+                                results["baseline"], test_acc=test_acc, val_acc=val_acc,
+                                best_val_acc=val_acc)
     record["zeroshot"] = zeroshot_summary(before, after, s.zs_tasks, s.zs_prompts)
     record["status"] = "completed"
-    return record
+    return record.to_json()
 
 
 def write_outputs(out_dir: Path, record: dict[str, Any], s: Any,

@@ -9,7 +9,6 @@ give them, so a shared store stays readable by colleagues.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -17,9 +16,17 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
+import tempfile  # noqa: F401 (tests patch records.tempfile.mkstemp, the module's)
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from attndrift import record_check
+from attndrift.fileio import (  # noqa: F401 (re-exported: where writers found them)
+    atomic_write_bytes,
+    file_sha256,
+    write_error,
+)
 
 SCHEMA_VERSION = 1
 RECORD_FILE = "record.json"
@@ -33,11 +40,149 @@ class RecordError(ValueError):
     """A record that is missing, corrupt, half-written or of an unknown schema."""
 
 
+# --- the record, typed: what `train` and `measure` write (`write_record`) -----------------
+# Readers get the JSON form (`read_record`: a dict, checked by `attndrift.record_check`).
+# Field order is the on-disk key order. A new section is a new field here (and, if readers
+# format it, a check in `record_check`).
+
+
+@dataclass
+class Evaluated:
+    """Which weights ``final`` and ``zeroshot`` measured: ``checkpoint`` final (the last
+    step's) or best (the best-validation epoch's, restored before the final evaluation:
+    ``eval.checkpoint``), and that checkpoint's epoch and step."""
+
+    checkpoint: str
+    epoch: int
+    step: int
+
+
+@dataclass
+class Final:
+    """``record["final"]``: the evaluated model's accuracies, attention and its drift.
+
+    ``val_acc`` is the evaluated checkpoint's validation accuracy (the last epoch's for
+    ``final``), ``step``/``epochs`` how long training ran, ``train_loss`` its last logged loss;
+    ``metrics`` is `summarize` of the probe subset, ``delta_pct*``, ``subsets`` as
+    `attndrift.evaluate.drift_summary`; ``aux`` the auxiliary metrics and ``subset_cv``.
+    A measured checkpoint has no training: its step, epochs, best epoch and loss are None."""
+
+    step: int | None
+    epochs: float | None
+    val_acc: float | None
+    best_val_acc: float | None
+    best_epoch: int | None
+    test_acc: float | None
+    train_loss: float | None
+    metrics: dict[str, Any]
+    delta_pct: dict[str, float | None]
+    delta_pct_layers: dict[str, list[float | None]]
+    subsets: list[dict[str, float]]
+    delta_pct_subset_mean: dict[str, float | None]
+    aux: dict[str, Any]
+    evaluated: Evaluated | None = None  # absent in records of measured checkpoints
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.evaluated is None:
+            del out["evaluated"]
+        else:
+            out["evaluated"] = asdict(self.evaluated)
+        return out
+
+
+def _history() -> dict[str, list]:
+    return {"probes": [], "epochs": [], "loss": []}
+
+
+@dataclass
+class RunRecord:
+    """One run's record; ``to_json`` is the on-disk form (schema `SCHEMA_VERSION`).
+
+    ``history`` (probes, epochs, loss), ``baseline`` (`summarize` of the pretrained model plus
+    its ``subsets``, ``aux``, ``zeroshot_subset``), ``zeroshot`` (`zeroshot_summary`),
+    ``provenance`` and ``timing`` stay plain JSON objects (fields in `TOP_LEVEL_KEYS` order
+    on disk); ``final`` is a `Final` once the
+    final evaluation ran (``{}`` on disk before). ``sanity``/``warnings`` are written once the
+    baseline is measured, ``error``/``traceback`` when a run stops."""
+
+    run_id: str
+    config: dict[str, Any]
+    status: str = "running"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    history: dict[str, list] = field(default_factory=_history)
+    final: Final | None = None
+    zeroshot: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
+    guard: dict[str, Any] | None = None  # `attndrift.guard` summary, with a guard section
+    sanity: dict[str, Any] | None = None
+    warnings: list[str] | None = None
+    robustness: dict[str, Any] | None = None  # accuracy on corrupted test splits
+    error: str | None = None
+    traceback: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as written: ``TOP_LEVEL_KEYS`` in order, then the optional keys set."""
+        out: dict[str, Any] = {}
+        for key in (*TOP_LEVEL_KEYS, *_OPTIONAL):
+            value = getattr(self, key)
+            if key in _OPTIONAL and value is None:
+                continue
+            out[key] = (value.to_json() if isinstance(value, Final)
+                        else {} if key == "final" and value is None else value)
+        return out
+
+    # Mapping-style access to the declared fields, so that code written for the JSON form
+    # (`attndrift.tracked`, `attndrift.guard`) takes a RunRecord too; ``final`` reads as its
+    # JSON form. An undeclared key is a KeyError: a new section is a new field.
+    def __getitem__(self, key: str) -> Any:
+        if key not in _FIELDS:
+            raise KeyError(key)
+        value = getattr(self, key)
+        return value.to_json() if isinstance(value, Final) else (
+            {} if key == "final" and value is None else value)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in _FIELDS:
+            raise KeyError(f"{key!r} is not a field of RunRecord; declare it there")
+        setattr(self, key, value)
+
+    def __contains__(self, key: object) -> bool:
+        return key in _FIELDS and getattr(self, key) is not None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            return default
+        return self[key]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunRecord:
+        """A record read back (resume): ``final`` is kept only if it was written."""
+        data = dict(data)
+        final = data.pop("final", None) or None
+        if final is not None:
+            final = dict(final)
+            evaluated = final.pop("evaluated", None)
+            final = Final(**final, evaluated=Evaluated(**evaluated) if evaluated else None)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known}, final=final)
+
+
+_OPTIONAL = ("guard", "sanity", "warnings", "robustness", "error", "traceback")  # on disk when set
+_FIELDS = frozenset((*TOP_LEVEL_KEYS, *_OPTIONAL))
+
+
+def evaluated_checkpoint(record: dict[str, Any]) -> str:
+    """Which checkpoint a record's ``final`` measured: ``final`` or ``best`` (records written
+    before ``final.evaluated`` existed measured the final weights)."""
+    return ((record.get("final") or {}).get("evaluated") or {}).get("checkpoint", "final")
+
+
 def new_record(run_id: str, config: dict[str, Any]) -> dict[str, Any]:
-    return {"schema_version": SCHEMA_VERSION, "run_id": run_id, "status": "running",
-            "config": config, "provenance": {}, "baseline": {},
-            "history": {"probes": [], "epochs": [], "loss": []}, "final": {},
-            "zeroshot": {}, "timing": {}}
+    """The JSON form of a fresh `RunRecord` (status running)."""
+    return RunRecord(run_id, config).to_json()
 
 
 def config_digest(config: dict[str, Any]) -> str:
@@ -63,45 +208,11 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where the OS tells (Linux /proc)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_error(err: OSError, path: Path) -> OSError:
-    """``err`` as an `OSError` naming ``path`` (the file meant, not a temp file) and the cause:
-    ``str()`` reads ``[Errno 28] No space left on device: 'runs/x/record.json'``."""
-    return OSError(err.errno, err.strerror or str(err), str(path))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; respect the umask
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise write_error(err, path) from None
-        raise
-
-
-def write_record(path: Path, record: dict[str, Any]) -> None:
+def write_record(path: Path, record: RunRecord | dict[str, Any]) -> None:
+    """Write ``record`` (a `RunRecord`, or its JSON form) to ``path`` atomically, NaN/inf as
+    null; the one writer of records."""
+    if isinstance(record, RunRecord):
+        record = record.to_json()
     missing = [k for k in TOP_LEVEL_KEYS if k not in record]
     if missing:
         raise RecordError(f"record lacks {missing}")
@@ -120,6 +231,10 @@ def read_record(path: Path) -> dict[str, Any]:
         raise RecordError(f"{path}: no record (run never started, or wrong directory)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RecordError(f"{path}: corrupt or half-written record ({err})") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise RecordError(f"{path}: corrupt record (nested too deeply to read)") from None
+    except OSError as err:
+        raise RecordError(f"{path}: unreadable record ({err.strerror or err})") from None
     if not isinstance(record, dict):
         raise RecordError(f"{path}: corrupt record (not a JSON object)")
     if record.get("schema_version") != SCHEMA_VERSION:
@@ -130,53 +245,10 @@ def read_record(path: Path) -> dict[str, Any]:
         raise RecordError(f"{path}: corrupt record, missing {', '.join(missing)}")
     if record["status"] not in STATUSES:
         raise RecordError(f"{path}: unknown status {record['status']!r}")
-    problem = _type_problem(record)
+    problem = record_check.problem(record)
     if problem:
         raise RecordError(f"{path}: corrupt record, {problem}")
     return record
-
-
-_NUMBER = (int, float, type(None))
-# fields of "final" and of each "zeroshot" task that readers format as numbers
-_FINAL_NUMBERS = ("step", "epochs", "val_acc", "best_val_acc", "best_epoch", "test_acc",
-                  "train_loss")
-_ZEROSHOT_NUMBERS = ("before", "after", "retention_pct", "chance", "classes")
-
-
-def _type_problem(record: dict[str, Any]) -> str | None:
-    """The first field of ``record`` whose type downstream readers could not use, described;
-    None if all are usable. Checks the structure every reader relies on, not every value."""
-    def kind(value: Any) -> str:
-        return type(value).__name__
-
-    for key in ("run_id", "status"):
-        if not isinstance(record[key], str):
-            return f"{key} is {kind(record[key])}, not a string"
-    for key in ("config", "provenance", "baseline", "history", "final", "zeroshot", "timing"):
-        if not isinstance(record[key], dict):
-            return f"{key} is {kind(record[key])} {record[key]!r:.40}, not an object"
-    final = record["final"]
-    for key in _FINAL_NUMBERS:
-        value = final.get(key)
-        if isinstance(value, bool) or not isinstance(value, _NUMBER):
-            return f"final.{key} is {kind(value)} {value!r:.40}, not a number"
-    for key in ("metrics", "delta_pct", "delta_pct_layers", "aux"):
-        if key in final and not isinstance(final[key], dict):
-            return f"final.{key} is {kind(final[key])}, not an object"
-    for key, value in final.get("delta_pct", {}).items():
-        if isinstance(value, bool) or not isinstance(value, _NUMBER):
-            return f"final.delta_pct.{key} is {kind(value)} {value!r:.40}, not a number"
-    for task, z in record["zeroshot"].items():
-        if not isinstance(z, dict):
-            return f"zeroshot.{task} is {kind(z)} {z!r:.40}, not an object"
-        for key in _ZEROSHOT_NUMBERS:
-            value = z.get(key)
-            if isinstance(value, bool) or not isinstance(value, _NUMBER):
-                return f"zeroshot.{task}.{key} is {kind(value)} {value!r:.40}, not a number"
-    for key in ("probes", "epochs", "loss"):
-        if key in record["history"] and not isinstance(record["history"][key], list):
-            return f"history.{key} is {kind(record['history'][key])}, not a list"
-    return None
 
 
 def _git_commit() -> str | None:
@@ -194,20 +266,12 @@ def provenance(device: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    import attndrift
+    from attndrift._version import __version__
 
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
-    return {"attndrift": attndrift.__version__, "python": sys.version.split()[0],
+    return {"attndrift": __version__, "python": sys.version.split()[0],
             "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "platform": platform.platform(),
             "device": device, "gpu": gpu, "cpu_threads": torch.get_num_threads(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "git_commit": _git_commit()}
-
-
-def file_sha256(path: Path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[: limit or None]

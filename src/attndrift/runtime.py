@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,6 @@ from attndrift.probes.metrics import METRICS, delta_pct
 from attndrift.records import RecordError, atomic_write_bytes, jsonable, read_record
 
 RESUME_FILE = "resume.pt"
-# what every resume state holds; one without them is treated as corrupt
-RESUME_KEYS = ("step", "epoch", "batch", "model", "optimizer", "scheduler", "history")
 RESUMABLE = ("running", "failed", "interrupted")  # killed, crashed, Ctrl-C / SIGTERM
 # set by the CLI when stderr is not a terminal: the disabled progress bar prints a line per
 # epoch and per loss log point instead (log files, nohup, CI)
@@ -142,6 +141,109 @@ def board_metrics(board, metrics: dict[str, Any], baseline: dict[str, Any], step
                          delta_pct(metrics["mean"][m], baseline["mean"][m]), step)
         for i, value in enumerate(metrics[m]["layers"]):
             board.add_scalar(f"attention_layers/{m}/L{i + 1}", value, step)
+
+
+@dataclass
+class LoopState:
+    """Everything the training loop changes as it goes. ``resume.pt`` holds exactly these
+    fields (`saved`: tensors on the CPU, generators as their states), the states of the
+    set-up's objects named in `OBJECT_KEYS`, and the record as of then."""
+
+    # where the loop is: optimizer steps, completed epochs, batch within the epoch, its order
+    step: int
+    epoch: int
+    batch: int
+    perm: torch.Tensor
+    # training loss (and penalty) summed on the device since the last log, over loss_count
+    loss_sum: torch.Tensor
+    reg_sum: torch.Tensor
+    loss_count: int
+    best_val: float  # best validation accuracy so far (-1: none yet), and its epoch
+    best_epoch: int
+    # seconds spent training, probing, in zero-shot and auxiliary passes
+    train_s: float
+    probe_s: float
+    zeroshot_s: float
+    aux_s: float
+    # measured before training: auxiliary reference features, zero-shot accuracies, the
+    # attention samples saved with the final ones
+    aux_ref: dict[str, Any]
+    zs_before: dict[str, float]
+    base_attn: torch.Tensor
+    # the data order and flip streams (seeded by the run's seed)
+    order_gen: torch.Generator
+    flip_gen: torch.Generator
+    history: dict[str, list]  # the record's history: probes, epoch ends, loss logs
+
+    def saved(self, objects: dict[str, Any]) -> dict[str, Any]:
+        """What ``resume.pt`` holds: every field, plus ``objects`` (`OBJECT_KEYS`)."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(order_gen=self.order_gen.get_state(), flip_gen=self.flip_gen.get_state(),
+                   loss_sum=self.loss_sum.detach().cpu(), reg_sum=self.reg_sum.detach().cpu())
+        return {**out, **objects}
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any], device: torch.device, seed: int) -> LoopState:
+        """The state a `saved` dict was made from, accumulators back on ``device``."""
+        values = {f.name: saved[f.name] for f in fields(cls)}
+        values["order_gen"], values["flip_gen"] = generators(seed)
+        values["order_gen"].set_state(saved["order_gen"])
+        values["flip_gen"].set_state(saved["flip_gen"])
+        values["loss_sum"] = saved["loss_sum"].to(device)
+        values["reg_sum"] = saved["reg_sum"].to(device)
+        return cls(**values)
+
+
+def generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """The data order and flip generators of a run seeded ``seed``."""
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+
+
+# the states of the set-up's objects in resume.pt besides `LoopState` (cuda_rng on CUDA,
+# scaler with fp16 only)
+OBJECT_KEYS = ("model", "optimizer", "scheduler", "torch_rng")
+# what every resume state holds; one without them is treated as corrupt
+RESUME_KEYS = (*(f.name for f in fields(LoopState)), *OBJECT_KEYS)
+
+
+class BestWeights:
+    """The best validation epoch's trainable weights: kept in host memory when an epoch
+    improves, written to ``best.safetensors`` at the next checkpoint and at the end, and
+    read back from there after a resume."""
+
+    FILE = "best.safetensors"
+
+    def __init__(self, out_dir: Path, meta: dict[str, str]) -> None:
+        self.path, self.meta = out_dir / self.FILE, meta
+        self.state: dict[str, torch.Tensor] | None = None
+        self.epoch: int | None = None
+        self.pending = False  # in memory, not yet on disk
+
+    def keep(self, state: dict[str, torch.Tensor], epoch: int) -> None:
+        self.state, self.epoch, self.pending = state, epoch, True
+
+    def write(self) -> None:
+        if self.pending:
+            save_weights(self.path, self.state, {**self.meta, "epoch": str(self.epoch)})
+            self.pending = False
+
+    def weights(self, epoch: int) -> dict[str, torch.Tensor]:
+        """The weights of ``epoch``, from memory or (after a resume) from the file; raises
+        `RuntimeError` when the file holds another epoch or is missing."""
+        if self.state is not None and self.epoch == epoch:
+            return self.state
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if not self.path.is_file():
+            raise RuntimeError(f"{self.path} is missing: the best epoch's weights are needed "
+                               "for eval.checkpoint=best; rerun with --force")
+        with safe_open(self.path, "pt") as fh:
+            saved = (fh.metadata() or {}).get("epoch")
+        if saved != str(epoch):
+            raise RuntimeError(f"{self.path} holds epoch {saved}, the run's best is {epoch}; "
+                               "rerun with --force")
+        return load_file(self.path)
 
 
 class OutDirTaken(ValueError):

@@ -113,7 +113,7 @@ def _reference(picks: list[Pick]) -> Pick | None:
     return min(plain, key=lambda k: len(k.label)) if plain else None
 
 
-def _row(panel: tuple[str, str], picks: list[Pick], panels: int) -> dict[str, Any]:
+def _row(panel: tuple[str, str], picks: list[Pick], several: bool) -> dict[str, Any]:
     win, *rest = sorted(picks, key=lambda k: -k.ret[0])
     other = rest[0] if rest else None
     top = max(picks, key=lambda k: (k.acc[0] if math.isfinite(k.acc[0]) else -math.inf,
@@ -128,7 +128,7 @@ def _row(panel: tuple[str, str], picks: list[Pick], panels: int) -> dict[str, An
     if ref is not None and ref is not win and ref is not other:
         p_ref, gap_ref = welch(win.retention, ref.retention).pvalue, win.ret[0] - ref.ret[0]
     return {
-        "panel": f"{short_model(panel[0])} · {panel[1]}" if panels else panel[1],
+        "panel": f"{short_model(panel[0])} · {panel[1]}" if several else panel[1],
         "keeps": win.label, "lr": lr_of(win.setting.config),
         "retained": win.ret[0], "retained_sd": win.ret[1],
         "test_acc": win.acc[0] / 100, "test_acc_sd": win.acc[1] / 100,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from attndrift.data.base import ImageTask
-from attndrift.records import atomic_write_bytes
+from attndrift.fileio import atomic_write_bytes
 
 PROBE_FOR_SIZE = 16  # images looked at to decide native vs resized caching
 

@@ -9,35 +9,12 @@ folder. Classification tasks provide ``train`` and ``test``; zero-shot transfer 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
-
 from attndrift.data.base import ImageTask
 
-Loader = Callable[[str, int], ImageTask]
+# the registry itself lives in a leaf module that the built-in datasets import to register
+from attndrift.data.tasks import _REGISTRY, Loader, TaskEntry, register_task
 
-
-@dataclass(frozen=True)
-class TaskEntry:
-    name: str
-    kind: Literal["classification", "zeroshot"]
-    description: str
-    loader: Loader
-
-
-_REGISTRY: dict[str, TaskEntry] = {}
-
-
-def register_task(name: str, *, kind: Literal["classification", "zeroshot"],
-                  description: str) -> Callable[[Loader], Loader]:
-    def wrap(loader: Loader) -> Loader:
-        if name in _REGISTRY:
-            raise ValueError(f"dataset {name!r} registered twice")
-        _REGISTRY[name] = TaskEntry(name, kind, description, loader)
-        return loader
-
-    return wrap
+__all__ = ["Loader", "TaskEntry", "available_tasks", "known_names", "load_task", "register_task"]
 
 
 def _populate() -> None:

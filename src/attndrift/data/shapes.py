@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from attndrift.data.base import ImageTask
-from attndrift.data.registry import register_task
+from attndrift.data.tasks import register_task
 
 IMAGE_SIZE = 32
 

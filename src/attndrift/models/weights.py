@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from attndrift.fileio import file_sha256
 from attndrift.models.errors import ExternalModelError
-from attndrift.records import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # transformers' weight files (sharded or not); a Trainer checkpoint's optimizer.pt,
