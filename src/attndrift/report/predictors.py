@@ -16,7 +16,7 @@ from attndrift.analysis.frontier import frontier_rows
 from attndrift.analysis.predictors import EARLY_FRACTION, points, predictor_rows
 from attndrift.analysis.runs import Run, short_number
 from attndrift.report.base import NoData, figure_grid, register_figure
-from attndrift.report.style import METHOD_COLORS, legend_outside
+from attndrift.report.style import METHOD_COLORS, legend_outside, lr_shade
 
 RANKING_TITLE = "Which signal predicts forgetting, and how early"
 RANKING_CAPTION = (
@@ -29,7 +29,7 @@ RANKING_CAPTION = (
 FRONTIER_TITLE = "Accuracy-retention frontier"
 FRONTIER_CAPTION = (
     "Every setting's test accuracy against its final zero-shot retention (mean ± sd over its "
-    "seeds; colour = method, labels = lr); the line joins the Pareto set (no setting both "
+    "seeds; colour = method, darker = higher lr); the line joins the Pareto set (no setting both "
     "more accurate and more retentive); a ring marks a setting stopped by its guard. One panel "
     "per backbone, dataset and task.")
 _WHEN_COLORS = ("#34495e", "#e67e22", "#16a085")
@@ -88,17 +88,18 @@ def accuracy_retention_frontier(runs: Sequence[Run]) -> Figure:
     for ax, panel in zip(axes.flat, panels, strict=False):
         mine = [r for r in rows if (r["model"], r["dataset"], r["task"]) == panel]
         for r in mine:
+            lrs = sorted({x["lr"] for x in rows if x["_method"] == r["_method"]
+                          and math.isfinite(x["lr"])})
             c = METHOD_COLORS.get(str(r["_method"]), "#555555")
+            c = lr_shade(c, r["lr"], lrs) if math.isfinite(r["lr"]) and len(lrs) > 1 else c
             ax.errorbar(100 * r["test_acc"], r["retention"],
                         xerr=100 * np.nan_to_num(r["test_acc_sd"]),
                         yerr=np.nan_to_num(r["retention_sd"]), fmt="o", ms=5, color=c,
-                        ecolor=c, elinewidth=0.7, capsize=2, label=r["method"])
+                        ecolor=c, elinewidth=0.7, capsize=2,
+                        label=f"{r['method']} · lr {short_number(r['lr'])}")
             if r["guarded"]:
                 ax.plot(100 * r["test_acc"], r["retention"], "o", ms=12, mfc="none",
                         mec="black", lw=1.0, label="stopped by its guard")
-            if math.isfinite(r["lr"]):
-                ax.annotate(short_number(r["lr"]), (100 * r["test_acc"], r["retention"]),
-                            fontsize=6, xytext=(4, 3), textcoords="offset points")
         front = sorted((100 * r["test_acc"], r["retention"]) for r in mine if r["pareto"])
         if len(front) > 1:
             ax.plot(*zip(*front, strict=True), "-", color="black", lw=0.8, alpha=0.6)
@@ -108,5 +109,5 @@ def accuracy_retention_frontier(runs: Sequence[Run]) -> Figure:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    legend_outside(fig, title="method (labels: lr)")
+    legend_outside(fig, title="method · lr (darker = higher)")
     return fig
