@@ -130,11 +130,14 @@ runner = CliRunner()
 
 
 def test_cli(runs: dict, tmp_path: Path) -> None:
-    ok = runner.invoke(app, ["interpolate", str(runs["tiny_lora"]), "--alphas", "1"])
+    # on a copy: the walk it writes would replace the run's own, which later tests read
+    lora = tmp_path / "lora"
+    shutil.copytree(runs["tiny_lora"], lora)
+    ok = runner.invoke(app, ["interpolate", str(lora), "--alphas", "1"])
     assert ok.exit_code == 0, ok.output
     assert "alpha" in ok.output and "interpolation.json" in ok.output
     for alphas in ("0,1.5", "-0.1", "a,b", ""):
-        bad = runner.invoke(app, ["interpolate", str(runs["tiny_lora"]), "--alphas", alphas])
+        bad = runner.invoke(app, ["interpolate", str(lora), "--alphas", alphas])
         lines = [line for line in bad.output.strip().splitlines() if line.strip()]
         assert bad.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:")
     missing = runner.invoke(app, ["interpolate", str(tmp_path / "nope")])

@@ -135,10 +135,10 @@ def test_paper_presets_score_cifar100_with_the_papers_prompt():
 
 
 def test_report_tables_show_robustness_and_the_extra_zeroshot_scores(protocol_run):
-    from attndrift.analysis import SECTIONS, all_tables, load_store
+    from attndrift.analysis import all_tables, load_store, table_specs
 
     tables = {t.name: t for t in all_tables(load_store(protocol_run["_dir"]))}
-    assert any("robustness" in names for _, _, names in SECTIONS)
+    assert {s.name: s.section for s in table_specs()}["robustness"] == "results"
     rob = tables["robustness"]
     assert not rob.empty and len(rob.rows) == 1
     row, recorded = rob.rows[0], protocol_run["robustness"]

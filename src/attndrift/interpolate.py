@@ -107,6 +107,48 @@ class _Interpolator:
         self.set(1.0)
 
 
+def _completed_record(run_dir: Path) -> tuple[dict[str, Any], Any]:
+    """The record of a completed training run in ``run_dir`` and its validated config;
+    refuses anything else."""
+    from attndrift.config import validate
+    from attndrift.records import read_record
+
+    record = read_record(run_dir)
+    if record["config"].get("method") == "external":
+        raise NotATrainingRun(
+            f"{run_dir} is a measured record (attndrift measure): interpolation walks a "
+            "training run of attndrift back to its pretrained weights; give a run directory "
+            "written by attndrift run"
+        )
+    if record["status"] != "completed":
+        raise ValueError(f"{run_dir}: run is {record['status']}; only completed runs can be "
+                         "interpolated")
+    return record, validate(record["config"], str(run_dir))
+
+
+def _run_splits(run_dir: Path, cfg: Any, record: dict[str, Any], size: int) -> tuple[Any, Any]:
+    """The run's validation split and probe images, rebuilt exactly as train.py built them and
+    checked against the record's fingerprints."""
+    from attndrift.data.registry import load_task
+    from attndrift.data.splits import balanced_subset, index_fingerprint, run_split
+
+    source = load_task(cfg.data.dataset, "train", image_size=size)
+    budget = cfg.data.budget  # the probe pool: validation, or the budget's probe split
+    _, val_idx, pool_idx = run_split(source.labels, cfg.data.val_frac, cfg.data.split_seed,
+                                     (budget.train, budget.val, budget.probe) if budget else None)
+    val_set = source.subset(val_idx, f"{source.name}/val")
+    pool = source.subset(pool_idx, f"{source.name}/probe")
+    probe_idx = balanced_subset(pool.labels, cfg.probe.images, cfg.probe.seed)
+    data = record["provenance"].get("data", {})
+    for key, index in (("val_ids", val_idx), ("probe_ids", pool_idx[probe_idx])):
+        saved = data.get(key)
+        saved = saved[0] if isinstance(saved, list) and saved else saved  # probe subset 0
+        if saved is not None and saved != index_fingerprint(index):
+            raise ValueError(f"{run_dir}: the rebuilt {key[:-4]} split differs from the run's "
+                             f"({cfg.data.dataset} changed since the run?)")
+    return val_set, pool.images[probe_idx]
+
+
 def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
                     device: str | torch.device = "cpu", batch_size: int = 256) -> dict[str, Any]:
     """Evaluate the run in ``run_dir`` at each alpha and write ``interpolation.json``.
@@ -122,62 +164,34 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
         no longer matches the record; FileNotFoundError: no checkpoint of the evaluated weights
         (``final.evaluated``: final, or best with ``eval.checkpoint: best``).
     """
-    from attndrift.config import validate
     from attndrift.data.prompts import zeroshot_tasks
     from attndrift.data.registry import load_task
-    from attndrift.data.splits import balanced_subset, index_fingerprint, run_split
     from attndrift.evaluate import accuracy, probe_attention, zeroshot_all
     from attndrift.models.clip import load_clip
     from attndrift.models.restore import restore_run
     from attndrift.probes.metrics import METRICS, delta_pct, summarize
-    from attndrift.records import atomic_write_bytes, evaluated_checkpoint, jsonable, read_record
+    from attndrift.records import atomic_write_bytes, evaluated_checkpoint, jsonable
     from attndrift.zeroshot import text_classifier
 
     t0 = time.perf_counter()
     alphas = check_alphas(alphas)
     run_dir = Path(run_dir)
-    record = read_record(run_dir)
-    if record["config"].get("method") == "external":
-        raise NotATrainingRun(
-            f"{run_dir} is a measured record (attndrift measure): interpolation walks a "
-            "training run of attndrift back to its pretrained weights; give a run directory "
-            "written by attndrift run"
-        )
-    if record["status"] != "completed":
-        raise ValueError(f"{run_dir}: run is {record['status']}; only completed runs can be "
-                         "interpolated")
-    cfg = validate(record["config"], str(run_dir))
+    record, cfg = _completed_record(run_dir)
+    prec = cfg.train.precision
     dev = torch.device(device)
 
     checkpoint = evaluated_checkpoint(record)  # the weights the record's numbers measured
     loaded, adapted = restore_run(run_dir, checkpoint, dev)
-    # --- the run's data, exactly as train.py built it ------------------------------------
     size = loaded.image_size  # datasets cached at the model's input size, as train.py did
-    source = load_task(cfg.data.dataset, "train", image_size=size)
-    budget = cfg.data.budget  # the probe pool: validation, or the budget's probe split
-    _, val_idx, pool_idx = run_split(source.labels, cfg.data.val_frac, cfg.data.split_seed,
-                                     (budget.train, budget.val, budget.probe) if budget else None)
-    val_set = source.subset(val_idx, f"{source.name}/val")
-    pool = source.subset(pool_idx, f"{source.name}/probe")
-    probe_idx = balanced_subset(pool.labels, cfg.probe.images, cfg.probe.seed)
-    data = record["provenance"].get("data", {})
-    for key, index in (("val_ids", val_idx), ("probe_ids", pool_idx[probe_idx])):
-        saved = data.get(key)
-        saved = saved[0] if isinstance(saved, list) and saved else saved  # probe subset 0
-        if saved is not None and saved != index_fingerprint(index):
-            raise ValueError(f"{run_dir}: the rebuilt {key[:-4]} split differs from the run's "
-                             f"({cfg.data.dataset} changed since the run?)")
-    probe_images = pool.images[probe_idx]
+    val_set, probe_images = _run_splits(run_dir, cfg, record, size)
     test_set = load_task(cfg.data.dataset, "test", image_size=size)
     zs_tasks = zeroshot_tasks(cfg.data.zeroshot, cfg.data.zeroshot_eval, image_size=size)[0]
 
-    # --- models: the fine-tuned run, and the pretrained tensors to walk toward ------------
-    model = adapted.model.eval()
+    model = adapted.model.eval()  # the fine-tuned run, walked toward the pretrained tensors
     preprocess = loaded.preprocessor()
-    pretrained = {n: p.detach().cpu() for n, p in load_clip(cfg.model).model.named_parameters()
-                  if n.startswith(("vision_model.", "visual_projection."))}
-    walker = _Interpolator(model, pretrained)
-    del pretrained
+    walker = _Interpolator(model, {
+        n: p.detach().cpu() for n, p in load_clip(cfg.model).model.named_parameters()
+        if n.startswith(("vision_model.", "visual_projection."))})
     zs_weights = {name: text_classifier(loaded.model, loaded.tokenizer, t.class_names,
                                         t.templates, dev) for name, t in zs_tasks.items()}
     baseline = record["baseline"]["mean"]
@@ -191,12 +205,10 @@ def interpolate_run(run_dir: str | Path, alphas: Sequence[float], *,
                                                 on_device=True))
             rows.append({
                 "alpha": alpha,
-                "val_acc": accuracy(model, val_set, preprocess, dev, batch_size,
-                                    cfg.train.precision),
-                "test_acc": accuracy(model, test_set, preprocess, dev, batch_size,
-                                     cfg.train.precision),
+                "val_acc": accuracy(model, val_set, preprocess, dev, batch_size, prec),
+                "test_acc": accuracy(model, test_set, preprocess, dev, batch_size, prec),
                 "zeroshot": zeroshot_all(model, zs_weights, zs_tasks, preprocess, dev,
-                                         batch_size, cfg.train.precision),
+                                         batch_size, prec),
                 "metrics": metrics,
                 "delta_pct": {m: delta_pct(metrics["mean"][m], baseline[m]) for m in METRICS},
             })

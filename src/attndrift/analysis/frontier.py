@@ -18,7 +18,14 @@ import numpy as np
 
 from attndrift.analysis.common import SUBSET_MEAN, mean_sd, num
 from attndrift.analysis.predictors import EARLY_FRACTION, guard_stopped, points, retention
-from attndrift.analysis.runs import Run, dataset_of, model_of, short_model
+from attndrift.analysis.runs import (
+    Run,
+    dataset_of,
+    lr_of,
+    method_label,
+    model_of,
+    short_model,
+)
 from attndrift.analysis.settings import group_settings
 from attndrift.analysis.table import Column, Table, make_table, register_table
 from attndrift.tracked import SIGNALS, change, value_at
@@ -131,7 +138,9 @@ def frontier_rows(runs: Sequence[Run]) -> list[dict]:
                          "setting": s.label, "n": len(s.runs), "test_acc": acc[0],
                          "test_acc_sd": acc[1], "retention": ret[0], "retention_sd": ret[1],
                          "pareto": "yes" if on else "", "guarded": "yes" if any(
-                             guard_stopped(r) for r in s.runs) else ""})
+                             guard_stopped(r) for r in s.runs) else "",
+                         "method": method_label(s.config), "lr": lr_of(s.config),
+                         "_method": s.config.get("method")})
     return rows
 
 

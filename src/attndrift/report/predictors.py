@@ -12,12 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from attndrift.analysis.frontier import frontier_rows, guard_stopped
+from attndrift.analysis.frontier import frontier_rows
 from attndrift.analysis.predictors import EARLY_FRACTION, points, predictor_rows
-from attndrift.analysis.runs import Run
-from attndrift.analysis.settings import group_settings
+from attndrift.analysis.runs import Run, short_number
 from attndrift.report.base import NoData, figure_grid, register_figure
-from attndrift.report.style import legend_outside, method_color
+from attndrift.report.style import METHOD_COLORS, legend_outside, lr_shade
 
 RANKING_TITLE = "Which signal predicts forgetting, and how early"
 RANKING_CAPTION = (
@@ -30,7 +29,7 @@ RANKING_CAPTION = (
 FRONTIER_TITLE = "Accuracy-retention frontier"
 FRONTIER_CAPTION = (
     "Every setting's test accuracy against its final zero-shot retention (mean ± sd over its "
-    "seeds; colour = method, labels = lr); the line joins the Pareto set (no setting both "
+    "seeds; colour = method, darker = higher lr); the line joins the Pareto set (no setting both "
     "more accurate and more retentive); a ring marks a setting stopped by its guard. One panel "
     "per backbone, dataset and task.")
 _WHEN_COLORS = ("#34495e", "#e67e22", "#16a085")
@@ -82,37 +81,33 @@ def accuracy_retention_frontier(runs: Sequence[Run]) -> Figure:
             if math.isfinite(r["test_acc"]) and math.isfinite(r["retention"])]
     if not rows:
         raise NoData("needs completed runs with test accuracy and zero-shot retention")
-    color = {s.label: method_color(s.runs[0]) for s in group_settings(
-        [r for r in runs if r.ok])}
-    lr = {s.label: s.config.get("train", {}).get("lr") for s in group_settings(
-        [r for r in runs if r.ok])}
-    stopped = {s.label for s in group_settings([r for r in runs if r.ok])
-               if any(guard_stopped(r) for r in s.runs)}
     panels = list(dict.fromkeys((r["model"], r["dataset"], r["task"]) for r in rows))
-    cols = min(3, len(panels))
-    fig, axes = figure_grid(math.ceil(len(panels) / cols), cols, width=4.2 * cols, height=3.4)
+    cols = min(2, len(panels))
+    fig, axes = figure_grid(math.ceil(len(panels) / cols), cols, width=3.6 * cols + 2.0,
+                            height=3.2)
     for ax, panel in zip(axes.flat, panels, strict=False):
         mine = [r for r in rows if (r["model"], r["dataset"], r["task"]) == panel]
         for r in mine:
-            c = color.get(r["setting"], "#555555")
+            lrs = sorted({x["lr"] for x in rows if x["_method"] == r["_method"]
+                          and math.isfinite(x["lr"])})
+            c = METHOD_COLORS.get(str(r["_method"]), "#555555")
+            c = lr_shade(c, r["lr"], lrs) if math.isfinite(r["lr"]) and len(lrs) > 1 else c
             ax.errorbar(100 * r["test_acc"], r["retention"],
                         xerr=100 * np.nan_to_num(r["test_acc_sd"]),
                         yerr=np.nan_to_num(r["retention_sd"]), fmt="o", ms=5, color=c,
-                        ecolor=c, elinewidth=0.7, capsize=2, label=r["setting"])
-            if r["setting"] in stopped:
+                        ecolor=c, elinewidth=0.7, capsize=2,
+                        label=f"{r['method']} · lr {short_number(r['lr'])}")
+            if r["guarded"]:
                 ax.plot(100 * r["test_acc"], r["retention"], "o", ms=12, mfc="none",
-                        mec="black", lw=1.0)
-            if lr.get(r["setting"]) is not None:
-                ax.annotate(f"{lr[r['setting']]:g}", (100 * r["test_acc"], r["retention"]),
-                            fontsize=6, xytext=(4, 3), textcoords="offset points")
+                        mec="black", lw=1.0, label="stopped by its guard")
         front = sorted((100 * r["test_acc"], r["retention"]) for r in mine if r["pareto"])
         if len(front) > 1:
             ax.plot(*zip(*front, strict=True), "-", color="black", lw=0.8, alpha=0.6)
         ax.set_xlabel("test accuracy %", fontsize=8)
-        ax.set_ylabel(f"{panel[2]}: retention %", fontsize=8)
-        ax.set_title(f"{panel[0]} · {panel[1]}", fontsize=8)
+        ax.set_ylabel("retention %", fontsize=8)
+        ax.set_title(f"{panel[0]} · {panel[1]} → {panel[2]}", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    legend_outside(fig, title="setting")
+    legend_outside(fig, title="method · lr (darker = higher)")
     return fig
