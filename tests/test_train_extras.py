@@ -2,6 +2,7 @@
 
 import pytest
 
+from attndrift.signals import ATTENTION, signals_of
 from attndrift.train import run
 from conftest import tiny_config
 
@@ -46,14 +47,16 @@ def test_l2sp_grows_from_zero(tmp_path):
 def test_auxiliary_metrics_are_recorded(tmp_path):
     rec = run(tiny_config("tiny_lora", *SHORT, "probe.aux_every=1"), tmp_path, progress=False)
     base, final = rec["baseline"]["aux"], rec["final"]["aux"]
-    assert set(base) == {"rollout_entropy", "rollout_erf", "rollout_gini", "p2p_entropy",
-                         "p2p_entropy_layers"}
+    # before training: what needs no reference (rollout, patch-to-patch), every such signal
+    assert set(base) == {n for n, s in signals_of("aux").items() if s.needs == "rollout"}
+    assert set(final) - {"subset_cv"} == set(signals_of("aux"))  # every declared aux signal
     layers = len(rec["baseline"]["entropy"]["layers"])
-    for key in ("cka_cls", "cka_patch", "weight_drift_layers", "p2p_entropy_layers"):
+    for key in ("cka_cls", "cka_patch", "weight_drift_layers", "p2p_entropy_layers",
+                "p2p_distance_layers"):
         assert len(final[key]) == layers
     assert all(0 < c <= 1 + 1e-6 for c in final["cka_cls"] + final["cka_patch"])
     assert final["weight_drift"] > 0 and final["embedding_drift"] > 0
-    assert set(final["subset_cv"]) == {"entropy", "erf", "gini", "head_diversity"}
+    assert set(final["subset_cv"]) == set(ATTENTION)
     assert all("aux" in p for p in rec["history"]["probes"])
 
 
