@@ -79,9 +79,8 @@ def naive_summarize(cls_patch: torch.Tensor, batch_size: int = STUDY_EVAL_BATCH,
     """The study's per-batch pattern, computing the same table as ``summarize``: per batch and
     layer, entropy, a descending sort + cumsum for ERF, an ascending sort for Gini, sums read
     back with ``.item()``; head diversity from the image-averaged maps by a loop over head
-    pairs. ERF uses the library's ``ERF_RTOL`` so both define the boundary identically."""
-    from attndrift.probes.metrics import ERF_RTOL
-
+    pairs. ERF accumulates in float64 and compares with no tolerance, as the library does
+    (000 eq. 2)."""
     n, n_layers, n_heads, n_patches = cls_patch.shape
     names = ("entropy", "erf", "gini")
     layer_sums = {m: [0.0] * n_layers for m in names}
@@ -94,8 +93,8 @@ def naive_summarize(cls_patch: torch.Tensor, batch_size: int = STUDY_EVAL_BATCH,
         for layer in range(n_layers):
             p = batch[:, layer]  # [B, H, N]
             values = {"entropy": -(p * torch.log(p + 1e-10)).sum(dim=-1)}
-            cum = torch.sort(p, dim=-1, descending=True).values.cumsum(dim=-1)
-            k = (cum < mass * cum[..., -1:] * (1.0 - ERF_RTOL)).sum(dim=-1) + 1
+            cum = torch.sort(p, dim=-1, descending=True).values.double().cumsum(dim=-1)
+            k = (cum < mass * cum[..., -1:]).sum(dim=-1) + 1
             values["erf"] = k.clamp(max=n_patches).float() / n_patches
             asc = torch.sort(p, dim=-1).values
             values["gini"] = (2.0 * (asc * ranks).sum(dim=-1) / (n_patches * asc.sum(dim=-1))

@@ -83,6 +83,14 @@ def test_best_checkpoint_is_restored_before_the_final_evaluation(tmp_path, monke
     (row,) = interpolate_run(tmp_path / "best", [1.0])["rows"]
     assert row["test_acc"] == pytest.approx(best["final"]["test_acc"], abs=1e-12)
     assert row["metrics"]["mean"] == pytest.approx(best["final"]["metrics"]["mean"], rel=1e-9)
+    # measuring the run directory measures the same weights as its record
+    from attndrift.measure import measure
+
+    measured = measure(str(tmp_path / "best"), tmp_path / "measured")
+    assert measured["provenance"]["finetuned"]["checkpoint"] == "best"
+    assert measured["final"]["test_acc"] == pytest.approx(best["final"]["test_acc"], abs=1e-12)
+    assert measured["final"]["metrics"]["mean"] == pytest.approx(
+        best["final"]["metrics"]["mean"], rel=1e-6)
 
 
 def test_best_and_final_agree_when_the_best_epoch_is_the_last(tmp_path, monkeypatch):

@@ -50,10 +50,15 @@ def test_guard_config_is_checked():
         tiny_config("tiny_full_ft", "guard.signal=abs_d_entropy")
     with pytest.raises(ConfigError, match="unknown signal 'cka'"):
         tiny_config("tiny_full_ft", "guard.signal=cka", "guard.threshold=0.9")
+    # tracked once per epoch by default; refused where tracking is turned off
     with pytest.raises(ConfigError, match=r"probe\.aux_every > 0"):
-        tiny_config("tiny_full_ft", "guard.signal=cka_mean", "guard.threshold=0.9")
+        tiny_config("tiny_full_ft", "guard.signal=cka_mean", "guard.threshold=0.9",
+                    "probe.aux_every=0")
     with pytest.raises(ConfigError, match=r"probe\.zeroshot_every > 0"):
-        tiny_config("tiny_full_ft", "guard.signal=zeroshot_track", "guard.threshold=50")
+        tiny_config("tiny_full_ft", "guard.signal=zeroshot_track", "guard.threshold=50",
+                    "probe.zeroshot_every=0")
+    assert tiny_config("tiny_full_ft", "guard.signal=zeroshot_track",
+                       "guard.threshold=50").guard.signal == "zeroshot_track"
     with pytest.raises(ConfigError, match="only at the end"):
         tiny_config("tiny_full_ft", "guard.signal=test_acc", "guard.threshold=0.5")
     cfg = tiny_config("tiny_full_ft", "guard.signal=cka_mean", "guard.threshold=0.9",

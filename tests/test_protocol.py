@@ -19,12 +19,18 @@ PROTOCOL = ["data.budget={train: 20, val: 8, probe: 4}", "probe.images=40", "pro
 
 
 def test_new_keys_at_their_defaults_keep_existing_run_ids():
-    # ids handed out before the budget, zero-shot, robustness and guard keys existed
-    assert config_digest(identity(RunConfig().model_dump(mode="json"))) == "b1b96f18"
+    # ids handed out before the budget, zero-shot, robustness and guard keys existed, with
+    # the tracking cadence those runs had (probe.aux_every / zeroshot_every 0: before and after
+    # training only). The default is now once per epoch (issue 23): a run that tracks the
+    # signals records more and has a new id; the earlier default keeps the earlier ids.
+    earlier = ["probe.aux_every=0", "probe.zeroshot_every=0"]
+    assert config_digest(identity(load_config(None, earlier).model_dump(mode="json"))) == \
+        "b1b96f18"
     for name, digest in (("tiny_full_ft", "7463aa0b"), ("tiny_lora", "19ec1c3e")):
-        cfg = load_config(ROOT / "configs" / "runs" / f"{name}.yaml")
+        cfg = load_config(ROOT / "configs" / "runs" / f"{name}.yaml", earlier)
         assert config_digest(identity(cfg.model_dump(mode="json"))) == digest, name
-    used = load_config(None, ["data.budget={train: 5, val: 2, probe: 2}"])
+    assert config_digest(identity(RunConfig().model_dump(mode="json"))) == "6d24bb48"
+    used = load_config(None, [*earlier, "data.budget={train: 5, val: 2, probe: 2}"])
     assert config_digest(identity(used.model_dump(mode="json"))) != "b1b96f18"
 
 

@@ -12,6 +12,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from attndrift.probes import AttentionProbe, full_attention
 from attndrift.probes.rollout import (
     attention_rollout,
+    patch_to_patch_distance,
     patch_to_patch_entropy,
     rollout_cls_patch,
     rollout_summary,
@@ -136,9 +137,41 @@ def _loop_p2p(attn: np.ndarray) -> np.ndarray:
     return out
 
 
+def _loop_p2p_distance(attn: np.ndarray) -> np.ndarray:
+    """Dosovitskiy et al.'s mean attention distance by loops: per patch query, the renormalised
+    patch weights times the distance between patch centres (grid units), averaged."""
+    b, layers, heads, t, _ = attn.shape
+    side = math.isqrt(t - 1)
+    pos = [(k // side, k % side) for k in range(t - 1)]
+    out = np.zeros(layers)
+    for layer in range(layers):
+        values = []
+        for i in range(b):
+            for h in range(heads):
+                for q in range(1, t):
+                    row = attn[i, layer, h, q, 1:] / attn[i, layer, h, q, 1:].sum()
+                    values.append(sum(a * math.dist(pos[q - 1], pos[k])
+                                      for k, a in enumerate(row)))
+        out[layer] = np.mean(values)
+    return out
+
+
+def test_p2p_distance_of_uniform_and_local_attention() -> None:
+    """2x2 grid (T = 5): uniform patch rows give (2 + sqrt 2) / 4 in patch widths; every patch
+    attending only to itself (or to the CLS and itself) gives 0."""
+    uniform = torch.full((2, 3, 2, 5, 5), 0.2, dtype=torch.float64)
+    torch.testing.assert_close(patch_to_patch_distance(uniform),
+                               torch.full((3,), (2 + math.sqrt(2)) / 4, dtype=torch.float64))
+    local = 0.5 * torch.eye(5, dtype=torch.float64).expand(1, 2, 1, 5, 5).clone()
+    local[..., 0] += 0.5
+    torch.testing.assert_close(patch_to_patch_distance(local), torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="square grid"):
+        patch_to_patch_distance(torch.full((1, 1, 1, 6, 6), 1 / 6))
+
+
 @pytest.mark.parametrize("residual", [0.5, 0.2])
 def test_against_float64_loop_reference(residual: float) -> None:
-    attn = _random_attn(3, 4, 2, 6)
+    attn = _random_attn(3, 4, 2, 10)  # 9 patches: a 3x3 grid
     ref = _loop_rollout(attn.numpy(), residual)
     np.testing.assert_allclose(attention_rollout(attn, residual).numpy(), ref, atol=1e-12)
     got32 = attention_rollout(attn.float(), residual)
@@ -151,14 +184,21 @@ def test_against_float64_loop_reference(residual: float) -> None:
     cls_ref = ref[:, 0, 1:] / ref[:, 0, 1:].sum(-1, keepdims=True)
     ent_ref = float(np.mean(-(cls_ref * np.log(cls_ref)).sum(-1)))
     assert rollout_summary(attn, residual)["rollout_entropy"] == pytest.approx(ent_ref, abs=1e-12)
+    np.testing.assert_allclose(patch_to_patch_distance(attn).numpy(),
+                               _loop_p2p_distance(attn.numpy()), atol=1e-12)
+    summary = rollout_summary(attn, residual)
+    assert summary["p2p_distance_layers"] == pytest.approx(_loop_p2p_distance(attn.numpy()),
+                                                           abs=1e-12)
+    assert summary["p2p_distance"] == pytest.approx(_loop_p2p_distance(attn.numpy()).mean(),
+                                                    abs=1e-12)
 
 
 def test_bf16_input_is_scored_in_float32() -> None:
-    attn = _random_attn(2, 3, 2, 7).to(torch.bfloat16)
+    attn = _random_attn(2, 3, 2, 10).to(torch.bfloat16)
     assert attention_rollout(attn).dtype == torch.float32
     assert patch_to_patch_entropy(attn).dtype == torch.float32
     summary = rollout_summary(attn)
-    assert all(math.isfinite(v) for k, v in summary.items() if k != "p2p_entropy_layers")
+    assert all(math.isfinite(v) for v in summary.values() if not isinstance(v, list))
 
 
 def test_shape_errors() -> None:

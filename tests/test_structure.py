@@ -27,7 +27,6 @@ ALLOWED_LONG_MODULES: set[str] = {
     "data/shapes.py",  # protocol
 }
 ALLOWED_LONG_FUNCTIONS: set[str] = {
-    "interpolate.py:interpolate_run",  # methods: interpolation reads the method spec
     "pretrain.py:_pretrain",  # the tiny CLIP's recipe; no owner this round
     "report/figures.py:layer_delta_heatmaps",  # report
     "report/summary.py:statistical_summary",  # methods (report/summary.py)

@@ -11,17 +11,19 @@ import numpy as np
 import pytest
 
 from attndrift.analysis import all_tables, load_store, supplementary, tables
-from attndrift.analysis.metadata import _METRICS
 from attndrift.analysis.table import to_markdown, write_csv
+from attndrift.signals import ATTENTION
 
-METRIC_NAMES = ("entropy", "erf", "gini", "head_diversity")
-# How strongly each metric follows the entropy drift in the fake records (gini moves opposite).
+METRIC_NAMES = tuple(ATTENTION)  # every registered attention metric (attndrift.signals)
+# How strongly each metric follows the entropy drift in the fake records (gini moves opposite),
+# and its pretrained value (entropy: 2.5 + 0.1 per layer).
 _FOLLOW = {"entropy": 1.0, "erf": 1.5, "gini": -3.0, "head_diversity": 0.5}
+_BASE = {"erf": 0.6, "gini": 0.3, "head_diversity": 0.1, "attention_distance": 1.5}
 
 
 def _block(layers: dict[str, list[float]], heads: int) -> dict:
-    out = {m: {"layers": v, "heads": [[x] * heads for x in v]} for m, v in layers.items()}
-    out["head_diversity"] = {"layers": layers["head_diversity"]}
+    out = {m: {"layers": v, **({"heads": [[x] * heads for x in v]} if ATTENTION[m].per_head
+                               else {})} for m, v in layers.items()}
     out["mean"] = {m: float(np.mean(v)) for m, v in layers.items()}
     return out
 
@@ -33,11 +35,11 @@ def fake_record(*, name: str = "run", method: str = "full_ft", lr: float = 1e-3,
                 zs_after: float = 0.5, weight_decay: float = 0.01) -> dict:
     """A schema-valid record whose layer-mean entropy drifts by about ``drift`` %."""
     rng = np.random.default_rng(zlib.crc32(f"{name}/{seed}/{lr}/{method}".encode()))
-    base = {"entropy": 2.5 + 0.1 * np.arange(n_layers), "erf": np.full(n_layers, 0.6),
-            "gini": np.full(n_layers, 0.3), "head_diversity": np.full(n_layers, 0.1)}
+    base = {"entropy": 2.5 + 0.1 * np.arange(n_layers),
+            **{m: np.full(n_layers, _BASE.get(m, 0.5)) for m in METRIC_NAMES if m != "entropy"}}
 
     def at(fraction: float) -> dict[str, list[float]]:
-        return {m: list(b * (1 + fraction * _FOLLOW[m] * drift / 100
+        return {m: list(b * (1 + fraction * _FOLLOW.get(m, 1.0) * drift / 100
                              * (1 + 0.2 * rng.standard_normal(n_layers)))) for m, b in
                 base.items()}
 
@@ -141,15 +143,6 @@ def built(store) -> dict:
 
 def _rows(table, **where):
     return [r for r in table.rows if all(r.get(k) == v for k, v in where.items())]
-
-
-def test_metric_labels_mirror_the_metric_registry():
-    from attndrift.probes.metrics import METRICS
-
-    assert list(_METRICS) == list(METRICS)
-    for name, info in METRICS.items():
-        assert (_METRICS[name].label, _METRICS[name].unit, _METRICS[name].meaning) == (
-            info.label, info.unit, info.meaning)
 
 
 def test_store_loading_shows_every_run_with_its_status(store):

@@ -10,8 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from attndrift.records import RecordError, read_record
-
-CORE = ("entropy", "erf", "gini", "head_diversity")
+from attndrift.signals import ATTENTION
 
 
 def _pct(value: float | None) -> str:
@@ -52,7 +51,7 @@ def comparison_tables(records: list[dict[str, Any]],
                           "(mean over the fixed probe subsets, 002; subset 0 where a record has "
                           "no subset means)")
     for col in ("run", "method", "lr", "status", "val acc", "test acc",
-                *(f"Δ {m}" for m in CORE)):
+                *(f"Δ {s.short}" for s in ATTENTION.values())):
         summary.add_column(col, justify="left" if col in ("run", "method", "status") else "right")
     for label, r in zip(labels, records, strict=True):
         final = r.get("final") or {}
@@ -61,7 +60,7 @@ def comparison_tables(records: list[dict[str, Any]],
         lr = (r["config"].get("train") or {}).get("lr")  # a measured checkpoint may have none
         summary.add_row(label, r["config"]["method"], "-" if lr is None else f"{lr:g}",
                         r["status"], _acc(final.get("best_val_acc")), _acc(final.get("test_acc")),
-                        *(_pct(delta.get(m)) for m in CORE))
+                        *(_pct(delta.get(m)) for m in ATTENTION))
 
     # a measured checkpoint may bring its own fine-tuned text tower (issue 22 item 6)
     towers = [((r.get("provenance") or {}).get("finetuned") or {}).get("text_tower") == "fine-tuned"

@@ -243,18 +243,26 @@ class ProbeConfig(_Strict):
         ["rollout", "cka", "drift"], json_schema_extra=role("replicate"),
         description="auxiliary metrics: attention rollout and patch-to-patch entropy, "
                     "layerwise CKA to the pretrained model, weight/embedding drift")
-    aux_every: Annotated[int, Field(ge=0)] = Field(
-        0, json_schema_extra=role("replicate"),
+    aux_every: Annotated[int, Field(ge=0)] | None = Field(
+        None, json_schema_extra=role("replicate"),
         description="also measure the auxiliary metrics at every k-th training probe "
-                    "(0: only before and after training)")
-    zeroshot_every: Annotated[int, Field(ge=0)] = Field(
-        0, json_schema_extra=role("replicate"),
+                    "(0: only before and after training; unset: once per epoch, every "
+                    "per_epoch-th probe)")
+    zeroshot_every: Annotated[int, Field(ge=0)] | None = Field(
+        None, json_schema_extra=role("replicate"),
         description="zero-shot accuracy on a fixed class-balanced subset of each transfer "
-                    "task at every k-th training probe, into the history (0: only before "
-                    "and after training, on the whole test split)")
+                    "task at every k-th training probe and the last, into the history (0: "
+                    "only before and after training, on the whole test split; unset: once "
+                    "per epoch, every per_epoch-th probe)")
     zeroshot_images: PosInt = Field(
         1000, json_schema_extra=role("replicate"),
         description="images per transfer task in that subset (seeded by probe.seed)")
+
+    def period(self, every: int | None) -> int:
+        """A tracking cadence in training probes (``aux_every``, ``zeroshot_every``): ``every``,
+        or once per epoch when unset (every ``per_epoch``-th probe, the epoch's last; every
+        probe when ``per_epoch`` is 0 and the last step is the only one). 0 = off."""
+        return max(1, self.per_epoch) if every is None else every
 
     @model_validator(mode="after")
     def _enough_for_cka(self) -> ProbeConfig:

@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from attndrift.signals import ATTENTION_SAMPLES  # as a run saves them
+
 ATTENTION_FILE = "attention.safetensors"
-ATTENTION_SAMPLES = 8  # probe images whose maps are saved for heatmap overlays (as a run)
 
 
 def _reference_provenance(reference: str) -> dict[str, Any]:

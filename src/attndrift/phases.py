@@ -22,8 +22,6 @@ from attndrift.evaluate import accuracy, drift_summary
 from attndrift.probes.metrics import summarize
 from attndrift.records import Evaluated, Final
 
-ATTENTION_SAMPLES = 8  # probe images whose maps are saved for heatmap overlays
-
 
 def data_provenance(dataset: str, source: ImageTask, train_idx: torch.Tensor,
                     val_idx: torch.Tensor, subsets: list[torch.Tensor],

@@ -13,10 +13,11 @@ from attndrift.data.registry import load_task
 from attndrift.data.robustness import robustness_summary
 from attndrift.evaluate import zeroshot_summary
 from attndrift.models.classifier import trainable_state
-from attndrift.phases import ATTENTION_SAMPLES, evaluate_final, final_record
+from attndrift.phases import evaluate_final, final_record
 from attndrift.records import Evaluated
 from attndrift.run_setup import Setup
 from attndrift.runtime import BestWeights, LoopState, board_metrics, save_weights
+from attndrift.signals import ATTENTION_SAMPLES
 
 
 def evaluated_checkpoint(s: Setup, state: LoopState, best: BestWeights) -> Evaluated:

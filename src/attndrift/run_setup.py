@@ -34,13 +34,14 @@ from attndrift.evaluate import (
 from attndrift.models.adapt import adapt, method_kwargs
 from attndrift.models.classifier import CLIPClassifier, count_parameters
 from attndrift.models.clip import LoadedCLIP, load_clip
-from attndrift.phases import ATTENTION_SAMPLES, data_provenance
+from attndrift.phases import data_provenance
 from attndrift.probes.capture import AttentionProbe
 from attndrift.probes.drift import vision_weight_snapshot
 from attndrift.probes.metrics import summarize
 from attndrift.records import RunRecord, file_sha256
 from attndrift.regularizers import Pretrained, Regularizer, regularizer
 from attndrift.runtime import LoopState, generators
+from attndrift.signals import ATTENTION_SAMPLES
 from attndrift.zeroshot import text_classifier
 
 
@@ -179,9 +180,10 @@ def _data(s: Setup) -> None:
     s.zs_weights = {name: text_classifier(loaded.model, loaded.tokenizer, t.class_names,
                                           t.templates, device) for name, t in s.zs_tasks.items()}
     # forgetting during training: the same class-balanced images of each task at every point
+    track = cfg.probe.period(cfg.probe.zeroshot_every)  # tracked at all (default: yes)
     s.zs_subsets = {name: t.subset(balanced_subset(t.labels, cfg.probe.zeroshot_images,
                                                    cfg.probe.seed), f"{name}/subset")
-                    for name, t in s.zs_tasks.items()} if cfg.probe.zeroshot_every else {}
+                    for name, t in s.zs_tasks.items()} if track else {}
     weights_file = Path(loaded.source) / "model.safetensors"
     s.record.provenance.update({
         "model_source": loaded.source,

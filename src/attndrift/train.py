@@ -289,11 +289,12 @@ def _probe(s: Setup, state: LoopState, live: _Live) -> torch.Tensor:
     attn = s.probe_of(s.probe_images)
     probe = {"step": step, "epoch": step / s.steps_per_epoch,
              "fraction": step / s.total_steps, "metrics": summarize(attn)}
-    every, number = s.cfg.probe.aux_every, len(history["probes"]) + 1
+    every, number = s.cfg.probe.period(s.cfg.probe.aux_every), len(history["probes"]) + 1
     if every and number % every == 0:
         probe["aux"] = s.aux_of(state.aux_ref, s.pretrained_weights)[0]
     state.probe_s += time.perf_counter() - t
-    every = s.cfg.probe.zeroshot_every  # and at the last probe: the trajectory's end
+    # zero-shot on the fixed subsets, also at the last probe (the trajectory's end)
+    every = s.cfg.probe.period(s.cfg.probe.zeroshot_every)
     if every and (number % every == 0 or step == s.total_steps):
         t = time.perf_counter()
         probe["zeroshot"] = s.zeroshot(s.zs_weights, s.zs_subsets)

@@ -28,6 +28,7 @@ from attndrift.analysis.inference import contrasts, level_label, where_label
 from attndrift.analysis.runs import Run
 from attndrift.analysis.settings import setting_order
 from attndrift.analysis.table import Column, Table, make_table, register_table
+from attndrift.signals import ATTENTION
 
 CI_LEVEL, CI_RESAMPLES = 0.95, 10_000
 
@@ -74,19 +75,17 @@ def backbone_comparison(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> Table:
                "members": (tuple(str(r.path) for r in a.completed),
                            tuple(str(r.path) for r in b.completed)),
                "_order": setting_order(a.config)}
-        for key, get in (("d_entropy", lambda r: delta(r, "entropy", drift)),
-                         ("d_erf", lambda r: delta(r, "erf", drift)),
-                         ("d_gini", lambda r: delta(r, "gini", drift)),
+        for key, get in (*((f"d_{m}", lambda r, m=m: delta(r, m, drift)) for m in ATTENTION),
                          ("test_acc", lambda r: num(final(r).get("test_acc")))):
             row[f"{key}_a"] = mean_sd(get(r) for r in a.completed)[0]
             row[f"{key}_b"] = mean_sd(get(r) for r in b.completed)[0]
         row["gap"] = row["d_entropy_b"] - row["d_entropy_a"]
         rows.append(row)
     cols = (Column("where", "setting"), Column("a", "backbone A"), Column("b", "backbone B"),
-            Column("n", "seeds A vs B"), Column("d_entropy_a", "Δ entropy % A", "pct"),
-            Column("d_entropy_b", "Δ entropy % B", "pct"), Column("d_erf_a", "Δ ERF % A", "pct"),
-            Column("d_erf_b", "Δ ERF % B", "pct"), Column("d_gini_a", "Δ Gini % A", "pct"),
-            Column("d_gini_b", "Δ Gini % B", "pct"), Column("test_acc_a", "test acc % A", "acc"),
+            Column("n", "seeds A vs B"),
+            *(Column(f"d_{m}_{ab}", f"Δ {s.short} % {ab.upper()}", "pct")
+              for m, s in ATTENTION.items() for ab in ("a", "b")),
+            Column("test_acc_a", "test acc % A", "acc"),
             Column("test_acc_b", "test acc % B", "acc"),
             Column("gap", "entropy gap (B − A)", "pct"))
     return make_table("backbone_comparison", "Backbone comparison",

@@ -14,14 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from attndrift.signals import drift_pct  # the one drift formula (re-exported here)
+
+__all__ = ["ONSET_THRESHOLD_PCT", "collapse_onset", "drift_pct", "layer_trajectory",
+           "mean_trajectory", "peak_velocity", "trajectory"]
+
 ONSET_THRESHOLD_PCT = -1.0
-
-
-def drift_pct(adapted: float | None, pretrained: float | None) -> float:
-    """The study's drift 100 (adapted - pretrained) / pretrained; NaN when undefined."""
-    if adapted is None or pretrained is None or pretrained == 0:
-        return math.nan
-    return 100.0 * (adapted - pretrained) / pretrained
 
 
 def trajectory(record: dict[str, Any], metric: str = "entropy") -> tuple[np.ndarray, np.ndarray]:

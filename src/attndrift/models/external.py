@@ -140,13 +140,15 @@ def _vision_classifier(clip: nn.Module) -> CLIPClassifier:
 
 def _load_run(path: Path, reference: LoadedCLIP):
     from attndrift.models.restore import restore_run
-    from attndrift.records import read_record
+    from attndrift.records import evaluated_checkpoint, read_record
 
-    loaded, adapted = restore_run(path, "final")
-    check_architecture(reference.model.config, loaded.model.config, str(path))
     record = read_record(path)
+    checkpoint = evaluated_checkpoint(record)  # the weights the run's own record measured
+    loaded, adapted = restore_run(path, checkpoint)
+    check_architecture(reference.model.config, loaded.model.config, str(path))
     details = {
         "run_id": record.get("run_id"),
+        "checkpoint": checkpoint,
         "method": record["config"].get("method"),
         "model": record["config"].get("model"),
         "dataset": (record["config"].get("data") or {}).get("dataset"),

@@ -16,7 +16,6 @@ from attndrift.probes.capture import (
 from attndrift.probes.cka import layer_representations, layerwise_cka, linear_cka
 from attndrift.probes.drift import embedding_drift, vision_weight_snapshot, weight_drift
 from attndrift.probes.metrics import (
-    ERF_RTOL,
     METRICS,
     MetricInfo,
     delta_pct,
@@ -35,7 +34,6 @@ from attndrift.probes.rollout import (
 )
 
 __all__ = [
-    "ERF_RTOL",
     "METRICS",
     "AttentionProbe",
     "MetricInfo",

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
-from attndrift.probes.metrics import entropy, erf, gini
+from attndrift.probes.metrics import entropy, erf, gini, query_attention_distance
 
 __all__ = [
     "attention_rollout",
+    "patch_to_patch_distance",
     "patch_to_patch_entropy",
     "rollout_cls_patch",
     "rollout_summary",
@@ -90,6 +91,17 @@ def patch_to_patch_entropy(attn: torch.Tensor) -> torch.Tensor:
     return entropy(p2p).mean(dim=(0, 2, 3))
 
 
+def patch_to_patch_distance(attn: torch.Tensor) -> torch.Tensor:
+    """Mean attention distance of the patch queries, per layer, in patch widths (Dosovitskiy et
+    al. 2021; Raghu et al. 2021): each patch query's weights over the patch keys (CLS key
+    dropped, row renormalised, as `patch_to_patch_entropy`), ``sum_j a_ij d(i, j)``, averaged
+    over queries, heads and images. ``attn`` ``[B, L, H, T, T]`` on a square patch grid ->
+    ``[L]``, float32 (float64 if ``attn`` is float64)."""
+    _check_full(attn)
+    p2p = _renormalize_rows(_as_float(attn.detach())[..., 1:, 1:])  # [B, L, H, N, N]
+    return query_attention_distance(p2p).mean(dim=(0, 2, 3))
+
+
 def rollout_summary(attn: torch.Tensor, residual: float = 0.5) -> dict[str, Any]:
     """The auxiliary table of a probe set (plain Python, JSON-able).
 
@@ -101,15 +113,19 @@ def rollout_summary(attn: torch.Tensor, residual: float = 0.5) -> dict[str, Any]
         ``{"rollout_entropy", "rollout_erf", "rollout_gini"}``: entropy (nats), ERF@0.95 and
         Gini of each image's rollout CLS->patch distribution, averaged over images;
         ``"p2p_entropy"``: patch-to-patch entropy averaged over layers, and
-        ``"p2p_entropy_layers"``: the ``L`` per-layer values. Every value is a mean over
-        images, so batches of a probe set combine by an image-weighted mean.
+        ``"p2p_entropy_layers"``: the ``L`` per-layer values; ``"p2p_distance"`` and
+        ``"p2p_distance_layers"`` likewise for `patch_to_patch_distance`. Every value is a mean
+        over images, so batches of a probe set combine by an image-weighted mean.
     """
     cls_patch = rollout_cls_patch(attention_rollout(attn, residual))  # [n, N]
     p2p = patch_to_patch_entropy(attn)
+    distance = patch_to_patch_distance(attn)
     return {
         "rollout_entropy": entropy(cls_patch).mean().item(),
         "rollout_erf": erf(cls_patch).mean().item(),
         "rollout_gini": gini(cls_patch).mean().item(),
         "p2p_entropy": p2p.mean().item(),
         "p2p_entropy_layers": p2p.tolist(),
+        "p2p_distance": distance.mean().item(),
+        "p2p_distance_layers": distance.tolist(),
     }

@@ -1,5 +1,6 @@
 """Figures of the attention metrics over training time: metric trajectories (003 Fig. 5, 9), the
-layer × training-time heatmap (003 Fig. 4) and the evolution of Gini and ERF (003 Fig. 17).
+layer × training-time heatmap (003 Fig. 4) and the evolution of each attention metric (of Gini
+and ERF: 003 Fig. 17), one figure per metric of `attndrift.signals`.
 (How training itself went, convergence and collapse onset, is in `attndrift.report.training`.)
 
 Same contract as `attndrift.report.base`: registered, runs in, Figure out, `NoData` when the
@@ -38,6 +39,7 @@ from attndrift.report.style import (
     series_of,
     setting_series,
 )
+from attndrift.signals import ATTENTION
 
 
 def probed_runs(runs: Sequence[Run]) -> list[Run]:
@@ -138,30 +140,32 @@ def metric_evolution(runs: Sequence[Run], metric: str) -> Figure:
     return fig
 
 
-@register_figure(
-    "gini_evolution",
-    "Gini over training",
-    section="dynamics",
-    order=40,
-    drift=SUBSET0,
-    caption=f"Layer-mean Gini coefficient at each probe, {SEEDS}; dashed black = "
-    "pretrained (003 Fig. 17).",
-)
-def gini_evolution(runs: Sequence[Run]) -> Figure:
-    return metric_evolution(runs, "gini")
+# One "<metric>_evolution" figure per attention metric of the signal spec (attndrift.signals),
+# in its order; the papers drew Gini (003 Fig. 17) and ERF likewise.
+_PAPER_FIGURE = {"gini": " (003 Fig. 17)", "erf": " (003 Fig. 17's companion)"}
 
 
-@register_figure(
-    "erf_evolution",
-    "ERF over training",
-    section="dynamics",
-    order=50,
-    drift=SUBSET0,
-    caption=f"Layer-mean effective receptive field (ERF@0.95) at each probe, {SEEDS}; "
-    "dashed black = pretrained (003 Fig. 17's companion).",
-)
-def erf_evolution(runs: Sequence[Run]) -> Figure:
-    return metric_evolution(runs, "erf")
+def _register_evolution(metric: str, order: int) -> None:
+    info = ATTENTION[metric]
+
+    def draw(runs: Sequence[Run]) -> Figure:
+        return metric_evolution(runs, metric)
+
+    draw.__name__ = draw.__qualname__ = f"{metric}_evolution"
+    unit = f", {info.unit}" if info.unit else ""
+    register_figure(
+        f"{metric}_evolution",
+        f"{info.label} over training",
+        section="dynamics",
+        order=order,
+        drift=SUBSET0,
+        caption=f"Layer-mean {info.label[0].lower()}{info.label[1:]} ({info.short}{unit}) at "
+        f"each probe, {SEEDS}; dashed black = pretrained{_PAPER_FIGURE.get(metric, '')}.",
+    )(draw)
+
+
+for _k, _m in enumerate(ATTENTION):
+    _register_evolution(_m, 40 + _k)
 
 
 @register_figure(

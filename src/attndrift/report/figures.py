@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from attndrift.analysis.common import SUBSET0, SUBSET_MEAN, completed, final, num, zs, zs_tasks
 from attndrift.analysis.metadata import SHORT, core_metrics, metric_info
@@ -35,6 +35,7 @@ from attndrift.report.style import (
     panel_title,
     series_of,
 )
+from attndrift.signals import ATTENTION
 
 
 @register_figure(
@@ -43,12 +44,13 @@ from attndrift.report.style import (
     section="results",
     order=40,
     tables=("baseline_structure", "baseline_summary"),
-    caption="The pretrained model's entropy, ERF@0.95, Gini and head diversity per layer "
-    "(layer 1 nearest the input), per backbone and dataset's probe images: the "
-    "structure fine-tuning starts from (003 Fig. 2).",
+    caption="The pretrained model's attention metrics per layer (one panel each: "
+    f"{', '.join(s.short for s in ATTENTION.values())}; layer 1 nearest the input), per "
+    "backbone and dataset's probe images: the structure fine-tuning starts from (003 Fig. 2).",
 )
 def baseline_structure(runs: Sequence[Run]) -> Figure:
-    """The pretrained model's four metrics per layer, one line per backbone and probe set."""
+    """The pretrained model's attention metrics per layer, one line per backbone and probe
+    set."""
     bases = {}
     for r in completed(runs):
         base = (r.record or {}).get("baseline") or {}
@@ -57,7 +59,8 @@ def baseline_structure(runs: Sequence[Run]) -> Figure:
     if not bases:
         raise NoData("no completed run has a pretrained baseline")
     info = metric_info()
-    fig, axes = figure_grid(1, len(info), height=3.0)
+    # one panel per attention metric (attndrift.signals), each ~2.4 in wide
+    fig, axes = figure_grid(1, len(info), width=max(11.0, 2.4 * len(info) + 1.5), height=3.0)
     for ax, m in zip(axes[0], info, strict=True):
         n_layers = 1
         for panel, base in bases.items():
@@ -259,17 +262,17 @@ def lr_panels(runs: Sequence[Run]) -> Figure:
     order=90,
     drift=SUBSET_MEAN,
     tables=("regularization",),
-    caption="Δ entropy, ERF and Gini of regularized and weight-decay variants next to the "
+    caption="Δ of every attention metric of regularized and weight-decay variants next to the "
     "setting that differs from them only in that, at the same learning rate (mean "
     "± 1 sd over seeds) (003 Fig. 8).",
 )
 def regularization(runs: Sequence[Run]) -> Figure:
-    """Drift of entropy, ERF and Gini of every setting whose family differs from another only in
-    the regularizer or the weight decay (so the unregularized run stands next to its variants),
-    mean ± sd over seeds."""
+    """Drift of every attention metric of every setting whose family differs from another only
+    in the regularizer or the weight decay (so the unregularized run stands next to its
+    variants), mean ± sd over seeds."""
     delta = drift_reader(runs)
     pal = Palette(runs)
-    metrics = [m for m in ("entropy", "erf", "gini") if m in core_metrics()]
+    metrics = list(core_metrics())
     bars = []  # (panel, label, lr, group)
     for panel, fams in series_of(completed(runs), runs).items():
 
@@ -301,7 +304,8 @@ def regularization(runs: Sequence[Run]) -> Figure:
         + f"  (n={len(b[3])})"
         for b in bars
     ]
-    fig, axes = figure_grid(1, len(metrics), height=max(2.6, 0.32 * len(bars) + 1.2))
+    fig, axes = figure_grid(1, len(metrics), width=max(11.0, 2.4 * len(metrics) + 2.5),
+                            height=max(2.6, 0.32 * len(bars) + 1.2))
     for ax, m in zip(axes[0], metrics, strict=True):
         hbars(
             ax,
@@ -312,6 +316,7 @@ def regularization(runs: Sequence[Run]) -> Figure:
         )
         ax.axvline(0, **ZERO)
         ax.set_title(f"Δ {SHORT[m]} %", fontsize=9)
-        ax.set_xlabel("drift vs pretrained (%), ±1 sd over seeds", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # a panel per metric: few ticks
         ax.grid(alpha=0.3, axis="x")
+    fig.supxlabel("drift vs pretrained (%), ±1 sd over seeds", fontsize=8)
     return fig
