@@ -206,9 +206,11 @@ def test_lora_train_projection(tiny, train_projection):
 
 def test_field_roles_reproduce_the_keys_decided_before_they_were_declared():
     assert OPERATIONAL_KEYS == (("train", "checkpoint_every"), ("train", "checkpoint_minutes"),
-                                ("data", "resident_mb"), ("tensorboard",), ("save_checkpoints",))
+                                ("data", "resident_mb"), ("tensorboard",),
+                                # added since: experiment trackers log, they do not train
+                                ("trackers",), ("save_checkpoints",))
     assert {
-        "name", "seed", "device", "tensorboard", "save_checkpoints", "train.compile",
+        "name", "seed", "device", "tensorboard", "trackers", "save_checkpoints", "train.compile",
         "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
         "data.eval_batch_size", "data.resident_mb", "data.zeroshot", "probe.batch_size",
         "probe.precision", "probe.aux", "probe.aux_every", "probe.zeroshot_every",
@@ -288,3 +290,18 @@ def test_every_methods_weight_drift_is_that_of_its_merged_weights(tiny, name):
     merged = weight_drift(merge_lora(adapted), reference)
     assert drift["total"] == pytest.approx(merged["total"], rel=1e-5, abs=1e-9)
     assert (drift["total"] > 0) == (SCHEMES[name] != "none")
+
+
+def test_a_guarded_setting_is_labelled_by_its_guard_in_one_part():
+    """The guard keys of a guarded setting read as one part (action, signal's short label,
+    threshold, start), not one 'guard.key value' part per key; the unguarded one shows none."""
+    plain = factors(_config("full_ft"))
+    guarded = factors(_config("full_ft", guard={"signal": "abs_d_entropy", "threshold": 25,
+                                                "start": 0.2, "action": "stop"}))
+    cka = factors(_config("full_ft", guard={"signal": "cka_mean", "threshold": 0.9}))
+    lora = factors(_config("lora"))
+    assert labels_of([plain, guarded, lora, cka]) == [
+        "full FT", "full FT · guard: stop at |Δ entropy| > 25 from 20%", "LoRA r=8",
+        "full FT · guard: warn at CKA mean < 0.9"]
+    # only the guard varies: the unguarded setting is still named (by its method)
+    assert labels_of([plain, guarded]) == ["full FT", "guard: stop at |Δ entropy| > 25 from 20%"]

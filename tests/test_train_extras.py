@@ -1,4 +1,5 @@
-"""The training loop's regularizers, auxiliary metrics and TensorBoard logging, end to end."""
+"""The training loop's regularizers, auxiliary metrics and probe precision, end to end
+(TensorBoard and the other trackers: test_trackers.py)."""
 
 import pytest
 
@@ -58,20 +59,6 @@ def test_auxiliary_metrics_are_recorded(tmp_path):
     assert final["weight_drift"] > 0 and final["embedding_drift"] > 0
     assert set(final["subset_cv"]) == set(ATTENTION)
     assert all("aux" in p for p in rec["history"]["probes"])
-
-
-def test_tensorboard_scalars(tmp_path):
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run(tiny_config("tiny_full_ft", *SHORT, "tensorboard=true", "probe.aux=[]"), tmp_path,
-        progress=False)
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "val/accuracy", "attention/entropy", "attention/entropy_delta_pct",
-            "attention_layers/entropy/L1", "zeroshot/shapes-zs-shape"} <= tags
-    assert len(events.Scalars("train/loss")) == 6
 
 
 def test_bf16_probes_are_close_to_fp32_but_really_bf16(tmp_path):

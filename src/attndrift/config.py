@@ -25,6 +25,7 @@ from attndrift.fields import Roles, role
 from attndrift.guard import GuardConfig, check_measured
 from attndrift.methods import METHODS, REGULARIZERS
 from attndrift.pathsafe import check_name
+from attndrift.trackers import TRACKERS
 from attndrift.yamlio import YamlError, looks_numeric, parse_yaml, shorten
 
 
@@ -331,6 +332,11 @@ class RunConfig(_Strict):
     tensorboard: bool = Field(False, json_schema_extra=role("operational"),
                               description="write TensorBoard scalars to OUT/tensorboard "
                                           "(needs `pip install -e '.[tensorboard]'`)")
+    trackers: list[Literal[tuple(TRACKERS)]] = Field(  # type: ignore[valid-type]
+        [], json_schema_extra=role("operational"),
+        description=f"experiment trackers that get the run's scalars, of {', '.join(TRACKERS)} "
+                    "(`attndrift.trackers`; each needs its extra, e.g. `pip install -e "
+                    "'.[wandb]'`; one not installed is skipped with a warning)")
     device: str = Field("auto", json_schema_extra=role("replicate"),
                         description="auto, cpu, cuda, cuda:N")
     save_checkpoints: bool = Field(True, json_schema_extra=role("operational"),

@@ -39,7 +39,7 @@ def final_evaluation(s: Setup, state: LoopState, best: BestWeights, board, last_
     """Measure the evaluated checkpoint (probe subsets, zero-shot, auxiliary metrics, the test
     split read once, scored by ``accuracy``), write the weights and attention samples, and
     fill in the record; ``last_attn`` is the last probe's attention (of the final weights),
-    ``board`` a TensorBoard writer or None."""
+    ``board`` the run's `attndrift.trackers.Trackers` (or None)."""
     cfg, history, record, step = s.cfg, state.history, s.record, state.step
     best.write()
     if cfg.save_checkpoints:
@@ -72,12 +72,11 @@ def final_evaluation(s: Setup, state: LoopState, best: BestWeights, board, last_
             {n: accuracy(s.model, t, s.preprocess, s.device, cfg.data.eval_batch_size,
                          cfg.train.precision) for n, t in s.robust.items()}, ev.test_acc,
             s.robust)
-    if board is not None:
+    if board:
         board_metrics(board, ev.metrics, record.baseline, step)
         for name, z in record.zeroshot.items():
-            board.add_scalar(f"zeroshot/{name}", z["after"], step)
-        board.add_scalar("test/accuracy", ev.test_acc, step)
-        board.close()
+            board.scalar(f"zeroshot/{name}", z["after"], step)
+        board.scalar("test/accuracy", ev.test_acc, step)
     train_s = state.train_s
     record.timing.update({"train_s": train_s, "probe_s": state.probe_s,
                           "zeroshot_s": state.zeroshot_s + ev.zeroshot_s,

@@ -124,23 +124,14 @@ def progress_bar(enabled: bool, total: int, done: int, description: str):
     return bar, bar.add_task(description, total=total, completed=done, info="")
 
 
-def open_board(out_dir: Path, step: int):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise RuntimeError("tensorboard=true needs TensorBoard: pip install "
-                           "'attndrift[tensorboard]'") from None
-    # purge_step drops events a killed run wrote after its last checkpoint
-    return SummaryWriter(str(out_dir / "tensorboard"), purge_step=step or None)
-
-
 def board_metrics(board, metrics: dict[str, Any], baseline: dict[str, Any], step: int) -> None:
+    """The attention metrics of a probe to the run's trackers (`attndrift.trackers`)."""
     for m in METRICS:
-        board.add_scalar(f"attention/{m}", metrics["mean"][m], step)
-        board.add_scalar(f"attention/{m}_delta_pct",
-                         delta_pct(metrics["mean"][m], baseline["mean"][m]), step)
+        board.scalar(f"attention/{m}", metrics["mean"][m], step)
+        board.scalar(f"attention/{m}_delta_pct",
+                     delta_pct(metrics["mean"][m], baseline["mean"][m]), step)
         for i, value in enumerate(metrics[m]["layers"]):
-            board.add_scalar(f"attention_layers/{m}/L{i + 1}", value, step)
+            board.scalar(f"attention_layers/{m}/L{i + 1}", value, step)
 
 
 @dataclass

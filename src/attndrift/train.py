@@ -21,7 +21,8 @@ import contextlib
 import math
 import time
 import traceback
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,11 @@ from attndrift.runtime import (
     LoopState,
     board_metrics,
     load_resume,
-    open_board,
     progress_bar,
     save_resume,
     select_device,
 )
+from attndrift.trackers import Opening, Trackers, open_trackers, tracker_names
 
 __all__ = ["Diverged", "probe_steps", "run", "warmup_cosine"]
 
@@ -108,7 +109,7 @@ class _Live:
 
     best: BestWeights
     guard: Guard | None = None  # early-warning guard (None without a guard section)
-    board: Any = None  # TensorBoard writer
+    board: Trackers = field(default_factory=lambda: Trackers([]))  # experiment trackers
     segment: tuple[float, float] = (0.0, 0.0)  # (wall clock, evaluation seconds) at last count
     perm_at: torch.Tensor | None = None  # the epoch's order where the images are
 
@@ -130,9 +131,25 @@ def _run(cfg: RunConfig, out_dir: Path, record: RunRecord, saved: dict[str, Any]
     s = prepare(cfg, out_dir, record, device, progress)
     state = measure_baseline(s) if saved is None else _restore(s, saved)
     live = _Live(BestWeights(out_dir, s.meta), guard)
-    last_attn = _train(s, state, live)
-    # the test accuracy goes through this module's `accuracy`, as the validation does
-    _final_evaluation(s, state, live.best, live.board, last_attn, accuracy)
+    live.board = open_trackers(
+        tracker_names(cfg.trackers, cfg.tensorboard),
+        Opening(out_dir, record.run_id, cfg.name or record.run_id, state.step, record.config),
+        warn=lambda line: _warn_once(record, line))
+    try:
+        last_attn = _train(s, state, live)
+        # the test accuracy goes through this module's `accuracy`, as the validation does
+        _final_evaluation(s, state, live.best, live.board, last_attn, accuracy)
+    except BaseException as err:
+        live.board.close("killed" if isinstance(err, KeyboardInterrupt) else "failed")
+        raise
+    live.board.close("finished")
+
+
+def _warn_once(record: RunRecord, line: str) -> None:
+    """A warning on stderr and in the record's ``warnings`` (once, across resumes)."""
+    warnings.warn(line, stacklevel=2)
+    if line not in (record.warnings or []):
+        record.warnings = [*(record.warnings or []), line]
 
 
 def _restore(s: Setup, saved: dict[str, Any]) -> LoopState:
@@ -170,7 +187,6 @@ def _train(s: Setup, state: LoopState, live: _Live) -> torch.Tensor:
     cfg, total_steps = s.cfg, s.total_steps
     if s.regularizer is not None:  # targets that depend on the baseline (entropy floors)
         s.reg_state = s.regularizer.start(s.reg_state, s.record.baseline["entropy"]["layers"])
-    live.board = open_board(s.out_dir, state.step) if cfg.tensorboard else None
     s.model.train()
     bar, task_id = progress_bar(s.progress, total_steps, state.step,
                                 f"{cfg.name} ({cfg.method})")
@@ -272,10 +288,10 @@ def _log_loss(s: Setup, state: LoopState, live: _Live) -> float:
         entry["reg"] = float(state.reg_sum) / state.loss_count
         state.reg_sum.zero_()
     history["loss"].append(entry)
-    if live.board is not None:
+    if live.board:
         for key in ("loss", "lr", "reg"):
             if key in entry:
-                live.board.add_scalar(f"train/{key}", entry[key], step)
+                live.board.scalar(f"train/{key}", entry[key], step)
     state.loss_sum.zero_()
     state.loss_count = 0
     return mean_loss
@@ -301,10 +317,10 @@ def _probe(s: Setup, state: LoopState, live: _Live) -> torch.Tensor:
         state.zeroshot_s += time.perf_counter() - t
     history["probes"].append(probe)
     at_probe(live.guard, s.record, probe)
-    if live.board is not None:
+    if live.board:
         board_metrics(live.board, probe["metrics"], s.record.baseline, step)
         for name, acc in probe.get("zeroshot", {}).items():
-            live.board.add_scalar(f"zeroshot_subset/{name}", acc, step)
+            live.board.scalar(f"zeroshot_subset/{name}", acc, step)
     return attn
 
 
@@ -317,8 +333,8 @@ def _end_epoch(s: Setup, state: LoopState, live: _Live) -> float:
                        cfg.train.precision)
     state.history["epochs"].append({"epoch": state.epoch, "step": state.step,
                                     "val_acc": val_acc})
-    if live.board is not None:
-        live.board.add_scalar("val/accuracy", val_acc, state.step)
+    if live.board:
+        live.board.scalar("val/accuracy", val_acc, state.step)
     if val_acc > state.best_val:
         state.best_val, state.best_epoch = val_acc, state.epoch
         if cfg.save_checkpoints or cfg.eval.checkpoint == "best":

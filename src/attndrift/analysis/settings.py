@@ -25,6 +25,7 @@ from attndrift.analysis.runs import (
     short_number,
 )
 from attndrift.methods import method_spec
+from attndrift.signals import SIGNALS
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ def labels_of(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
             parts.append(others[i])
         if "train.lr" in varying:
             parts.append(key_label("train.lr", f.get("train.lr")))
-        out.append(" · ".join(parts))
+        # only other keys vary and this set has their usual values: name it by its method
+        out.append(" · ".join(parts or [_method_part(f, shown)]))
     return _disambiguate(out, factor_sets)
 
 
@@ -164,9 +166,29 @@ def other_labels(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
     out = []
     for f in factor_sets:
         parts = [(key_label(k, f[k]) if k in f else f"{k}: not set") for k in rest
-                 if repr(f.get(k)) != repr(usual[k])]
+                 if repr(f.get(k)) != repr(usual[k]) and not k.startswith("guard.")]
+        # a guarded setting is named by its guard whatever is most common (unguarded: none)
+        if any(k.startswith("guard.") for k in rest) and f.get("guard.signal") is not None:
+            parts.append(guard_label(f))
         out.append(" · ".join(parts) or "—")
     return out
+
+
+def guard_label(f: dict[str, Any]) -> str:
+    """The guard of a factor set in one part, e.g. 'guard: stop at |Δ entropy| > 25 from 20%'."""
+    name = f.get("guard.signal")
+    sig = SIGNALS.get(str(name))
+    direction = f.get("guard.direction", "auto")
+    if direction == "auto":
+        direction = "above" if sig is None or sig.change != "lower" else "below"
+    threshold = _value("guard.threshold", f.get("guard.threshold"))
+    part = (f"guard: {f.get('guard.action', 'warn')} at {sig.short if sig else name} "
+            f"{'>' if direction == 'above' else '<'} {threshold}")
+    if f.get("guard.start"):
+        part += f" from {float(f['guard.start']):.0%}"
+    if f.get("guard.task"):
+        part += f" ({f['guard.task']})"
+    return part
 
 
 def setting_order(config: dict[str, Any]) -> tuple:

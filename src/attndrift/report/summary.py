@@ -90,7 +90,7 @@ def dashboard(runs: Sequence[Run]) -> Figure:
     outcomes: list[tuple[str, Callable[[Run], float], float, float]] = [
         ("test acc %", lambda r: 100 * num(final(r).get("test_acc")), 0, 100),
         ("Δ entropy %", lambda r: delta(r, "entropy"), -100, math.inf),
-        ("zero-shot retained % (task mean)", _retention, 0, math.inf),
+        ("zero-shot retained %\n(task mean)", _retention, 0, math.inf),
         ("Δ head div. %", lambda r: delta(r, "head_diversity"), -100, math.inf),
     ]
     fig, axes = figure_grid(1, len(outcomes), height=max(2.6, 0.26 * len(rows) + 1.3))
