@@ -266,3 +266,14 @@ def test_hostile_inputs_are_one_line(tmp_path: Path, full_ft_run: Path, measured
     (broken / "final.safetensors").write_bytes(data[: len(data) // 3])
     code, lines = _cli("interpolate", str(broken))
     assert code == 2 and len(lines) == 1 and "not a readable safetensors" in lines[0], lines
+
+
+def test_a_measurement_name_is_one_directory_name(tmp_path: Path) -> None:
+    """--name follows a run config's rule (`pathsafe.check_name`): '../x' is refused in one
+    line before anything is loaded, and nothing is written."""
+    base = ["--reference", "tiny", "--data", "shapes-layout", "--zeroshot", TASK]
+    for bad in ("../x", "a/b", ".hidden"):
+        code, lines = _cli("measure", str(TINY_CLIP_DIR), *base, "--name", bad,
+                           "--out", str(tmp_path / "m"))
+        assert code == 1 and len(lines) == 1 and "one directory name" in lines[0], (bad, lines)
+    assert not (tmp_path / "m").exists()

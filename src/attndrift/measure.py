@@ -33,6 +33,7 @@ from typing import Any
 
 from attndrift.measure_phases import measure_phases
 from attndrift.models.external import check_format, detect_format
+from attndrift.pathsafe import check_name
 
 OVERRIDABLE = ("data.", "probe.", "train.precision")
 DEFAULT_ROOT = Path("runs/measured")
@@ -169,6 +170,8 @@ def plan_measurement(
     if run_config is not None:  # a run knows its learning rate and seed
         lr = (run_config.get("train") or {}).get("lr") if lr is None else lr
         seed = run_config.get("seed") if seed is None else seed
+    if name is not None:
+        check_name(name)  # a name is one directory name, as a run config's (`pathsafe`)
     label = name or (run_config or {}).get("name") or Path(finetuned.rstrip("/")).name
     config = {
         "name": label,

@@ -109,7 +109,7 @@ def _open_split(source: HFSource, split: str):
         import datasets
     except ImportError:
         raise DatasetUnavailable("reading Hugging Face datasets needs the `datasets` package: "
-                                 "pip install 'attndrift[datasets]'") from None
+                                 "pip install -e '.[datasets]' in attndrift's checkout") from None
     if split not in source.splits:
         raise ValueError(f"{source.id}: split {split!r} not known (have {sorted(source.splits)})")
     name = source.splits[split]
