@@ -240,3 +240,11 @@ def test_status_reads_only_and_reports_what_it_cannot_read(tmp_path):
         manifest.write_text(broken)
         one_error(runner.invoke(app, ["study", "status", "--store", str(store.root)]),
                   "study.json")
+
+
+def test_report_early_fraction_outside_training_is_one_line(tmp_path):
+    for bad in ("1.5", "0", "-0.2"):
+        result = CliRunner().invoke(app, ["report", str(tmp_path), "--early-fraction", bad,
+                                          "--out", str(tmp_path / "r")])
+        one_error(result, "between 0 and 1")
+    assert not (tmp_path / "r").exists()

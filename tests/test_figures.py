@@ -18,7 +18,7 @@ from matplotlib.text import Text
 
 from attndrift.analysis import load_store
 from attndrift.analysis.runs import setting_key
-from attndrift.report import FIGURES, build_report, figures, overlay, style
+from attndrift.report import FIGURES, build_report, figures, overlay, style, summary
 from attndrift.report.figures import NoData
 from realshaped import write_store
 
@@ -383,3 +383,30 @@ def test_report_of_records_without_a_metric_is_quiet(tmp_path, capfd):
         rows = list(csv.DictReader(fh))
     assert rows and all(r["d_head_diversity"] == "" for r in rows)  # n/a, not a number
     assert result.html.exists()
+
+
+def test_lora_targets_compares_target_sets_within_one_method(runs):
+    """Every method on LoRA's target modules gets the target-set comparison (DoRA too), and a
+    DoRA setting is never set against a LoRA one: the fixture's LoRA r=8 runs, copied once as
+    DoRA on q,v and once as DoRA on q,k,v,o, give DoRA's pair and nothing of LoRA's."""
+    import copy
+    import dataclasses
+
+    def as_dora(r, targets):
+        rec = copy.deepcopy(r.record)
+        rec["config"]["method"] = "dora"
+        rec["config"]["lora"]["targets"] = targets
+        return dataclasses.replace(r, path=r.path.with_name(r.path.name + "-".join(targets)),
+                                   record=rec)
+
+    lora8 = [r for r in runs if r.ok and r.config.get("method") == "lora"
+             and r.config["lora"]["r"] == 8 and r.config["model"].endswith("patch32")]
+    assert lora8
+    extra = [as_dora(r, t) for r in lora8 for t in (["q_proj", "v_proj"],
+                                                  ["k_proj", "o_proj", "q_proj", "v_proj"])]
+    fig = summary.lora_targets([*runs, *extra])
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels() if t.get_text()]
+    assert labels and all("DoRA" in lab for lab in labels), labels
+    assert len({lab.split(" (n=")[0] for lab in labels}) == len(labels)
+    with pytest.raises(NoData):  # LoRA alone has one target set in this store
+        summary.lora_targets(runs)

@@ -16,6 +16,7 @@ from attndrift.analysis.predictors import (
     draw_cells,
     predictor_rows,
     predictors,
+    reading_early_at,
     samples,
     weighted_spearman,
 )
@@ -177,6 +178,27 @@ def test_table_has_one_row_per_task_signal_and_point():
     assert len(keys) == len(set(keys))
     assert {r["when"] for r in table.rows} == {"end", "epoch 1", "25% of training"}
     assert predictors([]).skipped
+
+
+def test_the_early_point_is_configurable_for_the_whole_report():
+    """`reading_early_at` (the report's --early-fraction) moves the early reading point of
+    the table: at 50% of training the last value measured by then is the 25% probe's, so the
+    ρ are those of the 25% rows; outside the block the default is back."""
+    runs, _ = _store()
+    default = {(r["model"], r["task"], r["name"]): r["rho"] for r in predictors(runs).rows
+               if r["when"] == "25% of training"}
+    with reading_early_at(0.5):
+        table = predictors(runs)
+    assert {r["when"] for r in table.rows} == {"end", "epoch 1", "50% of training"}
+    assert "at 50% of training" in table.caption
+    half = {(r["model"], r["task"], r["name"]): r["rho"] for r in table.rows
+            if r["when"] == "50% of training"}
+    assert half.keys() == default.keys()
+    assert all(half[k] == default[k] or (math.isnan(half[k]) and math.isnan(default[k]))
+               for k in half)
+    assert {r["when"] for r in predictors(runs).rows} == {"end", "epoch 1", "25% of training"}
+    with pytest.raises(ValueError, match="between 0 and 1"), reading_early_at(1.5):
+        pass
 
 
 def test_selection_utility_picks_the_least_changed_candidate():

@@ -255,15 +255,21 @@ def pretrain_tiny(
 def report(
     store: Annotated[Path, typer.Argument(help="run store: a directory holding run directories")],
     out_dir: Annotated[Path, typer.Option("--out", help="report directory")] = Path("report"),
+    early_fraction: Annotated[float, typer.Option(
+        help="the predictor analysis's early reading point, a share of training (besides "
+             "epoch 1)")] = 0.25,
 ) -> None:
     """Write report.html (self-contained), report.md and tables/*.csv from run records."""
     if not store.is_dir():
         fail(f"run store {store} is not a directory", 2)
+    if not 0 < early_fraction < 1:
+        fail(f"--early-fraction {early_fraction} is not a share of training; give a number "
+             "between 0 and 1, e.g. 0.25", 2)
     from attndrift.report import build_report
 
     try:
         with sigterm_interrupts():  # SIGTERM as Ctrl-C: the staging directory is removed
-            result = build_report(store, out_dir)
+            result = build_report(store, out_dir, early_fraction)
     except OSError as e:
         fail(os_error_line(e), 1)
     except KeyboardInterrupt:

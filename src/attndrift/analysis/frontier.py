@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from attndrift.analysis.common import SUBSET_MEAN, mean_sd, num
-from attndrift.analysis.predictors import EARLY_FRACTION, guard_stopped, points, retention
+from attndrift.analysis.predictors import guard_stopped, points, retention
 from attndrift.analysis.runs import (
     Run,
     dataset_of,
@@ -64,7 +64,7 @@ def pick(candidates: Sequence[Run], name: str, point: tuple[str, float], task: s
 
 
 def selection_rows(runs: Sequence[Run], margin: float = MARGIN_POINTS,
-                   fraction: float = EARLY_FRACTION) -> list[dict]:
+                   fraction: float | None = None) -> list[dict]:
     rows = []
     for (model, dataset, task), group in _strata(runs).items():
         accs = [val_acc(r) for r in group]

@@ -16,8 +16,10 @@ Reads records only.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,14 +37,37 @@ from attndrift.analysis.table import (
 )
 from attndrift.tracked import SIGNALS, value_at
 
-EARLY_FRACTION = 0.25  # the configurable early point, a share of training
+EARLY_FRACTION = 0.25  # the configurable early point, a share of training (default)
+_EARLY = contextvars.ContextVar("early_fraction", default=EARLY_FRACTION)
 BOOTSTRAP = 2000  # resamples of setting cells
 SEED = 0
 MIN_RUNS = 3
 
 
-def points(fraction: float = EARLY_FRACTION) -> list[tuple[str, tuple[str, float]]]:
-    """(label, point) of the reading points: end of training, after epoch 1, at ``fraction``."""
+def early_fraction() -> float:
+    """The early reading point in force: `EARLY_FRACTION` unless `reading_early_at` set
+    another (the report's ``--early-fraction``)."""
+    return _EARLY.get()
+
+
+@contextlib.contextmanager
+def reading_early_at(fraction: float) -> Iterator[None]:
+    """Within the block, the tables and figures read the early point at ``fraction`` of
+    training (0 < fraction < 1)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"early fraction {fraction} is not a share of training; give a "
+                         "number between 0 and 1, e.g. 0.25")
+    token = _EARLY.set(fraction)
+    try:
+        yield
+    finally:
+        _EARLY.reset(token)
+
+
+def points(fraction: float | None = None) -> list[tuple[str, tuple[str, float]]]:
+    """(label, point) of the reading points: end of training, after epoch 1, at ``fraction``
+    (default: `early_fraction`)."""
+    fraction = early_fraction() if fraction is None else fraction
     return [("end", ("end", 1.0)), ("epoch 1", ("epoch", 1.0)),
             (f"{fraction:.0%} of training", ("fraction", fraction))]
 
@@ -211,8 +236,9 @@ def rank_sample(sample: Sample, point: tuple[str, float], when: str,
     return ranked
 
 
-def predictor_rows(runs: Sequence[Run], fraction: float = EARLY_FRACTION,
+def predictor_rows(runs: Sequence[Run], fraction: float | None = None,
                    n_boot: int = BOOTSTRAP) -> list[dict]:
+    fraction = early_fraction() if fraction is None else fraction
     rows = []
     for sample in samples(runs):
         for when, point in points(fraction):
@@ -222,8 +248,9 @@ def predictor_rows(runs: Sequence[Run], fraction: float = EARLY_FRACTION,
 
 @register_table("predictors", "predictors", order=10)
 def predictors(runs: Sequence[Run], drift: str = SUBSET_MEAN,
-               fraction: float = EARLY_FRACTION) -> Table:
+               fraction: float | None = None) -> Table:
     """The predictor ranking table (``tables/predictors.csv``)."""
+    fraction = early_fraction() if fraction is None else fraction
     cols = (Column("model", "backbone"), Column("task", "zero-shot task"),
             Column("when", "read at"), Column("rank", "rank", "int"),
             Column("signal", "signal"), Column("n", "runs", "int"),

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attndrift.analysis import Run, Table, all_tables, load_store, resolve_drift, write_csv
+from attndrift.analysis.predictors import EARLY_FRACTION, reading_early_at
 from attndrift.report.base import DPI, FigureOut, NoData, figure_specs
 from attndrift.report.layout import report_context
 from attndrift.report.publish import staged, write_file
@@ -56,14 +57,17 @@ def draw_figures(runs: Sequence[Run]) -> list[FigureOut]:
     return out
 
 
-def build_report(store: Path, out_dir: Path) -> ReportResult:
-    """Read every run under ``store`` and write the report to ``out_dir``."""
+def build_report(store: Path, out_dir: Path, early_fraction: float = EARLY_FRACTION
+                 ) -> ReportResult:
+    """Read every run under ``store`` and write the report to ``out_dir``; the predictor
+    analysis reads its early point at ``early_fraction`` of training (besides epoch 1)."""
     t0 = time.perf_counter()
     store, out_dir = Path(store), Path(out_dir)
     runs = load_store(store)
-    tables: list[Table] = all_tables(runs, str(store))
-    figs = draw_figures(runs)
-    ctx = report_context(runs, tables, figs, store)
+    with reading_early_at(early_fraction):
+        tables: list[Table] = all_tables(runs, str(store))
+        figs = draw_figures(runs)
+        ctx = report_context(runs, tables, figs, store)
     html, md = out_dir / "report.html", out_dir / "report.md"
     with staged(out_dir) as stage:
         (stage / "tables").mkdir()

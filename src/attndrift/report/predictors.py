@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from attndrift.analysis.frontier import frontier_rows
-from attndrift.analysis.predictors import EARLY_FRACTION, points, predictor_rows
+from attndrift.analysis.predictors import points, predictor_rows
 from attndrift.analysis.runs import Run, short_number
 from attndrift.report.base import NoData, figure_grid, register_figure
 from attndrift.report.style import METHOD_COLORS, legend_outside, lr_shade
@@ -21,11 +21,11 @@ from attndrift.report.style import METHOD_COLORS, legend_outside, lr_shade
 RANKING_TITLE = "Which signal predicts forgetting, and how early"
 RANKING_CAPTION = (
     "|Spearman ρ| of each tracked signal with the final zero-shot retention, one point per run, "
-    "read at the end of training, after epoch 1 and at "
-    f"{EARLY_FRACTION:.0%} of training (the table 'Which signal predicts forgetting, and how "
-    "early?'); whiskers: bootstrap 95% CI over setting cells; hatched bars: ρ < 0 (more of the "
-    "signal, less retained). Signals in order of their |ρ| at the end; one panel per backbone "
-    "and task.")
+    "read at the end of training, after epoch 1 and at an early share of training (25% unless "
+    "`attndrift report --early-fraction` says otherwise; the table 'Which signal predicts "
+    "forgetting, and how early?' names it); whiskers: bootstrap 95% CI over setting cells; "
+    "hatched bars: ρ < 0 (more of the signal, less retained). Signals in order of their |ρ| "
+    "at the end; one panel per backbone and task.")
 FRONTIER_TITLE = "Accuracy-retention frontier"
 FRONTIER_CAPTION = (
     "Every setting's test accuracy against its final zero-shot retention (mean ± sd over its "

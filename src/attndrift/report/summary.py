@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from attndrift.analysis.common import SUBSET_MEAN, completed, final, num, zs, zs_tasks
 from attndrift.analysis.runs import Run
 from attndrift.analysis.stats import bootstrap_ci, cohens_d
-from attndrift.methods import REFERENCE_METHOD
+from attndrift.methods import REFERENCE_METHOD, method_spec
 from attndrift.report.base import NoData, figure_grid, hbars, register_figure
 from attndrift.report.style import (
     REFERENCE,
@@ -270,8 +270,10 @@ def _comparison(
     vary: Callable[[Run], object | None],
     what: str,
     outcomes: Sequence[tuple[str, Callable[[Run], float]]],
+    ignore: tuple[str, ...] = ("method", "freeze_layers", "lora.targets"),
 ) -> Figure:
-    """Bars of ``outcomes`` for settings that differ only in what ``vary`` returns."""
+    """Bars of ``outcomes`` for settings that differ only in what ``vary`` returns (and in the
+    ``ignore`` keys, which are what ``vary`` reads)."""
     done = completed(runs)
     pal = Palette(runs)
     groups: dict[tuple, list[tuple[object, str, float, list[Run]]]] = {}
@@ -280,9 +282,7 @@ def _comparison(
             v = vary(s.runs[0])
             if v is None:
                 continue
-            rest = tuple(
-                kv for kv in s.key if kv[0] not in ("method", "freeze_layers", "lora.targets")
-            )
+            rest = tuple(kv for kv in s.key if kv[0] not in ignore)
             for lr, g in s.by_lr().items():
                 groups.setdefault((panel, rest, lr), []).append((v, s.label, lr, g))
     groups = {k: v for k, v in groups.items() if len({x[0] for x in v}) >= 2}
@@ -354,15 +354,20 @@ def frozen_layers(runs: Sequence[Run]) -> Figure:
     section="results",
     order=94,
     drift=SUBSET_MEAN,
-    caption="LoRA on different projection sets (e.g. q,v vs q,k,v,o), everything else equal "
+    caption="LoRA (and every method on LoRA's target modules, e.g. DoRA) on different "
+    "projection sets (e.g. q,v vs q,k,v,o), everything else equal, the method included "
     "(mean ± 1 sd over seeds) (003 §3.6).",
 )
 def lora_targets(runs: Sequence[Run]) -> Figure:
-    """003 §3.6 (extra figure): LoRA on q,v next to LoRA on q,k,v,o (any target sets)."""
+    """003 §3.6 (extra figure): LoRA on q,v next to LoRA on q,k,v,o (any target sets); the
+    same for every method that reads ``lora.targets`` (`attndrift.methods`), never across
+    methods."""
 
     def vary(r: Run) -> object | None:
-        if r.config.get("method") != "lora":
+        spec = method_spec(r.config.get("method"))
+        if spec is None or "lora.targets" not in spec.reads:
             return None
         return tuple(sorted((r.config.get("lora") or {}).get("targets") or ()))
 
-    return _comparison(runs, vary, "the LoRA target modules", _outcomes(runs))
+    return _comparison(runs, vary, "the LoRA target modules", _outcomes(runs),
+                       ignore=("lora.targets",))
