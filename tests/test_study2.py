@@ -43,3 +43,29 @@ def test_study2_plans_the_later_protocols_84_runs():
             | {("patch32", d, "linear_probe", 1e-3) for d in ("eurosat", "pets")})
     b16 = {("patch16", "eurosat", m, lr) for m in ("full_ft", "lora") for lr in (1e-5, 3e-5, 1e-4)}
     assert set(cells) == core | refs | b16
+
+
+def test_study2_plan_reads_in_a_terminal():
+    """At 100 columns `study plan` shows every run id whole, each group's shared keys once,
+    and the keys that follow the dataset (budgets, corrupted splits) once per block of runs,
+    not a 17-column table whose headers are cut to two letters."""
+    from typer.testing import CliRunner
+
+    from attndrift.cli import app
+    from attndrift.study.spec import load_study
+
+    path = ROOT / "configs" / "studies" / "study2.yaml"
+    result = CliRunner().invoke(app, ["study", "plan", str(path)], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    _, planned = load_study(path)
+    lines = result.output.splitlines()
+    for p in planned:
+        assert sum(line.startswith(p.run_id + " ") for line in lines) == 1, p.run_id
+    assert lines[0] == "study study2: 84 runs in 5 group(s)"
+    assert any(line.startswith("core (48 runs): ") for line in lines)
+    # the EuroSAT corrupted splits: once per block that has them (core, last_block,
+    # lora_frozen_projection, linear_probe, b16), not once per run
+    assert sum('"motion_blur"' in line for line in lines) == 5
+    header = next(i for i, line in enumerate(lines) if line.startswith("run ")
+                  and "method" in line)
+    assert "train.lr" in lines[header] and "seed" in lines[header]

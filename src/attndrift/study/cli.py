@@ -246,11 +246,37 @@ def plan_cmd(
             {"run_id": p.run_id, "group": p.group, "values": v}
             for p, v in zip(planned, values, strict=True)]}, indent=1))
         return
-    table = Table(title=f"study {spec.name}: {len(planned)} runs")
-    for col in ("run", "group", *keys):
-        table.add_column(col)
-    for p, v in zip(planned, values, strict=True):
-        table.add_row(p.run_id, p.group, *(safe(json.dumps(v[k]) if isinstance(v[k], list)
-                                                else v[k]) for k in keys))
-    out.print(table)
+    def shown(value: object) -> str:
+        return safe(json.dumps(value) if isinstance(value, list) else str(value))
+
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(planned):
+        groups.setdefault(p.group, []).append(i)
+    out.print(f"study {spec.name}: {len(planned)} runs in {len(groups)} group(s)",
+              highlight=False, soft_wrap=True)
+    # Per group: what its runs share on one line; then, per block of runs that agree on the
+    # keys that are not the group's axes (e.g. a dataset's budgets), those keys on one line
+    # and a table of the axes. One table of every distinguishing key was too wide to read.
+    for group, members in groups.items():
+        varying = [k for k in keys if len({repr(values[i][k]) for i in members}) > 1]
+        shared = [f"{k}={shown(values[members[0]][k])}" for k in keys if k not in varying]
+        out.print(f"\n[bold]{safe(group)}[/] ({len(members)} runs)"
+                  + (": " + ", ".join(shared) if shared else ""), highlight=False,
+                  soft_wrap=True)
+        axes = [k for k in varying if any(k in planned[i].axes for i in members)]
+        rest = [k for k in varying if k not in axes]
+        blocks: dict[str, list[int]] = {}
+        for i in members:
+            blocks.setdefault(", ".join(f"{k}={shown(values[i][k])}" for k in rest), []).append(i)
+        for head, runs in blocks.items():
+            if head:
+                out.print(f"  {head}", highlight=False, soft_wrap=True)
+            table = Table(show_edge=False, pad_edge=False, box=None, padding=(0, 2, 0, 2))
+            table.add_column("run", no_wrap=True,
+                             min_width=max(len(planned[i].run_id) for i in runs))
+            for col in axes:
+                table.add_column(col)
+            for i in runs:
+                table.add_row(safe(planned[i].run_id), *(shown(values[i][k]) for k in axes))
+            out.print(table)
 
