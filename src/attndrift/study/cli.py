@@ -260,7 +260,8 @@ def plan_cmd(
     for group, members in groups.items():
         varying = [k for k in keys if len({repr(values[i][k]) for i in members}) > 1]
         shared = [f"{k}={shown(values[members[0]][k])}" for k in keys if k not in varying]
-        out.print(f"\n[bold]{safe(group)}[/] ({len(members)} runs)"
+        runs_word = "run" if len(members) == 1 else "runs"
+        out.print(f"\n[bold]{safe(group)}[/] ({len(members)} {runs_word})"
                   + (": " + ", ".join(shared) if shared else ""), highlight=False,
                   soft_wrap=True)
         axes = [k for k in varying if any(k in planned[i].axes for i in members)]
