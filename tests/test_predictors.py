@@ -246,6 +246,35 @@ def test_first_screen_names_the_early_leader():
     assert early_warning([]) == []
 
 
+def test_first_screen_names_a_signal_without_transfer_data_when_the_track_leads():
+    """The zero-shot track is the transfer task subsampled: when it leads, the first screen
+    also names the best signal that needs no transfer data (here CKA, the store's leader)."""
+    import copy
+    import dataclasses
+
+    from attndrift.analysis.predictors import early_warning
+
+    runs, _ = _store()
+    tracked = []
+    for r in runs:
+        rec = copy.deepcopy(r.record)
+        y = rec["zeroshot"][TASK]["retention_pct"]
+        rec["baseline"]["zeroshot_subset"] = {TASK: 0.5}
+        for p in rec["history"]["probes"]:
+            p["zeroshot"] = {TASK: 0.5 * y / 100}  # retained on the track exactly as at the end
+        tracked.append(dataclasses.replace(r, record=rec))
+    rows = predictor_rows(tracked)
+    lead = next(r for r in rows if r["model"] == "tiny" and r["when"] == "epoch 1")
+    assert lead["name"] == "zeroshot_track" and lead["rho"] == pytest.approx(1.0)
+    cka = _row(rows, "tiny", "epoch 1", "cka_mean")
+    line = next(x for x in early_warning(tracked) if x.startswith("tiny →"))
+    assert (f"after epoch 1: zero-shot track retention (ρ = +1.00, |ρ| 95% CI" in line
+            and f"; without transfer data: CKA to pretrained (mean) (ρ = {cka['rho']:+.2f})"
+            in line), line
+    # where a signal without transfer data leads, nothing is added
+    assert all("without transfer data" not in x for x in early_warning(runs))
+
+
 def test_ranking_lines_list_the_leaders_and_signed_entropy():
     from attndrift.analysis.predictors import ranking_lines
 

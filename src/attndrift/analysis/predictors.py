@@ -280,7 +280,8 @@ def predictors(runs: Sequence[Run], drift: str = SUBSET_MEAN,
 @register_summary("early_warning")
 def early_warning(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> list[str]:
     """The report's first-screen sentences: per backbone and task, the signal that predicted
-    the final retention best after epoch 1 (and at the end), next to signed Δ entropy."""
+    the final retention best after epoch 1 (and at the end), the best one that needs no
+    transfer data where the leader is the zero-shot track, and signed Δ entropy."""
     rows = [r for r in predictor_rows(runs) if r["when"] in ("end", "epoch 1")
             and math.isfinite(r["rho"])]
     out = []
@@ -295,6 +296,13 @@ def early_warning(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> list[str]:
             text = (f"{'after epoch 1' if when == 'epoch 1' else 'at the end'}: "
                     f"{lead['signal']} (ρ = {lead['rho']:+.2f}, |ρ| 95% CI "
                     f"{lead['ci_lo']:.2f}-{lead['ci_hi']:.2f}, {lead['n']} runs)")
+            if SIGNALS[lead["name"]].needs == "zeroshot":
+                # the track is the transfer task itself, subsampled: name the best signal a
+                # user without the transfer data can watch too
+                alt = next((r for r in ranked if SIGNALS[r["name"]].needs != "zeroshot"), None)
+                if alt is not None:
+                    text += (f"; without transfer data: {alt['signal']} "
+                             f"(ρ = {alt['rho']:+.2f})")
             if dh is not None and dh is not lead:
                 text += f"; Δ entropy ρ = {dh['rho']:+.2f}"
             parts.append(text)
