@@ -310,7 +310,9 @@ def early_warning(runs: Sequence[Run], drift: str = SUBSET_MEAN) -> list[str]:
                    "; ".join(parts) + ".")
     stopped = [r for r in runs if guard_stopped(r)]
     if stopped:
-        out.append(f"{len(stopped)} run(s) stopped by their guard (table 'Guarded runs').")
+        out.append(("1 run stopped by its guard" if len(stopped) == 1 else
+                    f"{len(stopped)} runs stopped by their guard")
+                   + " (table 'Guarded runs'; left out of the ranking).")
     return out
 
 
