@@ -275,6 +275,28 @@ def test_first_screen_names_a_signal_without_transfer_data_when_the_track_leads(
     assert all("without transfer data" not in x for x in early_warning(runs))
 
 
+@pytest.mark.parametrize("stopped", [1, 2])
+def test_first_screen_counts_guard_stopped_runs_and_leaves_them_out(stopped):
+    import copy
+    import dataclasses
+
+    from attndrift.analysis.predictors import early_warning
+
+    runs, _ = _store()
+    marked = []
+    for i, r in enumerate(runs):
+        rec = copy.deepcopy(r.record)
+        if i < stopped:
+            rec["guard"] = {"stopped": True}
+        marked.append(dataclasses.replace(r, record=rec))
+    last = early_warning(marked)[-1]
+    assert last == ("1 run stopped by its guard" if stopped == 1 else
+                    f"{stopped} runs stopped by their guard") + \
+        " (table 'Guarded runs'; left out of the ranking)."
+    n = max(r["n"] for r in predictor_rows(marked) if r["model"] == runs[0].config["model"])
+    assert n == sum(r.config["model"] == runs[0].config["model"] for r in runs) - stopped
+
+
 def test_ranking_lines_list_the_leaders_and_signed_entropy():
     from attndrift.analysis.predictors import ranking_lines
 
