@@ -268,7 +268,7 @@ def test_first_screen_names_a_signal_without_transfer_data_when_the_track_leads(
     assert lead["name"] == "zeroshot_track" and lead["rho"] == pytest.approx(1.0)
     cka = _row(rows, "tiny", "epoch 1", "cka_mean")
     line = next(x for x in early_warning(tracked) if x.startswith("tiny →"))
-    assert (f"after epoch 1: zero-shot track retention (ρ = +1.00, |ρ| 95% CI" in line
+    assert ("after epoch 1: zero-shot track retention (ρ = +1.00, |ρ| 95% CI" in line
             and f"; without transfer data: CKA to pretrained (mean) (ρ = {cka['rho']:+.2f})"
             in line), line
     # where a signal without transfer data leads, nothing is added
