@@ -123,3 +123,18 @@ def test_study_status_shows_a_deeply_nested_record_corrupt_and_study_run_redoes_
     result = runner.invoke(app, ["study", "status", "--store", str(store), "--json"])
     rows = json.loads(result.output)["runs"]
     assert [r["status"] for r in rows] == ["corrupt"] and "nested too deeply" in rows[0]["error"]
+
+
+def test_a_deeply_nested_or_broken_manifest_does_not_stop_loading_the_store(tmp_path, full_ft_run):
+    """The store's study.json nested past the parser's depth (or not JSON at all): the runs on
+    disk are still found and the report is written, no RecursionError traceback."""
+    from attndrift.analysis import load_store
+    from attndrift.analysis.runs import MANIFEST_FILE
+
+    store = tmp_path / "store"
+    shutil.copytree(full_ft_run, store / "good")
+    for text in (DEEP, '{"runs": [', "[1, 2]"):
+        (store / MANIFEST_FILE).write_text(text)
+        assert [r.status for r in load_store(store)] == ["completed"]
+    result = runner.invoke(app, ["report", str(store), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output

@@ -68,7 +68,9 @@ def _manifest_dirs(store: Path) -> list[Path]:
         return []
     try:
         entries = json.loads(path.read_text()).get("runs", [])
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+        # unreadable (truncated, hand-edited, nested past the parser's depth): the records on
+        # disk are still found; `study status` says what is wrong with the manifest
         return []
     dirs = []
     for e in entries if isinstance(entries, list) else []:
