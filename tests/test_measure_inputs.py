@@ -225,6 +225,7 @@ def _hostile_files(root: Path) -> dict[str, list[str]]:
     cases = {n: [str(root / f"{n}.safetensors")] for n in ("zero", "trunc", "huge", "huge_tensor")}
     _lora(load_clip("tiny").model, 3, target_modules=["q_proj"]).save_pretrained(root / "a")
     for name, edit in (("link", None), ("list_config", "[]"),
+                       ("deep_config", "[" * 100000 + "]" * 100000),
                        ("ia3", '{"peft_type": "IA3", "target_modules": ["q_proj"]}')):
         shutil.copytree(root / "a", root / name)
         if edit is None:
@@ -247,6 +248,7 @@ def test_hostile_inputs_are_one_line(tmp_path: Path, full_ft_run: Path, measured
     expect = {"zero": "0-byte", "trunc": "not a readable safetensors", "huge": "header too large",
               "huge_tensor": "not a readable safetensors", "link": "README.md",
               "list_config": "a JSON list, not an object", "ia3": "peft_type 'IA3'",
+              "deep_config": "nested too deeply",
               "pickled": "pickles more than tensors", "dora_format": "--format peft"}
     for name, args in _hostile_files(tmp_path).items():
         code, lines = _cli("measure", *args, *base, "--out", str(tmp_path / f"o_{name}"))

@@ -113,6 +113,8 @@ def read_json_object(path: Path) -> dict[str, Any]:
         value = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise ExternalModelError(f"{path}: not valid JSON ({str(err)[:120]})") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise ExternalModelError(f"{path}: JSON nested too deeply to be a config") from None
     if not isinstance(value, dict):
         raise ExternalModelError(f"{path}: a JSON {type(value).__name__}, not an object")
     return value
