@@ -6,7 +6,6 @@ anything else is a hub id or a local directory written by ``save_pretrained``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +143,9 @@ def _image_stats(source: str, local_only: bool = False) -> tuple[tuple, tuple]:
             path = None
     if path is None or not path.is_file():
         return OPENAI_MEAN, OPENAI_STD
-    cfg = json.loads(path.read_text())
+    from attndrift.models.weights import read_json_object  # bad JSON: one line
+
+    cfg = read_json_object(path)
     return (tuple(cfg.get("image_mean", OPENAI_MEAN)), tuple(cfg.get("image_std", OPENAI_STD)))
 
 
