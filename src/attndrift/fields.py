@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,3 +174,15 @@ def reference(model: type[BaseModel], prefix: str = "", inherited: dict[str, Any
             inner = {"role": extra.get("role", "identity")}
             rows += reference(section, f"{prefix}{name}.{part}", inner)
     return rows
+
+
+def dotted(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys -> leaf values (``{"train": {"lr": 1}}`` ->
+    ``{"train.lr": 1}``); lists stay lists."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

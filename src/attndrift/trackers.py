@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from attndrift.fields import dotted
+
 __all__ = ["TRACKERS", "Trackers", "open_trackers", "tracker_names"]
 
 
@@ -115,7 +117,7 @@ class _MLflow:
             self.run_id = client.create_run(
                 experiment, run_name=at.name,
                 tags={"attndrift.key": at.key, "attndrift.run_id": at.run_id}).info.run_id
-            params = [Param(k, str(v)[:6000]) for k, v in _flat(at.config).items()]
+            params = [Param(k, str(v)[:6000]) for k, v in dotted(at.config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
                 client.log_batch(self.run_id, params=params[i:i + 100])
         self.pending: list[Any] = []
@@ -136,16 +138,6 @@ class _MLflow:
         self._flush()
         self.client.set_terminated(self.run_id, status={"finished": "FINISHED",
                                                         "killed": "KILLED"}.get(status, "FAILED"))
-
-
-def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 TRACKERS: dict[str, TrackerSpec] = {

@@ -42,6 +42,7 @@ from attndrift.config import (
     identity,
     validate,
 )
+from attndrift.fields import dotted
 from attndrift.pathsafe import safe_component
 from attndrift.records import config_digest
 from attndrift.study import MAX_RUNS
@@ -214,20 +215,10 @@ def load_study(path: str | Path, max_runs: int = MAX_RUNS
     return spec, expand(spec, base, max_runs)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def distinguishing(planned: list[PlannedRun]) -> tuple[list[str], list[dict[str, Any]]]:
     """The resolved config keys whose values differ between the runs (the name aside), in
     config order, and each run's values of them: what ``attndrift study plan`` prints."""
-    flats = [_flatten(p.config.model_dump(mode="json")) for p in planned]
+    flats = [dotted(p.config.model_dump(mode="json")) for p in planned]
     keys = [k for k in (flats[0] if flats else {}) if k != "name"
             and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
     return keys, [{k: f.get(k) for k in keys} for f in flats]
