@@ -39,7 +39,7 @@ def final_evaluation(s: Setup, state: LoopState, best: BestWeights, board, last_
     """Measure the evaluated checkpoint (probe subsets, zero-shot, auxiliary metrics, the test
     split read once, scored by ``accuracy``), write the weights and attention samples, and
     fill in the record; ``last_attn`` is the last probe's attention (of the final weights),
-    ``board`` the run's `attndrift.trackers.Trackers` (or None)."""
+    ``board`` the run's `attndrift.trackers.Trackers`."""
     cfg, history, record, step = s.cfg, state.history, s.record, state.step
     best.write()
     if cfg.save_checkpoints:

@@ -22,7 +22,7 @@ import math
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +108,8 @@ class _Live:
     """What the loop keeps besides `LoopState` and does not save: derived on every start."""
 
     best: BestWeights
+    board: Trackers  # experiment trackers (`attndrift.trackers`; none: writes nothing)
     guard: Guard | None = None  # early-warning guard (None without a guard section)
-    board: Trackers = field(default_factory=lambda: Trackers([]))  # experiment trackers
     segment: tuple[float, float] = (0.0, 0.0)  # (wall clock, evaluation seconds) at last count
     perm_at: torch.Tensor | None = None  # the epoch's order where the images are
 
@@ -130,11 +130,11 @@ def _run(cfg: RunConfig, out_dir: Path, record: RunRecord, saved: dict[str, Any]
     guard = for_run(cfg, record)  # its crossings restored from a resumed record
     s = prepare(cfg, out_dir, record, device, progress)
     state = measure_baseline(s) if saved is None else _restore(s, saved)
-    live = _Live(BestWeights(out_dir, s.meta), guard)
-    live.board = open_trackers(
+    board = open_trackers(
         tracker_names(cfg.trackers, cfg.tensorboard),
         Opening(out_dir, record.run_id, cfg.name or record.run_id, state.step, record.config),
         warn=lambda line: _warn_once(record, line))
+    live = _Live(BestWeights(out_dir, s.meta), board, guard)
     try:
         last_attn = _train(s, state, live)
         # the test accuracy goes through this module's `accuracy`, as the validation does
