@@ -140,7 +140,9 @@ def _run(cfg: RunConfig, out_dir: Path, record: RunRecord, saved: dict[str, Any]
         # the test accuracy goes through this module's `accuracy`, as the validation does
         _final_evaluation(s, state, live.best, live.board, last_attn, accuracy)
     except BaseException as err:
-        live.board.close("killed" if isinstance(err, KeyboardInterrupt) else "failed")
+        # a tracker that cannot close (its server gone) must not hide why the run stopped
+        with contextlib.suppress(Exception):
+            live.board.close("killed" if isinstance(err, KeyboardInterrupt) else "failed")
         raise
     live.board.close("finished")
 
