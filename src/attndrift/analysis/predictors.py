@@ -238,8 +238,7 @@ def rank_sample(sample: Sample, point: tuple[str, float], when: str,
 
 def predictor_rows(runs: Sequence[Run], fraction: float | None = None,
                    n_boot: int = BOOTSTRAP) -> list[dict]:
-    fraction = early_fraction() if fraction is None else fraction
-    rows = []
+    rows = []  # `points` reads the early fraction in force where ``fraction`` is None
     for sample in samples(runs):
         for when, point in points(fraction):
             rows += rank_sample(sample, point, when, n_boot)
