@@ -262,10 +262,13 @@ def report(
     """Write report.html (self-contained), report.md and tables/*.csv from run records."""
     if not store.is_dir():
         fail(f"run store {store} is not a directory", 2)
-    if not 0 < early_fraction < 1:
-        fail(f"--early-fraction {early_fraction} is not a share of training; give a number "
-             "between 0 and 1, e.g. 0.25", 2)
+    from attndrift.analysis.predictors import check_early_fraction
     from attndrift.report import build_report
+
+    try:
+        check_early_fraction(early_fraction)  # before the store is read
+    except ValueError as e:
+        fail(f"--early-fraction: {e}", 2)
 
     try:
         with sigterm_interrupts():  # SIGTERM as Ctrl-C: the staging directory is removed

@@ -50,13 +50,18 @@ def early_fraction() -> float:
     return _EARLY.get()
 
 
+def check_early_fraction(fraction: float) -> None:
+    """ValueError (one line) unless ``fraction`` is a share of training, 0 < fraction < 1."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"early fraction {fraction} is not a share of training; give a "
+                         "number between 0 and 1, e.g. 0.25")
+
+
 @contextlib.contextmanager
 def reading_early_at(fraction: float) -> Iterator[None]:
     """Within the block, the tables and figures read the early point at ``fraction`` of
     training (0 < fraction < 1)."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"early fraction {fraction} is not a share of training; give a "
-                         "number between 0 and 1, e.g. 0.25")
+    check_early_fraction(fraction)
     token = _EARLY.set(fraction)
     try:
         yield
