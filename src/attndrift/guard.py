@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from attndrift.tracked import SIGNALS, Record, signal, value_at_probe
+from attndrift.tracked import SIGNALS, Record, Signal, signal, value_at_probe
 
 ACTIONS = ("warn", "stop")
 # What each signal needs the run to measure during training (``Signal.needs``), as config.
@@ -66,6 +66,11 @@ class GuardConfig(BaseModel):
         return self
 
 
+def auto_direction(sig: Signal) -> str:
+    """``direction: auto``: a crossing is a move in the signal's direction of more change."""
+    return "above" if sig.more_change == "higher" else "below"
+
+
 @dataclass
 class Guard:
     """Watches ``signal`` against ``threshold``. ``direction``: ``above`` / ``below`` / None
@@ -89,7 +94,7 @@ class Guard:
         if self.action not in ACTIONS:
             raise ValueError(f"guard action must be warn or stop, not {self.action!r}")
         if self.direction is None:
-            self.direction = "above" if sig.more_change == "higher" else "below"
+            self.direction = auto_direction(sig)
         if self.direction not in ("above", "below"):
             raise ValueError(f"guard direction must be above or below, not {self.direction!r}")
         if not math.isfinite(self.threshold):

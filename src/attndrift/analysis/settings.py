@@ -24,8 +24,10 @@ from attndrift.analysis.runs import (
     short_model,
     short_number,
 )
+from attndrift.guard import auto_direction
 from attndrift.methods import method_spec
 from attndrift.signals import SIGNALS
+from attndrift.tracked import SIGNALS as TRACKED
 
 
 @dataclass(frozen=True)
@@ -177,12 +179,12 @@ def other_labels(factor_sets: Sequence[dict[str, Any]]) -> list[str]:
 def guard_label(f: dict[str, Any]) -> str:
     """The guard of a factor set in one part, e.g. 'guard: stop at |Δ entropy| > 25 from 20%'."""
     name = f.get("guard.signal")
-    sig = SIGNALS.get(str(name))
+    sig, spec = TRACKED.get(str(name)), SIGNALS.get(str(name))
     direction = f.get("guard.direction", "auto")
-    if direction == "auto":
-        direction = "above" if sig is None or sig.change != "lower" else "below"
+    if direction == "auto":  # as the guard resolves it
+        direction = auto_direction(sig) if sig else "above"
     threshold = _value("guard.threshold", f.get("guard.threshold"))
-    part = (f"guard: {f.get('guard.action', 'warn')} at {sig.short if sig else name} "
+    part = (f"guard: {f.get('guard.action', 'warn')} at {spec.short if spec else name} "
             f"{'>' if direction == 'above' else '<'} {threshold}")
     if f.get("guard.start"):
         part += f" from {float(f['guard.start']):.0%}"
